@@ -1,0 +1,40 @@
+"""The one error hierarchy of fxfuse.
+
+Every error a user can see derives from :class:`FxFuseError`; the command line turns
+each into one line on stderr and an exit code. Messages name the node, site or shape
+at fault and the way out.
+"""
+from __future__ import annotations
+
+
+class FxFuseError(Exception):
+    """Root of every error raised by fxfuse."""
+
+
+class ConfigError(FxFuseError, ValueError):
+    """An option or argument has a value the pass cannot use."""
+
+
+class TraceError(FxFuseError):
+    """The model could not be turned into a graph."""
+
+
+class RewriteError(FxFuseError):
+    """A planned rewrite could not be applied; the model was left as it was."""
+
+
+class VerificationError(FxFuseError):
+    """The rewritten model's numbers differ from the original's; the rewrite is refused.
+
+    Attributes:
+        max_abs: the largest absolute difference seen.
+        max_rel: the largest relative difference seen.
+        check: which check failed (e.g. ``"example inputs"``, ``"batch 33"``, ``"grad layers.0.weight"``).
+    """
+
+    def __init__(self, message: str, *, max_abs: float = float("nan"),
+                 max_rel: float = float("nan"), check: str = "") -> None:
+        super().__init__(message)
+        self.max_abs = max_abs
+        self.max_rel = max_rel
+        self.check = check
