@@ -1,0 +1,161 @@
+"""Solve where each element goes, by running the loop's indexing on index tensors.
+
+The many spellings of a row loop (``x[:, :, h]``, ``select``, ``unbind``, ``split`` +
+``squeeze``, ``chunk``, ``narrow``, keep-dim slices, ``unsqueeze`` + ``cat``,
+``stack``, writes into a buffer) all only move elements. Running those same graph
+nodes on ``arange`` tensors tells exactly which source element each row reads and
+where each row's output lands; the layout is then matched against the few forms the
+rewrite can emit. No spelling is special-cased.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import fx
+
+from .sites import InputPlan, OutputPlan
+from .tracing import VALUE_KEY
+
+
+class LayoutError(Exception):
+    """Internal: the region cannot be evaluated or matches no supported layout."""
+
+
+def index_tensor(shape: Sequence[int]) -> torch.Tensor:
+    """``arange`` shaped like ``shape``: element value = its flat position."""
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    dtype = torch.int32 if numel < 2**31 - 1 else torch.int64
+    return torch.arange(numel, dtype=dtype).view(tuple(shape))
+
+
+def _value(arg: Any, env: dict[fx.Node, Any]) -> Any:
+    if arg in env:
+        return env[arg]
+    if VALUE_KEY in arg.meta:
+        return arg.meta[VALUE_KEY]
+    raise LayoutError(f"node {arg.name} is not part of the loop's indexing")
+
+
+def evaluate(nodes: Iterable[fx.Node], env: dict[fx.Node, Any]) -> dict[fx.Node, Any]:
+    """Run ``nodes`` (in graph order) with the tensors in ``env`` substituted."""
+    for node in nodes:
+        args = fx.node.map_arg(node.args, lambda a: _value(a, env))
+        kwargs = fx.node.map_arg(node.kwargs, lambda a: _value(a, env))
+        kwargs.pop("pin_memory", None)
+        try:
+            if node.op == "call_method":
+                env[node] = getattr(args[0], str(node.target))(*args[1:], **kwargs)
+            else:
+                env[node] = node.target(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any failure means "not a plain layout"
+            raise LayoutError(f"{node.name}: {exc}") from exc
+    return env
+
+
+def _axis_orders(ndim: int, row_axis: int) -> list[tuple[int, ...]]:
+    rest = [a for a in range(ndim) if a != row_axis]
+    # Keep-order first, so size-1 ambiguities resolve to the plain layout.
+    return sorted(itertools.permutations(rest), key=lambda p: sum(
+        1 for i in range(len(p)) for j in range(i + 1, len(p)) if p[i] > p[j]))
+
+
+def solve_input(source_shape: Sequence[int], rows: Sequence[torch.Tensor]) -> InputPlan:
+    """Find the :class:`InputPlan` under which ``rows[h]`` (index tensors) are read.
+
+    Raises:
+        LayoutError: the rows are not plain rows or channel blocks of the source.
+    """
+    src = index_tensor(source_shape)
+    shape = rows[0].shape
+    if any(r.shape != shape for r in rows) or len(shape) != 3:
+        raise LayoutError("rows are not (batch, channels, length) slices of one shape")
+    ndim = len(source_shape)
+    kind = "select" if ndim == 4 else "block" if ndim == 3 else None
+    if kind is None:
+        raise LayoutError(f"rows come from a {ndim}-D tensor; expected 3-D or 4-D")
+    for row_axis in range(ndim):
+        for rest in _axis_orders(ndim, row_axis):
+            axes = (rest[0], row_axis, *rest[1:])
+            view = src.permute(axes)
+            plan = _try_axes(kind, view, axes, rows, shape)
+            if plan is not None:
+                return plan
+    raise LayoutError("rows are not whole rows or channel blocks of the source")
+
+
+def _try_axes(kind: str, view: torch.Tensor, axes: tuple[int, ...],
+              rows: Sequence[torch.Tensor], shape: torch.Size) -> InputPlan | None:
+    if kind == "select":
+        if (view.shape[0], view.shape[2], view.shape[3]) != tuple(shape):
+            return None
+        starts = []
+        for r in rows:
+            i = _index_along(view, r, 1)
+            if i is None or not torch.equal(view[:, i], r):
+                return None
+            starts.append(i)
+        return InputPlan("select", axes, tuple(starts), int(shape[1]), int(view.shape[1]))
+    if (view.shape[0], view.shape[2]) != (shape[0], shape[2]):
+        return None
+    width = int(shape[1])
+    starts = []
+    for r in rows:
+        i = _index_along(view, r, 1)
+        if i is None or i + width > view.shape[1] or not torch.equal(view[:, i:i + width], r):
+            return None
+        starts.append(i)
+    return InputPlan("block", axes, tuple(starts), width, int(view.shape[1]))
+
+
+def _index_along(view: torch.Tensor, row: torch.Tensor, axis: int) -> int | None:
+    """Position along ``axis`` of ``view`` where ``row``'s first element sits."""
+    if row.numel() == 0:
+        return None
+    first = row.reshape(-1)[0]
+    hits = (view.select(0, 0).select(-1, 0) == first).nonzero()
+    if hits.numel() == 0:
+        return None
+    return int(hits[0, axis - 1])
+
+
+def solve_output(rows_shape: Sequence[int], result: torch.Tensor) -> OutputPlan:
+    """Find the :class:`OutputPlan` that turns ``F`` (rows stacked on dim 1) into ``result``.
+
+    Raises:
+        LayoutError: ``result`` leaves elements unwritten or mixes them differently.
+    """
+    fidx = index_tensor(rows_shape)
+    if result.numel() != fidx.numel() or bool((result < 0).any()):
+        raise LayoutError("the combined tensor holds more than the rows (or leaves parts unwritten)")
+    target = tuple(result.shape)
+    perms = sorted(itertools.permutations(range(4)), key=lambda p: sum(
+        1 for i in range(4) for j in range(i + 1, 4) if p[i] > p[j]))
+    for perm in perms:
+        permuted = fidx.permute(perm)
+        merge = _merge_runs(tuple(permuted.shape), target)
+        if merge is not None and torch.equal(permuted.reshape(target), result):
+            return OutputPlan(tuple(perm), merge)
+    raise LayoutError("rows are combined in an order the rewrite does not produce")
+
+
+def _merge_runs(shape: tuple[int, ...], target: tuple[int, ...]) -> tuple[int, ...] | None:
+    """How many consecutive dims of ``shape`` flatten into each dim of ``target`` (None if
+    ``target`` is not such a flattening)."""
+    runs, i = [], 0
+    for want in target:
+        prod, count = 1, 0
+        while i < len(shape) and (count == 0 or prod < want):
+            prod *= shape[i]
+            count += 1
+            i += 1
+        if prod != want:
+            return None
+        runs.append(count)
+    while i < len(shape) and shape[i] == 1 and runs:
+        runs[-1] += 1
+        i += 1
+    return tuple(runs) if i == len(shape) else None

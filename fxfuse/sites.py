@@ -1,0 +1,181 @@
+"""Frozen descriptions of what the matcher found. They name graph nodes, never hold them.
+
+A *site* is one loop: H per-row ``Conv1d`` calls that read rows of one source tensor
+and whose results are combined into one tensor (``cat``, ``stack`` or writes into a
+preallocated buffer). The matcher fills these in and never touches the graph; the
+rewriter reads them and changes the graph.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+RowKind = Literal["select", "block"]
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """Everything that must agree between rows for them to share one grouped conv."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: int
+    stride: int
+    padding: int | str
+    dilation: int
+    groups: int
+    bias: bool
+    padding_mode: str
+    dtype: torch.dtype
+    device: str
+
+    def differences(self, other: "ConvSpec") -> list[str]:
+        """Names of the fields in which ``other`` differs from this spec."""
+        return [f.name for f in dataclasses.fields(self)
+                if getattr(self, f.name) != getattr(other, f.name)]
+
+    def describe(self) -> str:
+        """Short text such as ``15→15 k3 s1 p1 d1 g1 +bias``."""
+        parts = [f"{self.in_channels}→{self.out_channels}", f"k{self.kernel_size}"]
+        if self.stride != 1:
+            parts.append(f"s{self.stride}")
+        if self.padding != 0:
+            parts.append(f"p{self.padding}" if isinstance(self.padding, int) else f"p'{self.padding}'")
+        if self.dilation != 1:
+            parts.append(f"d{self.dilation}")
+        if self.groups != 1:
+            parts.append(f"g{self.groups}")
+        if self.padding_mode != "zeros":
+            parts.append(self.padding_mode)
+        parts.append("+bias" if self.bias else "no bias")
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    """How the per-row inputs are read from the source tensor.
+
+    ``kind == "select"``: row ``r`` is ``source.permute(axes)[:, r]`` where
+    ``axes = (batch_axis, row_axis, channel_axis, length_axis)`` (a 4-D source).
+    ``kind == "block"``: row ``r`` is ``source.permute(axes)[:, r : r + width]`` where
+    ``axes = (batch_axis, row_axis, length_axis)`` (a 3-D source whose channels the
+    rows split into blocks; the hand-written grouped conv).
+    """
+
+    kind: RowKind
+    axes: tuple[int, ...]
+    rows: tuple[int, ...]          # row index (select) or first channel (block), in combine order
+    width: int                      # channels per row
+    source_rows: int                # size of the source's row axis (select) or channel axis (block)
+
+    @property
+    def is_identity_order(self) -> bool:
+        """True when the rows cover the source's row axis exactly, in order (no gather)."""
+        if self.kind == "select":
+            return self.rows == tuple(range(self.source_rows))
+        return self.rows == tuple(range(0, self.source_rows, self.width)) and \
+            len(self.rows) * self.width == self.source_rows
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """How the combined result is laid out relative to ``F`` = the per-row outputs stacked
+    on dim 1, shape (N, H, C_out, L_out): ``result = F.permute(perm)``, then each run of
+    permuted dims in ``merge`` is flattened into one (``merge`` lists the number of
+    permuted dims that form each result dim)."""
+
+    perm: tuple[int, ...]
+    merge: tuple[int, ...]
+
+    @property
+    def is_channel_concat(self) -> bool:
+        """True when the result is just (N, H*C_out, L_out): no permute, no copy."""
+        return self.perm == (0, 1, 2, 3) and self.merge == (1, 2, 1)
+
+
+@dataclass(frozen=True)
+class RowSite:
+    """One loop of per-row convolutions, fusable or not.
+
+    Attributes:
+        name: a stable label (``site0``, ``site1``, ...), in graph order.
+        combine: name of the node that joins the rows (``cat``/``stack`` node or buffer).
+        combine_kind: ``"cat"``, ``"stack"`` or ``"buffer"``.
+        source: name of the tensor the rows are read from (``""`` when unknown).
+        convs: the per-row conv nodes, in combine order.
+        targets: per row, the module path or weight attribute of its conv.
+        spec: the shared conv settings (``None`` when rows disagree or none found).
+        input_plan / output_plan: the layout facts the rewrite needs.
+        row_exports: conv nodes whose outputs are also used outside the loop; the
+            rewrite feeds those users a slice of the fused output.
+        shared_module: all rows call the same module (rewritten by folding rows into batch).
+        reason: why the site is not fusable (``""`` when it is).
+        lowering: what the pass did: ``"grouped"``, ``"batched"``, ``"loop"`` (kept), or ``""``.
+        notes: facts worth telling the user (e.g. weights duplicated for inference).
+        timings: per candidate lowering, median seconds, when the choice was measured.
+    """
+
+    name: str
+    combine: str
+    combine_kind: str
+    source: str = ""
+    convs: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
+    spec: ConvSpec | None = None
+    input_plan: InputPlan | None = None
+    output_plan: OutputPlan | None = None
+    row_exports: tuple[str, ...] = ()
+    shared_module: bool = False
+    reason: str = ""
+    lowering: str = ""
+    notes: tuple[str, ...] = ()
+    timings: tuple[tuple[str, float], ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def rows(self) -> int:
+        """Number of per-row convs in the loop."""
+        return len(self.convs)
+
+    @property
+    def fusable(self) -> bool:
+        """True when the matcher found nothing that forbids the rewrite."""
+        return not self.reason
+
+    @property
+    def fused(self) -> bool:
+        """True when the pass rewrote this site."""
+        return self.lowering in ("grouped", "batched") or self.lowering.startswith("grouped")
+
+    def where(self) -> str:
+        """Where the loop lives, e.g. ``layers.0..layers.9``."""
+        if not self.targets:
+            return self.combine
+        if len(self.targets) == 1 or len(set(self.targets)) == 1:
+            return self.targets[0]
+        return f"{self.targets[0]}..{self.targets[-1]}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready description."""
+        return {
+            "name": self.name,
+            "where": self.where(),
+            "combine": self.combine,
+            "combine_kind": self.combine_kind,
+            "source": self.source,
+            "rows": self.rows,
+            "row_indices": list(self.input_plan.rows) if self.input_plan else [],
+            "targets": list(self.targets),
+            "conv": None if self.spec is None else {
+                k: (str(v) if isinstance(v, torch.dtype) else v)
+                for k, v in dataclasses.asdict(self.spec).items()},
+            "fusable": self.fusable,
+            "fused": self.fused,
+            "lowering": self.lowering,
+            "reason": self.reason,
+            "notes": list(self.notes),
+            "timings_s": dict(self.timings),
+        }
