@@ -44,7 +44,7 @@ def evaluate(nodes: Iterable[fx.Node], env: dict[fx.Node, Any]) -> dict[fx.Node,
     """Run ``nodes`` (in graph order) with the tensors in ``env`` substituted."""
     for node in nodes:
         args = fx.node.map_arg(node.args, lambda a: _value(a, env))
-        kwargs = fx.node.map_arg(node.kwargs, lambda a: _value(a, env))
+        kwargs = dict(fx.node.map_arg(node.kwargs, lambda a: _value(a, env)))
         kwargs.pop("pin_memory", None)
         try:
             if node.op == "call_method":

@@ -111,6 +111,10 @@ class RowSite:
         input_plan / output_plan: the layout facts the rewrite needs.
         row_exports: conv nodes whose outputs are also used outside the loop; the
             rewrite feeds those users a slice of the fused output.
+        input_nodes: the indexing nodes between the source and the convs (erased when
+            nothing else uses them).
+        output_nodes: the nodes between the convs and the combined result (unsqueezes,
+            buffer views and writes), erased by the rewrite.
         shared_module: all rows call the same module (rewritten by folding rows into batch).
         reason: why the site is not fusable (``""`` when it is).
         lowering: what the pass did: ``"grouped"``, ``"batched"``, ``"loop"`` (kept), or ``""``.
@@ -128,6 +132,8 @@ class RowSite:
     input_plan: InputPlan | None = None
     output_plan: OutputPlan | None = None
     row_exports: tuple[str, ...] = ()
+    input_nodes: tuple[str, ...] = ()
+    output_nodes: tuple[str, ...] = ()
     shared_module: bool = False
     reason: str = ""
     lowering: str = ""

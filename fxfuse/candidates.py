@@ -1,0 +1,146 @@
+"""Find the *candidate* loops: a combine (cat, stack or buffer writes) fed by conv outputs.
+
+A candidate only says "these conv outputs are joined here, through index-only ops".
+Whether the rows can be fused is decided later (:mod:`fxfuse.find`). Read-only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import fx
+
+from .ops import combine_kind, combine_members, data_input, is_buffer_alloc, is_copy_into, \
+    is_index_op
+
+
+@dataclass
+class Candidate:
+    """A combine node and the conv outputs that reach it (internal, mutable while built)."""
+
+    combine: fx.Node
+    kind: str                                   # "cat", "stack" or "buffer"
+    convs: list[fx.Node] = field(default_factory=list)
+    output_nodes: set[fx.Node] = field(default_factory=set)
+    readers: list[fx.Node] = field(default_factory=list)   # buffer: who reads the result
+    reason: str = ""
+
+
+def walk_back(node: fx.Node, stop: set[fx.Node]) -> tuple[list[fx.Node], fx.Node | None]:
+    """Follow ``node`` back through index-only ops until a node in ``stop`` or a non-index
+    op. Returns the index nodes passed (nearest first) and the node it stopped at."""
+    path: list[fx.Node] = []
+    cur: fx.Node | None = node
+    while cur is not None and cur not in stop and is_index_op(cur):
+        path.append(cur)
+        cur = data_input(cur)
+    return path, cur
+
+
+def _describe(node: object) -> str:
+    if not isinstance(node, fx.Node):
+        return repr(node)
+    target = getattr(node.target, "__name__", str(node.target))
+    return f"`{node.name}` ({target})"
+
+
+def _per_row_op_reason(stops: list[fx.Node], convs: set[fx.Node], kind: str) -> str:
+    """When rows end in an extra op after their conv (``relu(conv(x_h))``), say so."""
+    for stop in stops:
+        for arg in stop.all_input_nodes:
+            _, base = walk_back(arg, convs)
+            if base in convs:
+                return (f"per-row op {_describe(stop)} between the conv and the {kind}; "
+                        "only convs and index ops may sit inside the loop")
+    return ""
+
+
+def _gather_rows(values: list[object], convs: set[fx.Node], cand: Candidate) -> None:
+    """Walk each joined value back to its conv; record convs, the index nodes passed,
+    and a reason when some value is not a conv row."""
+    stops: list[object] = []
+    for value in values:
+        if not isinstance(value, fx.Node):
+            stops.append(value)
+            continue
+        path, base = walk_back(value, convs)
+        if base in convs:
+            cand.convs.append(base)
+            cand.output_nodes.update(path)
+        else:
+            stops.append(base if base is not None else value)
+    if len(set(cand.convs)) != len(cand.convs):
+        cand.reason = "the same conv output is joined more than once"
+    elif stops and cand.convs:
+        cand.reason = (f"{len(stops)} of the {len(values)} joined tensors are not per-row conv "
+                       f"outputs (first: {_describe(stops[0])})")
+    elif stops:
+        cand.reason = _per_row_op_reason([s for s in stops if isinstance(s, fx.Node)],
+                                         convs, cand.kind)
+
+
+def cat_candidate(node: fx.Node, convs: set[fx.Node]) -> Candidate | None:
+    """A cat/stack node whose inputs come from per-row convs, or None."""
+    kind = combine_kind(node)
+    if kind is None:
+        return None
+    cand = Candidate(node, kind)
+    members = combine_members(node)
+    _gather_rows(members, convs, cand)
+    if not cand.convs and not cand.reason:
+        return None
+    if len(members) < 2:
+        return None
+    return cand
+
+
+def _write_value(node: fx.Node) -> object:
+    if node.op == "call_function" and len(node.args) == 3:   # operator.setitem(dst, idx, v)
+        return node.args[2]
+    return node.args[1] if len(node.args) > 1 else node.kwargs.get("src")
+
+
+def buffer_candidate(alloc: fx.Node, convs: set[fx.Node],
+                     order: dict[fx.Node, int]) -> Candidate | None:
+    """A preallocated tensor written row by row (``out[:, :, h] = conv_h(...)``), or None."""
+    if not is_buffer_alloc(alloc):
+        return None
+    cand = Candidate(alloc, "buffer")
+    views, writes, pending = {alloc}, [], [alloc]
+    while pending:
+        for user in pending.pop().users:
+            if is_copy_into(user) and user.args and user.args[0] in views:
+                writes.append(user)
+            elif is_index_op(user) and data_input(user) in views:
+                views.add(user)
+                pending.append(user)
+            else:
+                cand.readers.append(user)
+    if not writes:
+        return None
+    writes.sort(key=order.__getitem__)
+    cand.output_nodes.update(views - {alloc})
+    cand.output_nodes.update(writes)
+    _gather_rows([_write_value(w) for w in writes], convs, cand)
+    if not cand.convs and not cand.reason:
+        return None
+    last_write = order[writes[-1]]
+    early = [r for r in cand.readers if order[r] < last_write]
+    viewed = [r for r in cand.readers if r not in alloc.users]
+    if not cand.reason and early:
+        cand.reason = (f"the buffer is read by {_describe(early[0])} before every row is "
+                       "written (rows may depend on each other)")
+    elif not cand.reason and viewed:
+        cand.reason = f"a view of the buffer is also read elsewhere ({_describe(viewed[0])})"
+    return cand
+
+
+def find_candidates(graph: fx.Graph, convs: set[fx.Node]) -> list[Candidate]:
+    """Every cat/stack/buffer in ``graph`` that joins conv outputs, in graph order."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    found: list[Candidate] = []
+    for node in graph.nodes:
+        cand = cat_candidate(node, convs) if combine_kind(node) else \
+            buffer_candidate(node, convs, order) if is_buffer_alloc(node) else None
+        if cand is not None:
+            found.append(cand)
+    return found

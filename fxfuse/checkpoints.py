@@ -1,0 +1,192 @@
+"""Read model and weight files: torch.export archives, pickled modules, state_dicts.
+
+Every failure is a :class:`~fxfuse.errors.ConfigError` whose one line names the file,
+the problem and the fix; a truncated or corrupt file never escapes as a raw
+``RuntimeError``/``UnpicklingError``/``SafetensorError``.
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from safetensors import SafetensorError
+from torch import nn
+
+from .errors import ConfigError
+
+log = logging.getLogger("fxfuse")
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
+MODEL_FORMS = ("give MODEL as package.module:factory, path/to/file.py:factory, a "
+               "torch.export archive file.pt2, or a pickled file.pt with --allow-pickle")
+_UNREADABLE = (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, OSError,
+               ValueError, KeyError, IndexError, SafetensorError)
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message``, shortened to ``limit`` characters."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def existing_file(path: str | Path, what: str) -> Path:
+    """``path`` resolved, or ConfigError when it is missing or not a file."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(f"{what} {str(p)!r} does not exist; check the path")
+    if not p.is_file():
+        raise ConfigError(f"{what} {str(p)!r} is not a file; give the file itself")
+    return p.resolve()
+
+
+def _read(path: Path, what: str, reader: Callable[[], Any]) -> Any:
+    """Run ``reader``; a truncated or corrupt file becomes one ConfigError line."""
+    try:
+        return reader()
+    except _UNREADABLE as exc:
+        raise ConfigError(f"cannot read {what} {str(path)!r} ({first_line(exc)}); the file "
+                          "looks truncated or corrupt: save or download it again") from exc
+
+
+def _state_dict_of(obj: Any, path: Path) -> Mapping[str, Any]:
+    """The state_dict inside a loaded weights file (plain, or under 'state_dict'/'model')."""
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), Mapping):
+                return obj[key]
+        if any(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+    keys = ", ".join(map(str, list(obj)[:5])) if isinstance(obj, Mapping) else ""
+    raise ConfigError(f"weights {str(path)!r} hold a {type(obj).__name__}"
+                      f"{f' (keys: {keys})' if keys else ''}, not a state_dict; save "
+                      "torch.save(model.state_dict(), path) or a .safetensors file")
+
+
+def _needs_pickle(exc: BaseException | None) -> bool:
+    """Whether a ``weights_only`` load failed on a Python global (not on corruption)."""
+    return isinstance(exc, pickle.UnpicklingError) and "global" in str(exc).lower()
+
+
+def _read_weights(path: Path, allow_pickle: bool) -> Mapping[str, Any]:
+    """The state_dict stored in ``path`` (``.safetensors`` or a torch.save pickle)."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+        return _read(path, "weights", lambda: load_file(str(path), device="cpu"))
+    if path.suffix.lower() not in PICKLE_SUFFIXES:
+        raise ConfigError(f"weights {str(path)!r}: unknown suffix; use .pt, .pth, .bin or "
+                          ".safetensors")
+    try:
+        obj = _read(path, "weights", lambda: torch.load(
+            path, weights_only=not allow_pickle, map_location="cpu"))
+    except ConfigError as exc:
+        if _needs_pickle(exc.__cause__):
+            raise ConfigError(f"weights {str(path)!r} hold pickled Python objects, not just "
+                              "tensors; unpickling runs arbitrary code, so pass --allow-pickle "
+                              "only for files you trust, or re-save the state_dict as "
+                              ".safetensors") from exc.__cause__
+        raise
+    return _state_dict_of(obj, path)
+
+
+def _mismatch(model: nn.Module, sd: Mapping[str, Any]) -> str | None:
+    """One line listing missing, unexpected and wrongly shaped keys, or None if all fit."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in sd and isinstance(sd[k], torch.Tensor) and isinstance(own[k], torch.Tensor)
+              and not isinstance(own[k], nn.parameter.UninitializedTensorMixin)
+              and sd[k].shape != own[k].shape]
+    parts = [f"{len(items)} {label} ({', '.join(items[:4])}{', ...' if len(items) > 4 else ''})"
+             for label, items in (("missing", missing), ("unexpected", unexpected),
+                                  ("shape mismatches file vs model", shapes)) if items]
+    if unexpected and all(k.startswith("module.") for k in unexpected):
+        parts.append("keys start with 'module.': strip that DataParallel prefix")
+    return "; ".join(parts) or None
+
+
+def apply_weights(model: nn.Module, path: Path, allow_pickle: bool) -> None:
+    """Load the state_dict in ``path`` into ``model``, strictly.
+
+    Args:
+        model: the freshly built model.
+        path: ``.pt``/``.pth``/``.bin`` (read with ``weights_only=True`` unless
+            ``allow_pickle``) or ``.safetensors``.
+        allow_pickle: allow Python objects besides tensors in a pickled file.
+
+    Raises:
+        ConfigError: unreadable file, no state_dict inside, or keys/shapes that do not
+            fit (the message lists the first few missing, unexpected and mis-shaped keys).
+    """
+    sd = _read_weights(path, allow_pickle)
+    problem = _mismatch(model, sd)
+    if problem:
+        raise ConfigError(f"weights {str(path)!r} do not fit {type(model).__name__}: {problem}; "
+                          "check the factory builds the architecture they were saved from")
+    try:
+        model.load_state_dict(sd, strict=True)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ConfigError(f"weights {str(path)!r} do not fit {type(model).__name__} "
+                          f"({first_line(exc)})") from exc
+
+
+def load_export(path: Path) -> nn.Module:
+    """The module of the ``torch.export`` archive ``path`` (``ExportedProgram.module()``).
+
+    Raises:
+        ConfigError: the archive is truncated, corrupt or from an incompatible torch.
+    """
+    def reader() -> nn.Module:
+        with zipfile.ZipFile(path):  # cheap check first: torch logs a traceback on bad zips
+            pass
+        return torch.export.load(str(path)).module()
+    try:
+        return _read(path, "torch.export archive", reader)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - deserialisation errors have many types
+        raise ConfigError(f"cannot load torch.export archive {str(path)!r} ({first_line(exc)}); "
+                          f"re-export it with torch {torch.__version__}") from exc
+
+
+def load_pickle(path: Path, allow_pickle: bool) -> nn.Module:
+    """The whole module pickled in ``path``; refused unless ``allow_pickle``.
+
+    Raises:
+        ConfigError: unpickling not allowed, the file is a state_dict (with the hint to use
+            a factory and ``--weights``), a TorchScript archive, truncated or corrupt.
+    """
+    hint = (f"{str(path)!r} is a state_dict; give the model as pkg.module:factory and this "
+            "file as --weights")
+    if path.suffix.lower() == ".safetensors":
+        raise ConfigError(hint)
+    try:
+        obj = _read(path, "model", lambda: torch.load(path, weights_only=not allow_pickle,
+                                                      map_location="cpu"))
+    except ConfigError as exc:
+        cause = exc.__cause__
+        if "TorchScript" in str(cause):
+            raise ConfigError(f"{str(path)!r} is a TorchScript archive, which torch.fx cannot "
+                              "trace; give the Python model as pkg.module:factory") from cause
+        if not allow_pickle and _needs_pickle(cause):
+            raise ConfigError(f"{str(path)!r} holds a pickled model; unpickling runs arbitrary "
+                              "code, so pass --allow-pickle only for files you trust (or give "
+                              "pkg.module:factory --weights with a state_dict)") from cause
+        raise
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"unpickling {str(path)!r} needs the code that defined its classes "
+                          f"({first_line(exc)}); put that package on PYTHONPATH") from exc
+    except Exception as exc:  # noqa: BLE001 - unpickling runs arbitrary code
+        raise ConfigError(f"unpickling {str(path)!r} failed ({first_line(exc)}); re-save "
+                          "the model or give it as pkg.module:factory") from exc
+    if isinstance(obj, nn.Module):
+        return obj
+    if isinstance(obj, Mapping):
+        raise ConfigError(hint)
+    raise ConfigError(f"{str(path)!r} holds a {type(obj).__name__}, not a torch.nn.Module; "
+                      f"{MODEL_FORMS}")
