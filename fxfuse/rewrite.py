@@ -30,6 +30,7 @@ from .sites import RowSite
 from .weights import WeightEntry, WeightMap
 
 LOWERINGS = ("grouped", "grouped2d")
+REPLACES_KEY = "fxfuse_replaces"   # node.meta key: name of the site result this node replaced
 
 
 def rewrite_site(gm: fx.GraphModule, site: RowSite, lowering: str = "grouped") -> WeightMap:
@@ -52,7 +53,7 @@ def rewrite_site(gm: fx.GraphModule, site: RowSite, lowering: str = "grouped") -
         raise RewriteError(f"unknown lowering {lowering!r}; use one of {', '.join(LOWERINGS)}")
     if not site.fusable:
         raise RewriteError(f"{site.name} cannot be rewritten: {site.reason}")
-    nodes = {n.name: n for n in gm.graph.nodes}
+    nodes = node_index(gm.graph)
     missing = [n for n in (site.source, site.combine, *site.convs) if n not in nodes]
     if missing:
         raise RewriteError(f"{site.name} does not match this graph (no node `{missing[0]}`); "
@@ -74,6 +75,17 @@ def rewrite_site(gm: fx.GraphModule, site: RowSite, lowering: str = "grouped") -
     gm.recompile()
     gm.delete_all_unused_submodules()
     return wmap
+
+
+def node_index(graph: fx.Graph) -> dict[str, fx.Node]:
+    """Nodes by name; a node that replaced an earlier site's result also answers to
+    that result's name, so sites found before a rewrite still resolve after it."""
+    index = {n.name: n for n in graph.nodes}
+    for node in graph.nodes:
+        replaced = node.meta.get(REPLACES_KEY)
+        if replaced:
+            index.setdefault(replaced, node)
+    return index
 
 
 def _first(nodes: list[fx.Node]) -> fx.Node:
@@ -187,6 +199,7 @@ def _redirect(graph: fx.Graph, site: RowSite, nodes: dict[str, fx.Node],
                 row = graph.call_method("select", (stacked, 1, h))
             conv.replace_all_uses_with(row, delete_user_cb=lambda u: u not in region)
     result.meta.update({k: v for k, v in combine.meta.items() if k != "fxfuse_value"})
+    result.meta[REPLACES_KEY] = combine.meta.get(REPLACES_KEY, combine.name)
     for user in list(combine.users):
         if user not in region:
             user.replace_input_with(combine, result)

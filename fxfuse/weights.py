@@ -60,8 +60,11 @@ class WeightMap:
             out[e.fused_key] = fused if e.unsqueeze is None else fused.unsqueeze(e.unsqueeze)
         return out
 
-    def to_original(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def to_original(self, state_dict: Mapping[str, torch.Tensor], *,
+                    strict: bool = True) -> dict[str, torch.Tensor]:
         """Convert a fused-layout state_dict (or gradients keyed alike) back to the original.
+
+        With ``strict=False`` fused keys absent from ``state_dict`` are skipped.
 
         Raises:
             ConfigError: a fused key is missing or its size does not split evenly.
@@ -69,6 +72,8 @@ class WeightMap:
         out = dict(state_dict)
         for e in reversed(self.entries):
             if e.fused_key not in out:
+                if not strict:
+                    continue
                 raise ConfigError(f"state_dict lacks {e.fused_key}; is it the fused model's?")
             fused = out.pop(e.fused_key)
             if e.unsqueeze is not None:

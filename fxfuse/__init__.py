@@ -1,0 +1,31 @@
+"""fxfuse: rewrite per-row Conv1d loops into one grouped convolution, verified and timed.
+
+    import fxfuse
+    result = fxfuse.fuse(model, (x,))
+    result.model          # a torch.fx.GraphModule with one conv per loop
+    print(result.report())
+
+The steps are public too: :func:`trace_model`, :func:`find_row_sites`,
+:func:`rewrite_site`, :func:`verify_models`, :func:`benchmark_models`.
+"""
+from .api import FuseResult, apply_sites, fuse
+from .bench import BenchResult, Timing, benchmark_models, time_interleaved
+from .config import FuseConfig
+from .errors import ConfigError, FxFuseError, RewriteError, TraceError, VerificationError
+from .find import find_row_sites
+from .lowering import choose_lowering, extract_loop
+from .rewrite import rewrite_site
+from .sites import ConvSpec, InputPlan, OutputPlan, RowSite
+from .tracing import trace_model
+from .verify import VerifyReport, verify_models
+from .weights import WeightEntry, WeightMap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "fuse", "FuseResult", "FuseConfig", "apply_sites",
+    "trace_model", "find_row_sites", "rewrite_site", "choose_lowering", "extract_loop",
+    "verify_models", "VerifyReport", "benchmark_models", "time_interleaved", "BenchResult",
+    "Timing", "WeightMap", "WeightEntry", "RowSite", "ConvSpec", "InputPlan", "OutputPlan",
+    "FxFuseError", "ConfigError", "TraceError", "RewriteError", "VerificationError",
+]

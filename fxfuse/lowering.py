@@ -1,0 +1,98 @@
+"""Pick a site's lowering by measurement (``lowering="auto"``).
+
+The site's loop is cut out of the graph into a small GraphModule of its own (source in,
+combined result out, the same modules), each candidate rewrite is applied to a copy of
+it, and all are timed side by side on a random input with the source's real shape,
+dtype and device. The loop is kept unless a rewrite beats it.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from torch import fx
+
+from .bench import time_interleaved, timing_of
+from .rewrite import LOWERINGS, node_index, rewrite_site
+from .sites import RowSite
+from .tracing import VALUE_KEY, tensor_dtype, tensor_shape
+
+log = logging.getLogger("fxfuse")
+
+
+def extract_loop(gm: fx.GraphModule, site: RowSite) -> fx.GraphModule:
+    """The site's loop alone: ``forward(source) -> combined``, sharing ``gm``'s modules."""
+    nodes = node_index(gm.graph)
+    keep = {nodes[n] for n in (*site.input_nodes, *site.convs, *site.output_nodes, site.combine)}
+    graph = fx.Graph()
+    source = nodes[site.source]
+    env: dict[fx.Node, fx.Node] = {source: graph.placeholder(source.name)}
+    env[source].meta = dict(source.meta)
+
+    def arg(node: fx.Node) -> object:
+        if node in env:
+            return env[node]
+        if node.op == "get_attr":
+            env[node] = graph.node_copy(node)
+            return env[node]
+        if VALUE_KEY in node.meta:
+            return node.meta[VALUE_KEY]
+        if node.op == "call_function" and node.args and node.args[0] is source:
+            env[node] = graph.node_copy(node, arg)   # e.g. a size query on the source
+            return env[node]
+        raise ValueError(f"the loop reads `{node.name}` from outside")
+
+    for node in gm.graph.nodes:
+        if node in keep:
+            env[node] = graph.node_copy(node, arg)
+    graph.output(env[nodes[site.combine]])
+    return fx.GraphModule(gm, graph, class_name="Loop")
+
+
+def _random_source(gm: fx.GraphModule, site: RowSite) -> torch.Tensor:
+    node = node_index(gm.graph)[site.source]
+    dtype = tensor_dtype(node) or torch.float32
+    return torch.randn(tensor_shape(node), device=site.spec.device).to(dtype)
+
+
+def choose_lowering(gm: fx.GraphModule, site: RowSite, *, rounds: int = 9,
+                    candidates: tuple[str, ...] = LOWERINGS
+                    ) -> tuple[str, tuple[tuple[str, float], ...]]:
+    """Time the loop and each candidate lowering for ``site``; return the fastest.
+
+    Returns:
+        (``"loop"`` or a lowering name, ((candidate, median seconds), ...)). The loop is
+        chosen unless a rewrite's median per-round speedup over it is above 1.
+    """
+    try:
+        loop = extract_loop(gm, site)
+    except (ValueError, KeyError) as exc:
+        log.info("%s: cannot time the loop alone (%s); using 'grouped'", site.name, exc)
+        return "grouped", ()
+    x = _random_source(gm, site)
+    fns = {"loop": loop}
+    for lowering in (("batched",) if site.shared_module else candidates):
+        fused = copy.deepcopy(loop)
+        rewrite_site(fused, site, "grouped" if lowering == "batched" else lowering)
+        fns[lowering] = fused
+
+    def call(fn):
+        def run():
+            with torch.inference_mode():
+                return fn(x)
+        return run
+
+    samples = time_interleaved({k: call(f) for k, f in fns.items()}, rounds=rounds, round_s=0.01)
+    medians = {k: timing_of(v).median_s for k, v in samples.items()}
+    best, best_ratio = "loop", 1.0
+    for name in fns:
+        if name == "loop":
+            continue
+        ratios = sorted(a / b for a, b in zip(samples["loop"], samples[name]))
+        ratio = ratios[len(ratios) // 2]
+        if ratio > best_ratio:
+            best, best_ratio = name, ratio
+    log.info("%s: %s", site.name, ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in medians.items()))
+    chosen = "grouped" if best == "batched" else best
+    return chosen, tuple(medians.items())

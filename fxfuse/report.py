@@ -1,0 +1,66 @@
+"""Tables for people: the sites found, the numerical check, the timing."""
+from __future__ import annotations
+
+from typing import Sequence
+
+from tabulate import tabulate
+
+from .bench import BenchResult
+from .sites import RowSite
+from .verify import VerifyReport
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f} ms"
+
+
+def site_table(sites: Sequence[RowSite]) -> str:
+    """One line per loop: where, how it was written, rows, conv, what the pass did."""
+    if not sites:
+        return "no per-row Conv1d loop found"
+    rows = []
+    for s in sites:
+        if s.fused:
+            outcome = s.lowering
+        elif s.lowering == "loop":
+            outcome = "kept loop (fastest)"
+        elif s.fusable:
+            outcome = "fusable (not rewritten)"
+        else:
+            outcome = f"left alone: {s.reason}"
+        timing = ", ".join(f"{k} {_ms(v)}" for k, v in s.timings)
+        rows.append([s.name, s.where(), s.extra.get("loop_kind", s.combine_kind), s.rows,
+                     s.spec.describe() if s.spec else "-", outcome, timing or "-"])
+    return tabulate(rows, headers=["site", "where", "loop", "rows", "conv", "result",
+                                   "candidate times"], tablefmt="simple")
+
+
+def summary_table(sites: Sequence[RowSite], verification: VerifyReport | None,
+                  timing: BenchResult | None) -> str:
+    """Sites fused, worst errors, original vs fused time and speedup with spread."""
+    fused = sum(s.fused for s in sites)
+    rows = [["sites fused", f"{fused} of {len(sites)}"],
+            ["rows fused", str(sum(s.rows for s in sites if s.fused))]]
+    if verification is not None:
+        rows += [["max abs error", f"{verification.max_abs:.3g}"],
+                 ["max rel error", f"{verification.max_rel:.3g}"],
+                 ["checks", ", ".join(c.name for c in verification.checks)]]
+        rows += [["skipped", s] for s in verification.skipped]
+    else:
+        rows.append(["verification", "not run"])
+    if timing is not None:
+        rows += [["original time", f"{_ms(timing.original.median_s)} "
+                  f"(IQR {_ms(timing.original.q1_s)}–{_ms(timing.original.q3_s)})"],
+                 ["fused time", f"{_ms(timing.fused.median_s)} "
+                  f"(IQR {_ms(timing.fused.q1_s)}–{_ms(timing.fused.q3_s)})"],
+                 ["speedup", f"{timing.speedup:.2f}x (IQR {timing.speedup_q1:.2f}–"
+                  f"{timing.speedup_q3:.2f}x, {timing.original.rounds} interleaved rounds)"]]
+    else:
+        rows.append(["timing", "not run"])
+    return tabulate(rows, tablefmt="simple")
+
+
+def format_report(sites: Sequence[RowSite], verification: VerifyReport | None,
+                  timing: BenchResult | None) -> str:
+    """The full text report: site table, then the summary."""
+    return site_table(sites) + "\n\n" + summary_table(sites, verification, timing)
