@@ -46,7 +46,11 @@ def _one_line(exc: BaseException) -> str:
 
 @contextlib.contextmanager
 def time_limit(seconds: float) -> Iterator[None]:
-    """Raise ``TimeoutError`` in the main thread after ``seconds`` (no limit if <= 0)."""
+    """Raise ``TimeoutError`` in the main thread after ``seconds`` (no limit if <= 0).
+
+    The error is raised again every second until it leaves the block, since library
+    code (Inductor's cache loading, for one) may catch and swallow the first one.
+    """
     if seconds <= 0 or not hasattr(signal, "setitimer"):
         yield
         return
@@ -55,7 +59,7 @@ def time_limit(seconds: float) -> Iterator[None]:
         raise TimeoutError(f"took longer than {seconds:g} s")
 
     previous = signal.signal(signal.SIGALRM, _expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
     try:
         yield
     finally:
@@ -73,6 +77,9 @@ def build_compile(loop: RowConvLoop, x: torch.Tensor, timeout_s: float) -> Candi
             compiled(x)
     except Exception as exc:  # noqa: BLE001 - any compile failure is reported, not raised
         torch._dynamo.reset()
+        if "TimeoutError" in _one_line(exc):
+            return Candidate("compile", None, note=f"compile took over {timeout_s:g} s "
+                             "(--compile-timeout)")
         return Candidate("compile", None, note=f"compile failed: {_one_line(exc)}")
     seconds = time.perf_counter() - start
     return Candidate("compile", compiled, note=f"compiled in {seconds:.1f} s", setup_s=seconds)

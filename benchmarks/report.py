@@ -104,6 +104,7 @@ def plot_speedups(path: Path, records: list[Record], names: list[str]) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
 
     others = [n for n in names if n != "loop"]
     fig, ax = plt.subplots(figsize=(max(8.0, 0.55 * len(records) + 3), 5.5))
@@ -118,8 +119,12 @@ def plot_speedups(path: Path, records: list[Record], names: list[str]) -> None:
                 hi.append(max(e["speedup_q3"] - e["speedup"], 0.0))
         if xs:
             ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", ms=5, capsize=2, label=name)
+        else:
+            ax.plot([], [], " ", label=f"{name}: n/a")
     ax.axhline(1.0, color="black", lw=1, ls="--")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2g"))
     ax.set_xticks(range(len(records)))
     ax.set_xticklabels([r["name"] for r in records], rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("speedup over loop (×, log)")

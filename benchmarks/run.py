@@ -189,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the sweep and write the reports; returns the exit code."""
     args = parse_args(argv)
     shapes = select_shapes(args.shapes, args.quick)
-    self_check(args.device)
     meta = machine_meta(args)
+    self_check(args.device)
     print(f"torch {meta['torch']} on {args.device}, {torch.get_num_threads()} threads; "
           f"matmul peak {meta['matmul_peak_gflops']:.1f} GFLOP/s; {len(shapes)} shapes", flush=True)
     records = []

@@ -15,7 +15,7 @@ import pickle
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
 
 import torch
 from torch import fx
@@ -225,6 +225,24 @@ def _safetensors_dict(gm: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+@contextlib.contextmanager
+def _without_string_annotations(gm: torch.nn.Module) -> Iterator[None]:
+    """Hide string type annotations (``from __future__ import annotations`` in the
+    model's source) while pickling: GraphModule's pickler cannot name a str type."""
+    nodes = [n for n in gm.graph.nodes if isinstance(n.type, str)] \
+        if isinstance(gm, fx.GraphModule) else []
+    saved = [n.type for n in nodes]
+    for node in nodes:
+        node.type = None
+    try:
+        yield
+    finally:
+        for node, kind in zip(nodes, saved):
+            node.type = kind
+        if nodes:
+            gm.recompile()
+
+
 def save_model(gm: fx.GraphModule | torch.nn.Module, out: str | Path,
                example_inputs: tuple[Any, ...], *,
                extra_files: Mapping[str, bytes | str] | None = None) -> SavedModel:
@@ -263,7 +281,8 @@ def save_model(gm: fx.GraphModule | torch.nn.Module, out: str | Path,
         log.warning("a .pt file cannot hold extra files (%s); write them as sidecars",
                     ", ".join(texts))
     try:
-        atomic_write(out, lambda tmp: torch.save(gm, tmp))
+        with _without_string_annotations(gm):
+            atomic_write(out, lambda tmp: torch.save(gm, tmp))
     except (pickle.PicklingError, TypeError, AttributeError, RuntimeError) as exc:
         raise ConfigError(f"cannot pickle the model to {str(out)!r} ({first_line(exc)}); "
                           "save as .pt2 instead") from exc
