@@ -75,7 +75,7 @@ class FuseResult:
 
 
 def fuse(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *,
-         lowering: str = "grouped", verify: bool = True, benchmark: bool = True,
+         lowering: str = "auto", verify: bool = True, benchmark: bool = True,
          inplace: bool = False, min_rows: int = 2, config: FuseConfig | None = None,
          **options: Any) -> FuseResult:
     """Rewrite every per-row ``Conv1d`` loop of ``model`` into one convolution.

@@ -30,7 +30,7 @@ class FuseConfig:
         bench_rounds: interleaved rounds for the timing.
     """
 
-    lowering: str = "grouped"
+    lowering: str = "auto"
     verify: bool = True
     benchmark: bool = True
     inplace: bool = False

@@ -125,15 +125,14 @@ def _make_fused(gm: fx.GraphModule, rows: fx.Node, calls: list, site: RowSite,
     module = _fused_module(gm, calls, site, lowering)
     name = _free_name(gm, _prefix(site.targets) + "_fused")
     gm.add_submodule(name, module)
-    flat = graph.call_method("flatten", (rows, 1, 2))
     if lowering == "grouped2d":
-        flat = graph.call_method("unsqueeze", (flat, 2))
-        flat = graph.call_method("contiguous", (flat,),
-                                 {"memory_format": torch.channels_last})
-        out = graph.call_module(name, (flat,))
+        # One copy straight into channels-last order (N, L, H, C), viewed as (N, H*C, 1, L).
+        nlhc = graph.call_method("contiguous", (graph.call_method("permute", (rows, 0, 3, 1, 2)),))
+        flat = graph.call_method("unsqueeze", (graph.call_method("flatten", (nlhc, 2, 3)), 1))
+        out = graph.call_module(name, (graph.call_method("permute", (flat, 0, 3, 1, 2)),))
         out = graph.call_method("squeeze", (out, 2))
     else:
-        out = graph.call_module(name, (flat,))
+        out = graph.call_module(name, (graph.call_method("flatten", (rows, 1, 2)),))
     stacked = graph.call_method("unflatten", (out, 1, (site.rows, site.spec.out_channels)))
     unsq = 2 if lowering == "grouped2d" else None
     entries = [WeightEntry(f"{name}.weight", tuple(c.weight_key for c in calls), 0, unsq)]
