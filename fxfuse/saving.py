@@ -234,6 +234,8 @@ def _without_string_annotations(gm: torch.nn.Module) -> Iterator[None]:
     saved = [n.type for n in nodes]
     for node in nodes:
         node.type = None
+    if nodes:
+        gm.recompile()  # GraphModule.__reduce__ copies the current code before recompiling
     try:
         yield
     finally:
