@@ -119,6 +119,7 @@ def build_fxfuse(loop: RowConvLoop, x: torch.Tensor, lowering: str = "auto") -> 
     seconds = time.perf_counter() - start
     sites = getattr(result, "sites", None) or []
     chosen = str(getattr(sites[0], "lowering", "")) if sites else ""
+    note = "; ".join(filter(None, [f"fuse took {seconds:.1f} s", note]))
     return Candidate("fxfuse", result.model, note=note, chosen=chosen, setup_s=seconds)
 
 
