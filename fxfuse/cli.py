@@ -1,0 +1,123 @@
+"""The ``fxfuse`` command: inspect, fuse and demo on saved models; convert checkpoints.
+
+Exit codes: 0 success; 1 verification refused the rewrite; 2 bad input or usage;
+3 an unexpected internal error. Errors are one line on stderr (``--debug`` shows the
+traceback). Outputs are written atomically and never over an input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from typing import Sequence
+
+from .errors import FxFuseError, VerificationError
+
+log = logging.getLogger("fxfuse")
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+MAP_SUFFIX = ".map.json"
+MAP_NAME = "fxfuse_weight_map.json"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit 2, like every other error
+        self.exit(EXIT_USAGE, f"fxfuse: error: {message} (see fxfuse {self.prog.split()[-1]} -h)\n")
+
+
+def _progress(message: str) -> None:
+    if sys.stderr.isatty():
+        print(f"fxfuse: {message}...", file=sys.stderr, flush=True)
+    log.info(message)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL",
+                   help="package.module:factory, path/file.py:factory, file.pt2, or a pickled "
+                        "file.pt (with --allow-pickle)")
+    p.add_argument("--input-shape", action="append", required=True, metavar="SHAPE",
+                   help="shape of one model input, e.g. 32,15,10,100 (repeat per input)")
+    p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (model and inputs)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--weights", default=None, metavar="FILE",
+                   help="state_dict for a factory model (.pt/.pth loaded weights-only, .safetensors)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow unpickling a whole-module .pt (runs code from the file: trusted files only)")
+    p.add_argument("--min-rows", type=int, default=2, help="leave loops with fewer rows alone")
+    p.add_argument("--tracer", default="auto", choices=["auto", "symbolic", "export"])
+
+
+def _fuse_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lowering", default="auto", choices=["auto", "grouped", "grouped2d"],
+                   help="auto: time the candidates per site and keep the loop unless one is faster")
+    p.add_argument("--no-bench", action="store_true", help="skip timing original vs fused")
+    p.add_argument("--no-grad-check", action="store_true", help="skip the train-mode gradient check")
+    p.add_argument("--rtol", type=float, default=None, help="override the verification rtol")
+    p.add_argument("--atol", type=float, default=None, help="override the verification atol")
+    p.add_argument("--report-json", default=None, metavar="FILE", help="also write the report as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``fxfuse`` command."""
+    parser = _Parser(prog="fxfuse", description="Rewrite per-row Conv1d loops into one grouped "
+                     "convolution, verified and timed.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the pass does")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("inspect", help="list the loops found and whether each would fuse")
+    _model_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p = sub.add_parser("fuse", help="fuse, verify, benchmark and write OUT")
+    _model_args(p)
+    _fuse_args(p)
+    p.add_argument("-o", "--out", required=True, metavar="OUT",
+                   help="output: .pt2 (torch.export), .pt (GraphModule) or .safetensors (weights)")
+    p = sub.add_parser("demo", help="the built-in seed model through the saved-model path")
+    _fuse_args(p)
+    p.add_argument("--out-dir", default=None, help="keep the files here (default: a temp dir)")
+    p = sub.add_parser("weights", help="convert a checkpoint between the looped and fused layouts")
+    p.add_argument("map", metavar="MAP", help="the OUT.map.json written by 'fxfuse fuse'")
+    p.add_argument("checkpoint", metavar="IN", help="state_dict file (.safetensors or .pt)")
+    p.add_argument("-o", "--out", required=True, help="where to write the converted state_dict")
+    p.add_argument("--to", required=True, choices=["original", "fused"])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (also used by ``python -m fxfuse``)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="fxfuse: %(message)s")
+    from . import commands
+    handler = {"inspect": commands.inspect, "fuse": commands.fuse_command,
+               "demo": commands.demo, "weights": commands.convert_weights}[args.command]
+    try:
+        return handler(args)
+    except VerificationError as exc:
+        return _fail(args, exc, EXIT_REFUSED)
+    except FxFuseError as exc:
+        return _fail(args, exc, EXIT_USAGE)
+    except KeyboardInterrupt:
+        print("fxfuse: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI never shows a raw traceback by default
+        return _fail(args, exc, EXIT_INTERNAL, internal=True)
+
+
+def _fail(args: argparse.Namespace, exc: BaseException, code: int, internal: bool = False) -> int:
+    if args.debug:
+        traceback.print_exc()
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if internal:
+        text = f"internal error: {type(exc).__name__}: {text} (rerun with --debug and report it)"
+    print(f"fxfuse: error: {text}", file=sys.stderr)
+    return code
+
+
+def dump_json(data: object) -> str:
+    """JSON text for reports (tensors' dtypes and devices as strings)."""
+    return json.dumps(data, indent=2, default=str)
+
+
