@@ -123,8 +123,10 @@ def fuse(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *
     if cfg.verify and any(s.fused for s in sites):
         verification = verify_models(reference, gm, inputs, weight_map=wmap,
                                      check_grads=cfg.check_grads, rtol=cfg.rtol, atol=cfg.atol)
-    timing = benchmark_models(reference, gm, inputs, rounds=cfg.bench_rounds) \
-        if cfg.benchmark else None
+    # Timing runs the models many times; copies keep their buffers (BatchNorm statistics
+    # in train mode) as they were.
+    timing = benchmark_models(copy.deepcopy(reference), copy.deepcopy(gm), inputs,
+                              rounds=cfg.bench_rounds) if cfg.benchmark else None
     return FuseResult(gm, sites, wmap, verification, timing, code_before,
                       getattr(gm, TRACER_KEY, "symbolic"))
 

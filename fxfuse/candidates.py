@@ -1,6 +1,7 @@
-"""Find the *candidate* loops: a combine (cat, stack or buffer writes) fed by conv outputs.
+"""Find the *candidate* loops: a combine (cat, stack or buffer writes) fed by per-row ops.
 
-A candidate only says "these conv outputs are joined here, through index-only ops".
+A candidate only says "these per-row results are joined here, through index-only ops";
+``convs`` holds each row's last per-row op (a conv, a Linear, an activation after one).
 Whether the rows can be fused is decided later (:mod:`fxfuse.find`). Read-only.
 """
 from __future__ import annotations
@@ -24,6 +25,10 @@ class Candidate:
     readers: list[fx.Node] = field(default_factory=list)   # buffer: who reads the result
     reason: str = ""
 
+    def graph_order(self, nodes: set[fx.Node]) -> list[fx.Node]:
+        """``nodes`` sorted in graph order."""
+        return [n for n in self.combine.graph.nodes if n in nodes]
+
 
 def walk_back(node: fx.Node, stop: set[fx.Node]) -> tuple[list[fx.Node], fx.Node | None]:
     """Follow ``node`` back through index-only ops until a node in ``stop`` or a non-index
@@ -44,14 +49,16 @@ def _describe(node: object) -> str:
 
 
 def _per_row_op_reason(stops: list[fx.Node], convs: set[fx.Node], kind: str) -> str:
-    """When rows end in an extra op after their conv (``relu(conv(x_h))``), say so."""
-    for stop in stops:
-        for arg in stop.all_input_nodes:
-            _, base = walk_back(arg, convs)
-            if base in convs:
-                return (f"per-row op {_describe(stop)} between the conv and the {kind}; "
-                        "only convs and index ops may sit inside the loop")
-    return ""
+    """When rows end in an extra op after their conv (``relu(conv(x_h))``), say so.
+
+    One such row is no loop (``cat([x, relu(conv(x))])``), and a join of whole loop
+    results (``cat([stack_a, stack_b])``) is not a per-row op: neither is reported."""
+    per_row = [stop for stop in stops if combine_kind(stop) is None and any(
+        walk_back(arg, convs)[1] in convs for arg in stop.all_input_nodes)]
+    if len(per_row) < 2:
+        return ""
+    return (f"per-row op {_describe(per_row[0])} between the conv and the {kind}; "
+            "only convs and index ops may sit inside the loop")
 
 
 def _gather_rows(values: list[object], convs: set[fx.Node], cand: Candidate) -> None:
@@ -70,10 +77,10 @@ def _gather_rows(values: list[object], convs: set[fx.Node], cand: Candidate) -> 
             stops.append(base if base is not None else value)
     if len(set(cand.convs)) != len(cand.convs):
         cand.reason = "the same conv output is joined more than once"
-    elif stops and cand.convs:
+    elif stops and len(cand.convs) >= 2:
         cand.reason = (f"{len(stops)} of the {len(values)} joined tensors are not per-row conv "
                        f"outputs (first: {_describe(stops[0])})")
-    elif stops:
+    elif stops and not cand.convs:
         cand.reason = _per_row_op_reason([s for s in stops if isinstance(s, fx.Node)],
                                          convs, cand.kind)
 

@@ -1,7 +1,10 @@
-"""Find per-row Conv1d loops in a traced graph. Pure: reads the graph, never changes it.
+"""Find per-row loops in a traced graph. Pure: reads the graph, never changes it.
 
 Every loop found comes back as a :class:`~fxfuse.sites.RowSite`, fusable or with the
-reason it is not, so users can see why a loop was left alone.
+reason it is not, so users can see why a loop was left alone. A loop is H rows, each a
+chain of per-row ops (one ``Conv1d``; a tower such as Conv1d → BatchNorm1d → ReLU →
+Conv1d; or ``Linear`` heads) reading slices of one tensor, joined by ``cat``, ``stack``
+or writes into a preallocated tensor.
 """
 from __future__ import annotations
 
@@ -11,10 +14,11 @@ import torch
 from torch import fx
 
 from .candidates import Candidate, find_candidates, walk_back
-from .convspec import WeightUses, conv_spec, input_problem, module_problem
+from .chains import RowChain, family, family_problem, group_rows, key_difference, row_chain
+from .convspec import WeightUses, get_tensor
 from .errors import ConfigError
 from .layout import LayoutError, evaluate, index_tensor, solve_input, solve_output
-from .ops import ConvCall, conv_call
+from .rowops import module_problem, row_op
 from .sites import InputPlan, OutputPlan, RowSite
 from .tracing import tensor_dtype, tensor_shape
 
@@ -26,7 +30,7 @@ class _Refuse(Exception):
 
 
 def find_row_sites(gm: fx.GraphModule, *, min_rows: int = 2) -> tuple[RowSite, ...]:
-    """Find every loop of per-row convolutions in ``gm``.
+    """Find every loop of per-row convolutions (or Linear heads) in ``gm``.
 
     Args:
         gm: a GraphModule from :func:`fxfuse.trace_model` (nodes carry shapes).
@@ -36,148 +40,196 @@ def find_row_sites(gm: fx.GraphModule, *, min_rows: int = 2) -> tuple[RowSite, .
         One :class:`RowSite` per loop, in graph order; ``site.reason`` is empty for the
         ones that can be rewritten. An empty tuple when there is no loop.
     """
-    if not isinstance(min_rows, int) or min_rows < 1:
+    if isinstance(min_rows, bool) or not isinstance(min_rows, int) or min_rows < 1:
         raise ConfigError(f"min_rows must be a positive int, got {min_rows!r}")
-    calls = {n: c for n in gm.graph.nodes if (c := conv_call(n, gm)) is not None}
+    row_ops = {n for n in gm.graph.nodes if row_op(n, gm) is not None}
     uses = WeightUses(gm)
     claimed: dict[fx.Node, str] = {}
     sites: list[RowSite] = []
-    for cand in find_candidates(gm.graph, set(calls)):
-        site = _plan(gm, cand, calls, uses, claimed, min_rows, f"site{len(sites)}")
+    for cand in find_candidates(gm.graph, row_ops):
+        chains = [row_chain(n, gm) for n in cand.convs]
+        if not cand.reason and sum(1 for c in chains if c is not None and c.head) < 2:
+            continue                       # not a loop of layers (a cat of activations, ...)
+        site = _plan(gm, cand, chains, uses, claimed, min_rows, f"site{len(sites)}")
         if site.fusable:
-            claimed.update({n: site.name for n in cand.convs})
+            claimed.update({gm_node: site.name for c in chains for gm_node in
+                            (op.node for op in c.ops)})
         log.info("%s: %d rows at %s: %s", site.name, site.rows, site.where(),
                  site.reason or "fusable")
         sites.append(site)
     return tuple(sites)
 
 
-def _plan(gm: fx.GraphModule, cand: Candidate, calls: dict[fx.Node, ConvCall],
+def _plan(gm: fx.GraphModule, cand: Candidate, chains: list[RowChain | None],
           uses: WeightUses, claimed: dict[fx.Node, str], min_rows: int, name: str) -> RowSite:
-    rows = [calls[n] for n in cand.convs]
-    targets = tuple(c.module_target or c.weight_key.removesuffix(".weight") for c in rows)
+    heads = [c.head if c is not None else None for c in chains]
+    targets = tuple(h.module or h.param("weight").removesuffix(".weight") if h else "?"
+                    for h in heads)
     base = dict(name=name, combine=cand.combine.name, combine_kind=cand.kind,
-                convs=tuple(n.name for n in cand.convs), targets=targets)
+                convs=tuple(h.node.name if h else "" for h in heads), targets=targets)
     try:
         if cand.reason:
             raise _Refuse(cand.reason)
-        if len(rows) < min_rows:
-            raise _Refuse(f"{len(rows)} rows, fewer than min_rows={min_rows}")
-        taken = [claimed[n] for n in cand.convs if n in claimed]
+        good = _check_chains(gm, chains)
+        base["loop_kind"] = _loop_kind(good[0], cand.kind)
+        base["steps"] = tuple(op.label for op in good[0].ops)
+        base["spec"] = next((op.key for op in good[0].ops if op.kind == "conv"), None)
+        if len(good) < min_rows:
+            raise _Refuse(f"{len(good)} rows, fewer than min_rows={min_rows}")
+        taken = [claimed[op.node] for c in good for op in c.ops if op.node in claimed]
         if taken:
-            raise _Refuse(f"its convs are already part of {taken[0]}")
-        spec = _common_spec(gm, rows, targets)
-        shared = _sharing(rows, targets)
-        problem = uses.outside_problem(gm, _weight_keys(rows, shared), set(cand.convs))
+            raise _Refuse(f"its rows are already part of {taken[0]}")
+        groups = _groups(good)
+        shared = _sharing(good)
+        site_nodes = {op.node for c in good for op in c.ops}
+        problem = uses.outside_problem(gm, _param_keys(good, shared), site_nodes)
         if problem:
             raise _Refuse(problem)
-        source, in_nodes, in_plan = _plan_input(cand, rows)
-        out_plan = _plan_output(cand, spec)
-        exports = _row_exports(cand)
+        source, in_nodes, in_plan = _plan_input(cand, good)
+        out_plan = _plan_output(cand, good)
     except _Refuse as refusal:
-        spec = None
-        try:
-            spec = _common_spec(gm, rows, targets) if rows else None
-        except _Refuse:
-            pass
-        return RowSite(**base, spec=spec, reason=str(refusal))
-    notes = ("all rows share one module: rows folded into the batch, weights not copied",) \
-        if shared else ()
-    return RowSite(**base, source=source.name, spec=spec, input_plan=in_plan,
-                   output_plan=out_plan, row_exports=tuple(n.name for n in exports),
-                   input_nodes=tuple(n.name for n in in_nodes),
-                   output_nodes=tuple(n.name for n in sorted(cand.output_nodes, key=_pos(gm))),
-                   shared_module=shared, notes=notes)
+        return RowSite(**base, reason=str(refusal))
+    notes = ("all rows share the same modules: rows folded into the batch, weights not "
+             "copied",) if shared else ()
+    if len(groups) > 1:
+        notes += (f"rows differ: fused as {len(groups)} groups of "
+                  f"{', '.join(str(len(g)) for g in groups)} rows",)
+    inside = cand.output_nodes | {cand.combine}
+    exports = [c.output.name for c in good if any(u not in inside for u in c.output.users)]
+    return RowSite(**base, source=source.name, input_plan=in_plan, output_plan=out_plan,
+                   row_exports=tuple(exports), input_nodes=tuple(n.name for n in in_nodes),
+                   output_nodes=tuple(n.name for n in cand.graph_order(cand.output_nodes)),
+                   chains=tuple(tuple(op.node.name for op in c.ops) for c in good),
+                   groups=groups, family=family(good[0]), shared_module=shared, notes=notes)
 
 
-def _pos(gm: fx.GraphModule):
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    return order.__getitem__
+def _loop_kind(chain: RowChain, combine_kind: str) -> str:
+    what = "Linear heads" if chain.head.kind == "linear" else "Conv1d"
+    if len(chain.ops) > 1:
+        what = f"{what} ({chain.describe()})"
+    return f"{what}, {combine_kind}"
 
 
-def _common_spec(gm: fx.GraphModule, rows: list[ConvCall], targets: tuple[str, ...]):
-    for call in rows:
-        problem = module_problem(gm, call) or input_problem(call)
+def _check_chains(gm: fx.GraphModule, chains: list[RowChain | None]) -> list[RowChain]:
+    if any(c is None or c.head is None for c in chains):
+        raise _Refuse("some joined tensors are not outputs of a per-row conv or Linear")
+    good: list[RowChain] = list(chains)  # type: ignore[arg-type]
+    for c in good:
+        problem = family_problem(c) or next(
+            (p for p in (module_problem(gm, op) for op in c.ops) if p), "")
         if problem:
             raise _Refuse(problem)
-    specs = [conv_spec(gm, c) for c in rows]
-    for i, spec in enumerate(specs[1:], start=1):
-        diff = specs[0].differences(spec)
-        if diff:
-            fields = ", ".join(f"{f} {getattr(specs[0], f)!r} vs {getattr(spec, f)!r}" for f in diff)
-            raise _Refuse(f"rows differ: {targets[0]} and {targets[i]} have {fields}")
-    return specs[0]
+    if len({c.kinds for c in good}) > 1:
+        other = next(c for c in good if c.kinds != good[0].kinds)
+        raise _Refuse(f"rows run different steps: {good[0].describe()} vs {other.describe()}")
+    shape = tensor_shape(good[0].input)
+    want = 3 if family(good[0]) == "conv" else 2
+    if shape is None or len(shape) != want and not (want == 2 and len(shape) > 2):
+        raise _Refuse(f"row inputs are {len(shape or ())}-D; per-row "
+                      f"{'Conv1d needs (N, C, L)' if want == 3 else 'Linear needs (N, ..., L)'}")
+    return good
 
 
-def _sharing(rows: list[ConvCall], targets: tuple[str, ...]) -> bool:
-    """True when every row calls the same conv; refuse when only some rows share."""
-    keys = [(c.weight_key, c.bias_key) for c in rows]
-    if len(set(keys)) == 1:
-        return True
-    if len(set(keys)) != len(keys):
-        first = next(i for i, k in enumerate(keys) if keys.count(k) > 1)
-        raise _Refuse(f"some rows share {targets[first]} and others do not; "
-                      "fusing would untie their weights")
-    return False
+def _groups(chains: list[RowChain]) -> tuple[tuple[int, ...], ...]:
+    groups = group_rows(chains)
+    if len(groups) == 1:
+        return groups
+    other = chains[groups[1][0]]
+    why = f"rows differ: row 0 and row {groups[1][0]} have {key_difference(chains[0], other)}"
+    if all(len(g) == 1 for g in groups):
+        raise _Refuse(why)
+    shapes = {tensor_shape(c.output) for c in chains}
+    if len(shapes) != 1:
+        raise _Refuse(f"{why}, and their outputs differ in shape")
+    return groups
 
 
-def _weight_keys(rows: list[ConvCall], shared: bool) -> list[str]:
-    keys = [k for c in rows for k in (c.weight_key, c.bias_key) if k]
-    return keys[:2] if shared else keys
+def _sharing(chains: list[RowChain]) -> bool:
+    """True when every row runs the very same layers; refuse when only some rows share."""
+    shared_steps = []
+    for j, op in enumerate(chains[0].ops):
+        if not op.params:
+            continue
+        keys = [c.ops[j].params for c in chains]
+        distinct = len(set(keys))
+        if 1 < distinct < len(keys):
+            raise _Refuse(f"some rows share {chains[0].ops[j].label.split()[0]} weights and "
+                          "others do not; fusing would untie them")
+        shared_steps.append(distinct == 1 and len(keys) > 1)
+    if any(shared_steps) and not all(shared_steps):
+        raise _Refuse("rows share some layers but not others; fusing would untie them")
+    shared = bool(shared_steps) and all(shared_steps)
+    if shared and any(op.kind == "batchnorm" and op.key[6] for op in chains[0].ops):
+        raise _Refuse("rows share one BatchNorm1d in train mode; folding rows into the batch "
+                      "would change its statistics")
+    return shared
 
 
-def _plan_input(cand: Candidate, rows: list[ConvCall]) -> tuple[fx.Node, list[fx.Node], InputPlan]:
-    chains = []
-    for call in rows:
-        path, stop = walk_back(call.input, set())
-        chains.append(path + ([stop] if stop is not None else []))
-    common = set(chains[0]).intersection(*map(set, chains[1:]))
-    source = next((n for n in chains[0] if n in common and tensor_shape(n) is not None), None)
+def _param_keys(chains: list[RowChain], shared: bool) -> list[str]:
+    rows = chains[:1] if shared else chains
+    return [key for c in rows for op in c.ops for _, key in op.params]
+
+
+def _plan_input(cand: Candidate, chains: list[RowChain]
+                ) -> tuple[fx.Node, list[fx.Node], InputPlan]:
+    walks = []
+    for chain in chains:
+        path, stop = walk_back(chain.input, set())
+        walks.append(path + ([stop] if stop is not None else []))
+    common = set(walks[0]).intersection(*map(set, walks[1:]))
+    source = next((n for n in walks[0] if n in common and tensor_shape(n) is not None), None)
     if source is None:
-        ends = sorted({c[-1].name for c in chains if c})
+        ends = sorted({w[-1].name for w in walks if w})
         raise _Refuse(f"rows read different tensors ({', '.join(ends[:3])}): "
                       "not slices of one input (rows may depend on each other)")
     if source is cand.combine or source in cand.output_nodes:
         raise _Refuse("rows read the tensor the loop writes: rows depend on each other")
-    nodes = {n for chain in chains for n in chain[:chain.index(source)]}
-    order = [n for n in source.graph.nodes if n in nodes]
+    nodes = {n for w in walks for n in w[:w.index(source)]}
+    order = cand.graph_order(nodes)
     try:
         env = evaluate(order, {source: index_tensor(tensor_shape(source))})
-        plan = solve_input(tensor_shape(source), [env[c.input] for c in rows])
+        plan = solve_input(tensor_shape(source), [env[c.input] for c in chains])
     except LayoutError as exc:
         raise _Refuse(f"rows are not plain slices of `{source.name}`: {exc}") from exc
     return source, order, plan
 
 
-def _plan_output(cand: Candidate, spec) -> OutputPlan:
-    shape = tensor_shape(cand.convs[0])
-    if shape is None or any(tensor_shape(n) != shape for n in cand.convs):
+def _plan_output(cand: Candidate, chains: list[RowChain]) -> OutputPlan:
+    outs = [c.output for c in chains]
+    shape = tensor_shape(outs[0])
+    if shape is None or any(tensor_shape(n) != shape for n in outs):
         raise _Refuse("the rows' outputs differ in shape")
-    dtype = tensor_dtype(cand.combine)
-    if dtype is not None and dtype != spec.dtype:
-        raise _Refuse(f"the rows are {spec.dtype} but are written into a {dtype} tensor")
-    rows_shape = (shape[0], len(cand.convs), shape[1], shape[2])
+    dtype, row_dtype = tensor_dtype(cand.combine), tensor_dtype(outs[0])
+    if dtype is not None and dtype != row_dtype:
+        raise _Refuse(f"the rows are {row_dtype} but are written into a {dtype} tensor")
+    _check_bn_counters(chains)
+    rows_shape = (shape[0], len(outs), *shape[1:])
     fidx = index_tensor(rows_shape)
-    env: dict[fx.Node, object] = {n: fidx[:, h] for h, n in enumerate(cand.convs)}
+    env: dict[fx.Node, object] = {n: fidx[:, h] for h, n in enumerate(outs)}
     combine = cand.combine
     if cand.kind == "buffer":
         env[combine] = torch.full(tensor_shape(combine) or (), -1, dtype=fidx.dtype)
-        nodes = cand.output_nodes
+        nodes = set(cand.output_nodes)
     else:
         nodes = cand.output_nodes | {combine}
-    order = [n for n in combine.graph.nodes if n in nodes]
-    inside = nodes | set(cand.convs) | {combine}
+    inside = nodes | set(outs) | {combine}
+    order = cand.graph_order(nodes)
     for node in order:
         if node is not combine and any(u not in inside for u in node.users):
             user = next(u for u in node.users if u not in inside)
             raise _Refuse(f"per-row intermediate `{node.name}` is also used by `{user.name}`")
     try:
-        result = evaluate(order, env)[combine]
-        return solve_output(rows_shape, result)
+        return solve_output(rows_shape, evaluate(order, env)[combine])
     except LayoutError as exc:
         raise _Refuse(f"rows are not combined as whole rows: {exc}") from exc
 
 
-def _row_exports(cand: Candidate) -> list[fx.Node]:
-    inside = cand.output_nodes | {cand.combine}
-    return [n for n in cand.convs if any(u not in inside for u in n.users)]
+def _check_bn_counters(chains: list[RowChain]) -> None:
+    root = chains[0].output.graph.owning_module
+    for j, op in enumerate(chains[0].ops):
+        key = op.param("num_batches_tracked")
+        if op.kind != "batchnorm" or key is None:
+            continue
+        counts = {int(get_tensor(root, c.ops[j].param("num_batches_tracked"))) for c in chains}
+        if len(counts) > 1:
+            raise _Refuse("the rows' BatchNorm1d layers have seen different numbers of batches")

@@ -66,22 +66,28 @@ def _axis_orders(ndim: int, row_axis: int) -> list[tuple[int, ...]]:
 def solve_input(source_shape: Sequence[int], rows: Sequence[torch.Tensor]) -> InputPlan:
     """Find the :class:`InputPlan` under which ``rows[h]`` (index tensors) are read.
 
+    Rows of shape (N, C, ...) are either whole rows of a source with one more dim
+    (``"select"``) or blocks of C consecutive channels of a source of the same rank
+    (``"block"``).
+
     Raises:
         LayoutError: the rows are not plain rows or channel blocks of the source.
     """
     src = index_tensor(source_shape)
     shape = rows[0].shape
-    if any(r.shape != shape for r in rows) or len(shape) != 3:
-        raise LayoutError("rows are not (batch, channels, length) slices of one shape")
+    if any(r.shape != shape for r in rows) or len(shape) < 2:
+        raise LayoutError("rows are not (batch, channels, ...) slices of one shape")
     ndim = len(source_shape)
-    kind = "select" if ndim == 4 else "block" if ndim == 3 else None
-    if kind is None:
-        raise LayoutError(f"rows come from a {ndim}-D tensor; expected 3-D or 4-D")
+    if ndim == len(shape) + 1:
+        kind = "select"
+    elif ndim == len(shape):
+        kind = "block"
+    else:
+        raise LayoutError(f"{len(shape)}-D rows come from a {ndim}-D tensor")
     for row_axis in range(ndim):
         for rest in _axis_orders(ndim, row_axis):
             axes = (rest[0], row_axis, *rest[1:])
-            view = src.permute(axes)
-            plan = _try_axes(kind, view, axes, rows, shape)
+            plan = _try_axes(kind, src.permute(axes), axes, rows, shape)
             if plan is not None:
                 return plan
     raise LayoutError("rows are not whole rows or channel blocks of the source")
@@ -90,36 +96,36 @@ def solve_input(source_shape: Sequence[int], rows: Sequence[torch.Tensor]) -> In
 def _try_axes(kind: str, view: torch.Tensor, axes: tuple[int, ...],
               rows: Sequence[torch.Tensor], shape: torch.Size) -> InputPlan | None:
     if kind == "select":
-        if (view.shape[0], view.shape[2], view.shape[3]) != tuple(shape):
+        if (view.shape[0], *view.shape[2:]) != tuple(shape):
             return None
         starts = []
         for r in rows:
-            i = _index_along(view, r, 1)
+            i = _index_along(view, r)
             if i is None or not torch.equal(view[:, i], r):
                 return None
             starts.append(i)
         return InputPlan("select", axes, tuple(starts), int(shape[1]), int(view.shape[1]))
-    if (view.shape[0], view.shape[2]) != (shape[0], shape[2]):
+    if (view.shape[0], *view.shape[2:]) != (shape[0], *shape[2:]):
         return None
     width = int(shape[1])
     starts = []
     for r in rows:
-        i = _index_along(view, r, 1)
+        i = _index_along(view, r)
         if i is None or i + width > view.shape[1] or not torch.equal(view[:, i:i + width], r):
             return None
         starts.append(i)
     return InputPlan("block", axes, tuple(starts), width, int(view.shape[1]))
 
 
-def _index_along(view: torch.Tensor, row: torch.Tensor, axis: int) -> int | None:
-    """Position along ``axis`` of ``view`` where ``row``'s first element sits."""
+def _index_along(view: torch.Tensor, row: torch.Tensor) -> int | None:
+    """Position along dim 1 of ``view`` where ``row``'s first element sits."""
     if row.numel() == 0:
         return None
     first = row.reshape(-1)[0]
-    hits = (view.select(0, 0).select(-1, 0) == first).nonzero()
+    hits = (view.select(0, 0) == first).nonzero()
     if hits.numel() == 0:
         return None
-    return int(hits[0, axis - 1])
+    return int(hits[0, 0])
 
 
 def solve_output(rows_shape: Sequence[int], result: torch.Tensor) -> OutputPlan:
@@ -132,8 +138,9 @@ def solve_output(rows_shape: Sequence[int], result: torch.Tensor) -> OutputPlan:
     if result.numel() != fidx.numel() or bool((result < 0).any()):
         raise LayoutError("the combined tensor holds more than the rows (or leaves parts unwritten)")
     target = tuple(result.shape)
-    perms = sorted(itertools.permutations(range(4)), key=lambda p: sum(
-        1 for i in range(4) for j in range(i + 1, 4) if p[i] > p[j]))
+    n = len(rows_shape)
+    perms = sorted(itertools.permutations(range(n)), key=lambda p: sum(
+        1 for i in range(n) for j in range(i + 1, n) if p[i] > p[j]))
     for perm in perms:
         permuted = fidx.permute(perm)
         merge = _merge_runs(tuple(permuted.shape), target)

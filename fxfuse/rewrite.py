@@ -20,14 +20,15 @@ with nothing but torch.
 from __future__ import annotations
 
 import operator
+
 import torch
 from torch import fx
 
-from .convspec import get_tensor
 from .errors import RewriteError
-from .ops import conv_call
+from .emit import batched_chain, batchnorm_step, conv_step, linear_step, pointwise_step
+from .rowops import RowOp, row_op
 from .sites import RowSite
-from .weights import WeightEntry, WeightMap
+from .weights import WeightMap
 
 LOWERINGS = ("grouped", "grouped2d")
 REPLACES_KEY = "fxfuse_replaces"   # node.meta key: name of the site result this node replaced
@@ -59,19 +60,21 @@ def rewrite_site(gm: fx.GraphModule, site: RowSite, lowering: str = "grouped") -
         raise RewriteError(f"{site.name} does not match this graph (no node `{missing[0]}`); "
                            "find sites again after changing the graph")
     graph = gm.graph
-    convs = [nodes[c] for c in site.convs]
-    calls = [conv_call(n, gm) for n in convs]
-    with graph.inserting_before(_first(convs)):
+    chains = [[row_op(nodes[n], gm) for n in chain] for chain in site.chains]
+    if any(op is None for chain in chains for op in chain):
+        raise RewriteError(f"{site.name}: a per-row op changed since the site was found")
+    everything = [op.node for chain in chains for op in chain]
+    with graph.inserting_before(_first(everything)):
         rows = make_rows_input(graph, nodes[site.source], site)
         if site.shared_module:
-            stacked, wmap = _make_batched(graph, rows, convs[0], site), WeightMap()
+            stacked, wmap = batched_chain(graph, rows, tuple(chains[0]), site.rows), WeightMap()
         else:
-            stacked, wmap = _make_fused(gm, rows, calls, site, lowering)
+            stacked, wmap = _make_groups(gm, rows, chains, site, lowering)
         result = make_output(graph, stacked, site)
-    _redirect(graph, site, nodes, convs, stacked, result)
+    _redirect(graph, site, nodes, [c[-1].node for c in chains], everything, stacked, result)
     graph.lint()
     if not site.shared_module:
-        _drop_unused_attrs(gm, [k for c in calls for k in (c.weight_key, c.bias_key) if k])
+        _drop_unused_attrs(gm, [k for c in chains for op in c for _, k in op.params])
     gm.recompile()
     gm.delete_all_unused_submodules()
     return wmap
@@ -109,70 +112,77 @@ def make_rows_input(graph: fx.Graph, source: fx.Node, site: RowSite) -> fx.Node:
     return node
 
 
-def _make_batched(graph: fx.Graph, rows: fx.Node, conv: fx.Node, site: RowSite) -> fx.Node:
-    """All rows share one conv: fold rows into the batch and call it once."""
-    folded = graph.call_method("flatten", (rows, 0, 1))
-    call = conv_call(conv, graph.owning_module)
-    args = tuple(folded if a is call.input else a for a in conv.args)
-    kwargs = {k: (folded if v is call.input else v) for k, v in conv.kwargs.items()}
-    out = graph.create_node(conv.op, conv.target, args, kwargs)
-    return graph.call_method("unflatten", (out, 0, (-1, site.rows)))
-
-
-def _make_fused(gm: fx.GraphModule, rows: fx.Node, calls: list, site: RowSite,
-                lowering: str) -> tuple[fx.Node, WeightMap]:
+def _make_groups(gm: fx.GraphModule, rows: fx.Node, chains: list[list[RowOp]],
+                 site: RowSite, lowering: str) -> tuple[fx.Node, WeightMap]:
+    """Fuse each group of equal rows; put the rows back in the loop's order."""
     graph = gm.graph
-    module = _fused_module(gm, calls, site, lowering)
-    name = _free_name(gm, _prefix(site.targets) + "_fused")
-    gm.add_submodule(name, module)
-    if lowering == "grouped2d":
-        # One copy straight into channels-last order (N, L, H, C), viewed as (N, H*C, 1, L).
-        nlhc = graph.call_method("contiguous", (graph.call_method("permute", (rows, 0, 3, 1, 2)),))
-        flat = graph.call_method("unsqueeze", (graph.call_method("flatten", (nlhc, 2, 3)), 1))
-        out = graph.call_module(name, (graph.call_method("permute", (flat, 0, 3, 1, 2)),))
-        out = graph.call_method("squeeze", (out, 2))
-    else:
-        out = graph.call_module(name, (graph.call_method("flatten", (rows, 1, 2)),))
-    stacked = graph.call_method("unflatten", (out, 1, (site.rows, site.spec.out_channels)))
-    unsq = 2 if lowering == "grouped2d" else None
-    entries = [WeightEntry(f"{name}.weight", tuple(c.weight_key for c in calls), 0, unsq)]
-    if site.spec.bias:
-        entries.append(WeightEntry(f"{name}.bias", tuple(c.bias_key for c in calls), 0))
-    return stacked, WeightMap(tuple(entries))
+    groups = site.groups or (tuple(range(site.rows)),)
+    parts, wmap = [], WeightMap()
+    prefix = _prefix(site.targets) + "_fused"
+    for members in groups:
+        sub = rows if len(groups) == 1 else \
+            graph.call_function(operator.getitem, (rows, (slice(None), list(members))))
+        part, entries = _make_chain(gm, sub, [chains[i] for i in members], prefix, lowering,
+                                    site)
+        parts.append(part)
+        wmap = wmap + WeightMap(tuple(entries))
+    if len(groups) == 1:
+        return parts[0], wmap
+    joined = graph.call_function(torch.cat, (parts, 1))
+    order = [pos for members in groups for pos in members]
+    inverse = [order.index(h) for h in range(site.rows)]
+    return graph.call_function(operator.getitem, (joined, (slice(None), inverse))), wmap
 
 
-def _fused_module(gm: fx.GraphModule, calls, site: RowSite, lowering: str) -> torch.nn.Module:
-    spec, h = site.spec, site.rows
-    kw = dict(groups=h * spec.groups, bias=spec.bias, padding_mode=spec.padding_mode,
-              dtype=spec.dtype, device=spec.device)
-    weights = [get_tensor(gm, c.weight_key) for c in calls]
-    weight = torch.cat([w.detach() for w in weights], 0)
-    pad = spec.padding
-    if lowering == "grouped2d":
-        module: torch.nn.Module = torch.nn.Conv2d(
-            h * spec.in_channels, h * spec.out_channels, (1, spec.kernel_size),
-            stride=(1, spec.stride), padding=pad if isinstance(pad, str) else (0, pad),
-            dilation=(1, spec.dilation), **kw)
-        weight = weight.unsqueeze(2)
-    else:
-        module = torch.nn.Conv1d(h * spec.in_channels, h * spec.out_channels, spec.kernel_size,
-                                 stride=spec.stride, padding=pad, dilation=spec.dilation, **kw)
-    with torch.no_grad():
-        module.weight.copy_(weight)
-        module.weight.requires_grad_(weights[0].requires_grad)
-        if spec.bias:
-            biases = [get_tensor(gm, c.bias_key) for c in calls]
-            module.bias.copy_(torch.cat([b.detach() for b in biases], 0))
-            module.bias.requires_grad_(biases[0].requires_grad)
-    module.train(gm.training)
-    return module
+def _make_chain(gm: fx.GraphModule, rows: fx.Node, chains: list[list[RowOp]], prefix: str,
+                lowering: str, site: RowSite) -> tuple[fx.Node, list]:
+    """The fused steps of one group: (N, G, C, L) in, (N, G, C', L') out."""
+    graph, count, entries = gm.graph, len(chains), []
+    steps = list(zip(*chains))
+    if site.family == "linear":
+        cur = rows
+        ndim = len(site.input_plan.axes) - (1 if site.input_plan.kind == "select" else 0)
+        for ops in steps:
+            if ops[0].kind == "linear":
+                cur, new = linear_step(gm, cur, list(ops), prefix, ndim)
+                entries += new
+            else:
+                cur = pointwise_step(graph, cur, ops[0])
+        return cur, entries
+    two_d = lowering == "grouped2d"
+    cur = _channels_last_input(graph, rows) if two_d else \
+        graph.call_method("flatten", (rows, 1, 2))
+    channels, first = count * site.input_plan.width, True
+    for ops in steps:
+        kind = ops[0].kind
+        if kind == "conv":
+            cur, new, channels = conv_step(gm, cur, list(ops), prefix, lowering, first)
+            first = False
+        elif kind == "batchnorm":
+            if first and two_d:
+                cur, first = graph.call_method("squeeze", (cur, 2)), False
+            cur, new = batchnorm_step(gm, cur, list(ops), prefix)
+        else:
+            if first and two_d:
+                cur, first = graph.call_method("squeeze", (cur, 2)), False
+            cur, new = pointwise_step(graph, cur, ops[0]), []
+        entries += new
+    return graph.call_method("unflatten", (cur, 1, (count, channels // count))), entries
+
+
+def _channels_last_input(graph: fx.Graph, rows: fx.Node) -> fx.Node:
+    """(N, G, C, L) → (N, G*C, 1, L) in channels-last memory, with a single copy."""
+    nlgc = graph.call_method("contiguous", (graph.call_method("permute", (rows, 0, 3, 1, 2)),))
+    flat = graph.call_method("unsqueeze", (graph.call_method("flatten", (nlgc, 2, 3)), 1))
+    return graph.call_method("permute", (flat, 0, 3, 1, 2))
 
 
 def make_output(graph: fx.Graph, stacked: fx.Node, site: RowSite) -> fx.Node:
     """Emit the combined result from (N, H, C', L') ``stacked``, laid out as the loop did."""
     plan = site.output_plan
     node = stacked
-    if plan.perm != (0, 1, 2, 3):
+    identity = tuple(range(len(plan.perm)))
+    if plan.perm != identity:
         node = graph.call_method("permute", (node, *plan.perm))
     start = 0
     runs = []
@@ -182,28 +192,29 @@ def make_output(graph: fx.Graph, stacked: fx.Node, site: RowSite) -> fx.Node:
     for first, last in reversed(runs):
         if last > first:
             node = graph.call_method("flatten", (node, first, last))
-    if plan.perm != (0, 1, 2, 3):
+    if plan.perm != identity:
         node = graph.call_method("contiguous", (node,))
     return node
 
 
 def _redirect(graph: fx.Graph, site: RowSite, nodes: dict[str, fx.Node],
-              convs: list[fx.Node], stacked: fx.Node, result: fx.Node) -> None:
+              outs: list[fx.Node], everything: list[fx.Node], stacked: fx.Node,
+              result: fx.Node) -> None:
     """Point every outside user at the new nodes, then erase the loop."""
     combine = nodes[site.combine]
     region = {nodes[n] for n in site.output_nodes} | {combine}
-    for h, conv in enumerate(convs):
-        if conv.name in site.row_exports:
+    for h, out in enumerate(outs):
+        if out.name in site.row_exports:
             with graph.inserting_after(stacked):
                 row = graph.call_method("select", (stacked, 1, h))
-            conv.replace_all_uses_with(row, delete_user_cb=lambda u: u not in region)
+            out.replace_all_uses_with(row, delete_user_cb=lambda u: u not in region)
     result.meta.update({k: v for k, v in combine.meta.items() if k != "fxfuse_value"})
     result.meta[REPLACES_KEY] = combine.meta.get(REPLACES_KEY, combine.name)
     for user in list(combine.users):
         if user not in region:
             user.replace_input_with(combine, result)
     order = {n: i for i, n in enumerate(graph.nodes)}
-    doomed = sorted(region | set(convs), key=order.__getitem__, reverse=True)
+    doomed = sorted(region | set(everything), key=order.__getitem__, reverse=True)
     for node in doomed:
         graph.erase_node(node)
     _erase_dead(graph, [nodes[n] for n in reversed(site.input_nodes)])
@@ -248,11 +259,3 @@ def _prefix(targets: tuple[str, ...]) -> str:
             break
         common.append(group[0])
     return "_".join(common) or "rows"
-
-
-def _free_name(gm: fx.GraphModule, name: str) -> str:
-    candidate, i = name, 1
-    while hasattr(gm, candidate):
-        candidate, i = f"{name}_{i}", i + 1
-    return candidate
-

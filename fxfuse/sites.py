@@ -93,7 +93,8 @@ class OutputPlan:
     @property
     def is_channel_concat(self) -> bool:
         """True when the result is just (N, H*C_out, L_out): no permute, no copy."""
-        return self.perm == (0, 1, 2, 3) and self.merge == (1, 2, 1)
+        return self.perm == tuple(range(len(self.perm))) and self.merge == (1, 2) + \
+            (1,) * (len(self.perm) - 3)
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,13 @@ class RowSite:
             nothing else uses them).
         output_nodes: the nodes between the convs and the combined result (unsqueezes,
             buffer views and writes), erased by the rewrite.
+        chains: per row, the per-row op nodes from input to output (one conv, or a
+            tower such as conv → batchnorm → relu → conv, or Linear heads).
+        steps: the per-row steps, as text (``conv 15→15 k3``, ``batchnorm 15``, ``relu``).
+        groups: row positions fused together; several groups when rows differ
+            (e.g. two kernel sizes), each fused on its own.
+        family: ``"conv"`` (grouped convolution layout) or ``"linear"`` (batched matmul).
+        loop_kind: what kind of loop this is, for reports.
         shared_module: all rows call the same module (rewritten by folding rows into batch).
         reason: why the site is not fusable (``""`` when it is).
         lowering: what the pass did: ``"grouped"``, ``"batched"``, ``"loop"`` (kept), or ``""``.
@@ -134,6 +142,11 @@ class RowSite:
     row_exports: tuple[str, ...] = ()
     input_nodes: tuple[str, ...] = ()
     output_nodes: tuple[str, ...] = ()
+    chains: tuple[tuple[str, ...], ...] = ()
+    steps: tuple[str, ...] = ()
+    groups: tuple[tuple[int, ...], ...] = ()
+    family: str = "conv"
+    loop_kind: str = ""
     shared_module: bool = False
     reason: str = ""
     lowering: str = ""
@@ -154,7 +167,7 @@ class RowSite:
     @property
     def fused(self) -> bool:
         """True when the pass rewrote this site."""
-        return self.lowering in ("grouped", "batched") or self.lowering.startswith("grouped")
+        return self.lowering not in ("", "loop")
 
     def where(self) -> str:
         """Where the loop lives, e.g. ``layers.0..layers.9``."""
@@ -180,6 +193,9 @@ class RowSite:
                 for k, v in dataclasses.asdict(self.spec).items()},
             "fusable": self.fusable,
             "fused": self.fused,
+            "loop_kind": self.loop_kind,
+            "steps": list(self.steps),
+            "groups": [list(g) for g in self.groups],
             "lowering": self.lowering,
             "reason": self.reason,
             "notes": list(self.notes),

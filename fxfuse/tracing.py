@@ -57,10 +57,21 @@ def _symbolic(model: torch.nn.Module, concrete_args: dict[str, Any] | None) -> f
 def _export(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> fx.GraphModule:
     dims = _batch_dynamic_shapes(example_inputs)
     try:
-        program = torch.export.export(model, example_inputs, dynamic_shapes=dims, strict=False)
+        program = torch.export.export(model, _batch_of_two(example_inputs), dynamic_shapes=dims,
+                                      strict=False)
     except Exception:  # noqa: BLE001 - a dynamic batch is a bonus; fall back to static shapes
         program = torch.export.export(model, example_inputs, strict=False)
     return program.module()
+
+
+def _batch_of_two(example_inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Batch-1 inputs repeated to batch 2: export specialises a size-1 dim to 1, and the
+    traced graph would then refuse every other batch size."""
+    batched = [x for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() > 0]
+    if not batched or any(x.shape[0] != 1 for x in batched):
+        return example_inputs
+    return tuple(x.expand(2, *x.shape[1:]).clone() if isinstance(x, torch.Tensor) and x.dim() > 0
+                 else x for x in example_inputs)
 
 
 def _batch_dynamic_shapes(example_inputs: tuple[Any, ...]) -> tuple[Any, ...] | None:

@@ -138,7 +138,15 @@ def verify_models(original: torch.nn.Module, fused: torch.nn.Module, example_inp
         VerificationError: a check failed; carries ``max_abs``, ``max_rel``, ``check``.
     """
     inputs = tuple(example_inputs)
+    # Running a model in train mode updates its buffers (BatchNorm statistics): compare copies.
+    original, fused = copy.deepcopy(original), copy.deepcopy(fused)
     checks, skipped = [], []
+    # Copies: a train-mode forward updates BatchNorm statistics, and the caller's
+    # models must come out of verification as they went in.
+    to_eval = fused.training and bool(_random_nodes(fused))
+    original, fused = _copy_for_checks(original, to_eval), _copy_for_checks(fused, to_eval)
+    if to_eval:
+        skipped.append("outputs compared in eval mode: the model calls a random op in train mode")
     with torch.no_grad():
         checks.append(compare("example inputs", _run(original, inputs, seed),
                               _run(fused, inputs, seed), rtol, atol))
@@ -164,6 +172,44 @@ def verify_models(original: torch.nn.Module, fused: torch.nn.Module, example_inp
     return report
 
 
+def _quiet_dropout(model: torch.nn.Module) -> None:
+    """Dropout draws different masks when applied once to all rows than row by row; the
+    checks run it as identity, in both models alike, so everything else is compared."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.eval()
+
+
+def _copy_for_checks(model: torch.nn.Module, to_eval: bool) -> torch.nn.Module:
+    model = copy.deepcopy(model)
+    _quiet_dropout(model)
+    if to_eval:
+        try:
+            model.eval()
+        except Exception:  # noqa: BLE001 - exported graphs keep their mode
+            pass
+    return model
+
+
+_RANDOM = {"dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d",
+           "rand", "randn", "rand_like", "randn_like", "bernoulli", "native_dropout"}
+
+
+def _random_nodes(model: torch.nn.Module) -> list[str]:
+    """Functional random ops in a graph (their draws depend on how rows are batched)."""
+    graph = getattr(model, "graph", None)
+    if graph is None:
+        return []
+    found = []
+    for node in graph.nodes:
+        name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+        if node.op in ("call_function", "call_method") and name in _RANDOM:
+            training = node.kwargs.get("training", node.kwargs.get("train", True))
+            if training is not False:
+                found.append(node.name)
+    return found
+
+
 def _guard(model: Callable, inputs: Sequence[Any], seed: int, batch: int) -> Any:
     try:
         return _run(model, inputs, seed)
@@ -182,6 +228,12 @@ def _grad_checks(original: torch.nn.Module, fused: torch.nn.Module, inputs: tupl
         mode = "train"
     except Exception:  # noqa: BLE001 - exported graphs keep the mode they were traced in
         mode = "traced-mode"
+    for model in (ref_model, new_model):
+        _quiet_dropout(model)
+    random_ops = _random_nodes(new_model)
+    if random_ops:
+        skipped.append(f"gradients: the model calls {random_ops[0]} (random) in train mode")
+        return []
     results = []
     grads = []
     for model in (ref_model, new_model):
@@ -205,7 +257,14 @@ def _grad_checks(original: torch.nn.Module, fused: torch.nn.Module, inputs: tupl
     common = sorted(set(grads[0][1]) & set(mapped))
     per_key = [compare(f"{mode} grad of {k}", grads[0][1][k], mapped[k], rtol, atol)
                for k in common]
-    checks.append(Check(f"{mode} param grads ({len(common)})",
+    buffers_ref = dict(ref_model.named_buffers())
+    buffers_new = weight_map.to_original(dict(new_model.named_buffers()), strict=False)
+    shared = sorted(k for k in set(buffers_ref) & set(buffers_new)
+                    if buffers_ref[k].is_floating_point())
+    if shared:
+        per_key += [compare(f"{mode} buffer {k} after the step", buffers_ref[k], buffers_new[k],
+                            rtol, atol) for k in shared]
+    checks.append(Check(f"{mode} param grads and buffers ({len(common) + len(shared)})",
                         max((c.max_abs for c in per_key), default=0.0),
                         max((c.max_rel for c in per_key), default=0.0)))
     return checks

@@ -27,12 +27,44 @@ FORMAT = "fxfuse-weight-map/1"
 
 @dataclass(frozen=True)
 class WeightEntry:
-    """``fused_key`` holds ``parts`` concatenated along ``dim`` (then ``unsqueeze`` applied)."""
+    """``fused_key`` holds ``parts`` joined along ``dim`` (then ``unsqueeze`` applied).
+
+    ``op`` is ``"cat"`` (concatenated), ``"stack"`` (stacked on a new dim) or
+    ``"same"`` (every part holds the same value, e.g. BatchNorm's batch counter).
+    """
 
     fused_key: str
     parts: tuple[str, ...]
     dim: int = 0
     unsqueeze: int | None = None
+    op: str = "cat"
+
+    def join(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """The fused tensor made from the parts' tensors."""
+        if self.op == "same":
+            if any(not torch.equal(t, tensors[0]) for t in tensors[1:]):
+                raise ConfigError(f"{self.fused_key}: {self.parts[0]} and the other parts differ; "
+                                  "they must be equal to share one fused tensor")
+            fused = tensors[0].clone()
+        elif self.op == "stack":
+            fused = torch.stack(tensors, dim=self.dim)
+        else:
+            fused = torch.cat(tensors, dim=self.dim)
+        return fused if self.unsqueeze is None else fused.unsqueeze(self.unsqueeze)
+
+    def split(self, fused: torch.Tensor) -> list[torch.Tensor]:
+        """The parts' tensors recovered from the fused tensor (exact)."""
+        if self.unsqueeze is not None:
+            fused = fused.squeeze(self.unsqueeze)
+        if self.op == "same":
+            return [fused.clone() for _ in self.parts]
+        if self.op == "stack":
+            return [t.clone() for t in torch.unbind(fused, dim=self.dim)]
+        size, rem = divmod(fused.shape[self.dim], len(self.parts))
+        if rem:
+            raise ConfigError(f"{self.fused_key} has {fused.shape[self.dim]} entries on dim "
+                              f"{self.dim}, not a multiple of {len(self.parts)} rows")
+        return [t.clone() for t in torch.split(fused, size, dim=self.dim)]
 
 
 @dataclass(frozen=True)
@@ -56,8 +88,7 @@ class WeightMap:
             if missing:
                 raise ConfigError(f"state_dict lacks {missing[0]} (needed for {e.fused_key}); "
                                   "is it the original model's state_dict?")
-            fused = torch.cat([out.pop(k) for k in e.parts], dim=e.dim)
-            out[e.fused_key] = fused if e.unsqueeze is None else fused.unsqueeze(e.unsqueeze)
+            out[e.fused_key] = e.join([out.pop(k) for k in e.parts])
         return out
 
     def to_original(self, state_dict: Mapping[str, torch.Tensor], *,
@@ -75,15 +106,8 @@ class WeightMap:
                 if not strict:
                     continue
                 raise ConfigError(f"state_dict lacks {e.fused_key}; is it the fused model's?")
-            fused = out.pop(e.fused_key)
-            if e.unsqueeze is not None:
-                fused = fused.squeeze(e.unsqueeze)
-            size, rem = divmod(fused.shape[e.dim], len(e.parts))
-            if rem:
-                raise ConfigError(f"{e.fused_key} has {fused.shape[e.dim]} entries on dim "
-                                  f"{e.dim}, not a multiple of {len(e.parts)} rows")
-            for key, part in zip(e.parts, torch.split(fused, size, dim=e.dim)):
-                out[key] = part.clone()
+            for key, part in zip(e.parts, e.split(out.pop(e.fused_key))):
+                out[key] = part
         return out
 
     def to_json(self) -> str:
@@ -102,8 +126,13 @@ class WeightMap:
             data = json.loads(text)
             if data.get("format") != FORMAT:
                 raise ValueError(f"format is {data.get('format')!r}, expected {FORMAT!r}")
-            return cls(tuple(WeightEntry(e["fused_key"], tuple(e["parts"]), int(e["dim"]),
-                                         e.get("unsqueeze")) for e in data["entries"]))
+            entries = tuple(WeightEntry(e["fused_key"], tuple(e["parts"]), int(e["dim"]),
+                                        e.get("unsqueeze"), e.get("op", "cat"))
+                            for e in data["entries"])
+            bad = [e.op for e in entries if e.op not in ("cat", "stack", "same")]
+            if bad:
+                raise ValueError(f"unknown op {bad[0]!r}")
+            return cls(entries)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ConfigError(f"not an fxfuse weight map: {exc}") from exc
 

@@ -1,0 +1,99 @@
+"""Per-row chains: the ops one row goes through between its slice and the combine.
+
+A chain is walked back from the row's output through per-row ops (conv, linear, batch
+norm, pointwise) for as long as each op's input is another per-row op used only by it.
+Rows fuse when their chains have the same steps with equal keys.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from torch import fx, nn
+
+from .rowops import RowOp, row_op
+
+HEAVY = ("conv", "linear")          # ops that carry per-row weights worth fusing
+
+
+@dataclass(frozen=True)
+class RowChain:
+    """The ops of one row, input → output, and the tensor the first op reads."""
+
+    ops: tuple[RowOp, ...]
+    input: fx.Node
+
+    @property
+    def output(self) -> fx.Node:
+        return self.ops[-1].node
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(op.kind for op in self.ops)
+
+    @property
+    def key(self) -> tuple:
+        return tuple(op.key for op in self.ops)
+
+    @property
+    def head(self) -> RowOp | None:
+        """The first conv or linear op (it names the row in reports)."""
+        return next((op for op in self.ops if op.kind in HEAVY), None)
+
+    def describe(self) -> str:
+        """``conv→batchnorm→relu→conv``."""
+        return "→".join(op.label.split()[0] for op in self.ops)
+
+
+def row_chain(out: fx.Node, root: nn.Module) -> RowChain | None:
+    """The chain ending at ``out``, or None when ``out`` is not a per-row op."""
+    ops: list[RowOp] = []
+    cur = out
+    while True:
+        op = row_op(cur, root)
+        if op is None:
+            break
+        ops.append(op)
+        nxt = op.input
+        if len(nxt.users) != 1 or row_op(nxt, root) is None:
+            break
+        cur = nxt
+    if not ops:
+        return None
+    ops.reverse()
+    return RowChain(tuple(ops), ops[0].input)
+
+
+def family_problem(chain: RowChain) -> str:
+    """Why a chain mixes ops that cannot share one fused layout, or ``""``."""
+    kinds = set(chain.kinds)
+    if "conv" in kinds and "linear" in kinds:
+        return "a row mixes Conv1d and Linear; only one of them per loop fuses"
+    if "linear" in kinds and "batchnorm" in kinds:
+        return "a row mixes Linear and BatchNorm1d; only conv towers keep BatchNorm"
+    return ""
+
+
+def family(chain: RowChain) -> str:
+    """``"linear"`` for per-row Linear heads, ``"conv"`` for conv towers."""
+    return "linear" if "linear" in chain.kinds else "conv"
+
+
+def group_rows(chains: list[RowChain]) -> tuple[tuple[int, ...], ...]:
+    """Row positions grouped by equal chain keys, groups in order of first appearance."""
+    groups: "OrderedDict[tuple, list[int]]" = OrderedDict()
+    for i, chain in enumerate(chains):
+        groups.setdefault(chain.key, []).append(i)
+    return tuple(tuple(g) for g in groups.values())
+
+
+def key_difference(a: RowChain, b: RowChain) -> str:
+    """Which step and which settings differ between two rows' chains."""
+    for x, y in zip(a.ops, b.ops):
+        if x.key != y.key:
+            if hasattr(x.key, "differences"):
+                fields = ", ".join(f"{f} {getattr(x.key, f)!r} vs {getattr(y.key, f)!r}"
+                                   for f in x.key.differences(y.key))
+                return f"{x.label.split()[0]} {fields}"
+            return f"{x.label} vs {y.label}"
+    return "their chains"

@@ -1,0 +1,138 @@
+"""Build the fused ops of one group of rows: stock modules, stock ops, nothing else.
+
+Conv towers run on (N, G*C, L): a grouped ``Conv1d`` (or ``Conv2d`` (1, k) on a
+channels-last view) per conv step, one ``BatchNorm1d(G*C)`` per batch-norm step,
+pointwise ops once. Linear heads run on (N, G, ..., L): one batched matmul per Linear.
+Each builder returns the new node and the weight-map entries of what it created.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from .convspec import get_tensor
+from .rowops import RowOp
+from .weights import WeightEntry
+
+
+def _free_name(gm: fx.GraphModule, name: str) -> str:
+    candidate, i = name, 1
+    while hasattr(gm, candidate):
+        candidate, i = f"{name}_{i}", i + 1
+    return candidate
+
+
+def _joined(gm: fx.GraphModule, ops: list[RowOp], role: str, how: str) -> torch.Tensor:
+    tensors = [get_tensor(gm, op.param(role)).detach() for op in ops]
+    return torch.stack(tensors) if how == "stack" else torch.cat(tensors)
+
+
+def _load(module: nn.Module, gm: fx.GraphModule, ops: list[RowOp], name: str, how: str = "cat",
+          unsqueeze: int | None = None) -> list[WeightEntry]:
+    """Copy the rows' tensors into ``module``'s and describe the mapping."""
+    entries = []
+    with torch.no_grad():
+        for role, _ in ops[0].params:
+            target = getattr(module, role)
+            parts = tuple(op.param(role) for op in ops)
+            if role == "num_batches_tracked":
+                target.copy_(get_tensor(gm, parts[0]))
+                entries.append(WeightEntry(f"{name}.{role}", parts, 0, None, "same"))
+                continue
+            value = _joined(gm, ops, role, how)
+            target.copy_(value if unsqueeze is None or role != "weight" else value.unsqueeze(unsqueeze))
+            if isinstance(target, nn.Parameter):
+                target.requires_grad_(get_tensor(gm, parts[0]).requires_grad)
+            entries.append(WeightEntry(f"{name}.{role}", parts, 0,
+                                       unsqueeze if role == "weight" else None, how))
+    return entries
+
+
+def conv_step(gm: fx.GraphModule, cur: fx.Node, ops: list[RowOp], prefix: str,
+              lowering: str, first: bool) -> tuple[fx.Node, list[WeightEntry], int]:
+    """One grouped conv for the rows' convs; returns (node, entries, out channels)."""
+    spec, g = ops[0].key, len(ops)
+    kw = dict(groups=g * spec.groups, bias=spec.bias, padding_mode=spec.padding_mode,
+              dtype=spec.dtype, device=spec.device)
+    pad = spec.padding
+    graph = gm.graph
+    name = _free_name(gm, prefix)
+    if lowering == "grouped2d":
+        module: nn.Module = nn.Conv2d(
+            g * spec.in_channels, g * spec.out_channels, (1, spec.kernel_size),
+            stride=(1, spec.stride), padding=pad if isinstance(pad, str) else (0, pad),
+            dilation=(1, spec.dilation), **kw)
+        entries = _load(module, gm, ops, name, unsqueeze=2)
+        gm.add_submodule(name, module.train(gm.training))
+        x = cur if first else graph.call_method("unsqueeze", (cur, 2))
+        out = graph.call_method("squeeze", (graph.call_module(name, (x,)), 2))
+    else:
+        module = nn.Conv1d(g * spec.in_channels, g * spec.out_channels, spec.kernel_size,
+                           stride=spec.stride, padding=pad, dilation=spec.dilation, **kw)
+        entries = _load(module, gm, ops, name)
+        gm.add_submodule(name, module.train(gm.training))
+        out = graph.call_module(name, (cur,))
+    return out, entries, g * spec.out_channels
+
+
+def batchnorm_step(gm: fx.GraphModule, cur: fx.Node, ops: list[RowOp],
+                   prefix: str) -> tuple[fx.Node, list[WeightEntry]]:
+    """One ``BatchNorm1d(G*C)``: per-channel statistics are the rows' own, train mode too."""
+    row = gm.get_submodule(ops[0].module)
+    module = nn.BatchNorm1d(row.num_features * len(ops), eps=row.eps, momentum=row.momentum,
+                            affine=row.affine, track_running_stats=row.track_running_stats,
+                            device=next(iter(row.buffers()), torch.empty(0)).device,
+                            dtype=row.weight.dtype if row.affine else None)
+    name = _free_name(gm, prefix)
+    entries = _load(module, gm, ops, name)
+    gm.add_submodule(name, module.train(row.training))
+    return gm.graph.call_module(name, (cur,)), entries
+
+
+def linear_step(gm: fx.GraphModule, cur: fx.Node, ops: list[RowOp], prefix: str,
+                row_ndim: int) -> tuple[fx.Node, list[WeightEntry]]:
+    """(N, G, ..., L) → (N, G, ..., P) with the G weights stacked: one batched matmul."""
+    weight = get_tensor(gm, ops[0].param("weight"))
+    holder = nn.Module()
+    holder.weight = nn.Parameter(torch.empty(len(ops), *weight.shape, dtype=weight.dtype,
+                                             device=weight.device))
+    has_bias = ops[0].param("bias") is not None
+    if has_bias:
+        holder.bias = nn.Parameter(torch.empty(len(ops), weight.shape[0], dtype=weight.dtype,
+                                               device=weight.device))
+    name = _free_name(gm, prefix)
+    entries = _load(holder, gm, ops, name, how="stack")
+    gm.add_submodule(name, holder)
+    graph = gm.graph
+    w = graph.get_attr(f"{name}.weight")
+    b = graph.get_attr(f"{name}.bias") if has_bias else None
+    if row_ndim == 2:           # (N, G, L): G matmuls (N, L) @ (L, P) in one baddbmm
+        xt = graph.call_method("transpose", (cur, 0, 1))
+        wt = graph.call_method("transpose", (w, 1, 2))
+        if b is not None:
+            out = graph.call_function(torch.baddbmm, (graph.call_method("unsqueeze", (b, 1)), xt, wt))
+        else:
+            out = graph.call_function(torch.bmm, (xt, wt))
+        return graph.call_method("transpose", (out, 0, 1)), entries
+    out = graph.call_function(torch.einsum, ("ng...l,gpl->ng...p", cur, w))
+    if b is not None:
+        shape = (len(ops),) + (1,) * (row_ndim - 2) + (weight.shape[0],)
+        out = graph.call_function(torch.add, (out, graph.call_method("view", (b, *shape))))
+    return out, entries
+
+
+def pointwise_step(graph: fx.Graph, cur: fx.Node, op: RowOp) -> fx.Node:
+    """The row-0 pointwise op, applied once to every row."""
+    node = op.node
+    return graph.create_node(node.op, node.target, (cur, *node.args[1:]), dict(node.kwargs))
+
+
+def batched_chain(graph: fx.Graph, rows: fx.Node, ops: tuple[RowOp, ...], count: int) -> fx.Node:
+    """All rows run the very same layers: fold rows into the batch, run them once."""
+    cur = graph.call_method("flatten", (rows, 0, 1))
+    for op in ops:
+        node = op.node
+        args = tuple(cur if a is op.input else a for a in node.args)
+        kwargs = {k: (cur if v is op.input else v) for k, v in node.kwargs.items()}
+        cur = graph.create_node(node.op, node.target, args, kwargs)
+    return graph.call_method("unflatten", (cur, 0, (-1, count)))
