@@ -66,7 +66,7 @@ def choose_lowering(gm: fx.GraphModule, site: RowSite, *, rounds: int = 9,
         chosen unless a rewrite's median per-round speedup over it is above 1.
     """
     try:
-        loop = extract_loop(gm, site)
+        loop = copy.deepcopy(extract_loop(gm, site))   # timing must not touch gm's buffers
     except (ValueError, KeyError) as exc:
         log.info("%s: cannot time the loop alone (%s); using 'grouped'", site.name, exc)
         return "grouped", ()

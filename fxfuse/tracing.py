@@ -6,8 +6,9 @@ shape, a write into a preallocated tensor), a shape-specialising ``torch.export`
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import fx
@@ -128,13 +129,26 @@ def trace_model(model: torch.nn.Module, example_inputs: Sequence[Any], *,
                 f"could not trace {type(model).__name__}: {reason}; torch.export also failed: "
                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     try:
-        _RecordingShapeProp(gm).propagate(*example_inputs)
+        with _buffers_kept(gm):      # a train-mode forward would move BatchNorm statistics
+            _RecordingShapeProp(gm).propagate(*example_inputs)
     except Exception as exc:  # noqa: BLE001
         raise TraceError(f"the traced {type(model).__name__} failed on the example inputs: "
                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
                          "check the number, shapes and dtypes of the inputs") from exc
     setattr(gm, TRACER_KEY, used)
     return gm
+
+
+@contextlib.contextmanager
+def _buffers_kept(module: torch.nn.Module) -> Iterator[None]:
+    saved = {k: v.detach().clone() for k, v in module.named_buffers()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for key, buffer in module.named_buffers():
+                if key in saved:
+                    buffer.copy_(saved[key])
 
 
 def tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
