@@ -17,6 +17,7 @@ from .find import find_row_sites
 from .lowering import choose_lowering
 from .report import format_report
 from .rewrite import rewrite_site
+from .simplify import simplify_layout
 from .sites import RowSite
 from .tracing import TRACER_KEY, trace_model
 from .verify import VerifyReport, verify_models
@@ -159,4 +160,5 @@ def apply_sites(gm: fx.GraphModule, sites: Sequence[RowSite],
         wmap = wmap + rewrite_site(gm, site, chosen)
         done.append(dataclasses.replace(
             site, lowering="batched" if site.shared_module else chosen, timings=timings))
+    simplify_layout(gm)
     return tuple(done), wmap

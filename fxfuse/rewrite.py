@@ -32,6 +32,7 @@ from .weights import WeightMap
 
 LOWERINGS = ("grouped", "grouped2d")
 REPLACES_KEY = "fxfuse_replaces"   # node.meta key: name of the site result this node replaced
+INSERTED_KEY = "fxfuse_site"       # node.meta key: the site whose rewrite inserted this node
 
 
 def rewrite_site(gm: fx.GraphModule, site: RowSite, lowering: str = "grouped") -> WeightMap:
@@ -64,6 +65,7 @@ def rewrite_site(gm: fx.GraphModule, site: RowSite, lowering: str = "grouped") -
     if any(op is None for chain in chains for op in chain):
         raise RewriteError(f"{site.name}: a per-row op changed since the site was found")
     everything = [op.node for chain in chains for op in chain]
+    before = set(graph.nodes)
     with graph.inserting_before(_first(everything)):
         rows = make_rows_input(graph, nodes[site.source], site)
         if site.shared_module:
@@ -72,6 +74,9 @@ def rewrite_site(gm: fx.GraphModule, site: RowSite, lowering: str = "grouped") -
             stacked, wmap = _make_groups(gm, rows, chains, site, lowering)
         result = make_output(graph, stacked, site)
     _redirect(graph, site, nodes, [c[-1].node for c in chains], everything, stacked, result)
+    for node in graph.nodes:
+        if node not in before:
+            node.meta[INSERTED_KEY] = site.name
     graph.lint()
     if not site.shared_module:
         _drop_unused_attrs(gm, [k for c in chains for op in c for _, k in op.params])
@@ -207,6 +212,8 @@ def _redirect(graph: fx.Graph, site: RowSite, nodes: dict[str, fx.Node],
         if out.name in site.row_exports:
             with graph.inserting_after(stacked):
                 row = graph.call_method("select", (stacked, 1, h))
+            row.meta.update({k: v for k, v in out.meta.items() if k != "fxfuse_value"})
+            row.meta[REPLACES_KEY] = out.meta.get(REPLACES_KEY, out.name)
             out.replace_all_uses_with(row, delete_user_cb=lambda u: u not in region)
     result.meta.update({k: v for k, v in combine.meta.items() if k != "fxfuse_value"})
     result.meta[REPLACES_KEY] = combine.meta.get(REPLACES_KEY, combine.name)
