@@ -159,6 +159,15 @@ def apply_sites(gm: fx.GraphModule, sites: Sequence[RowSite],
             continue
         wmap = wmap + rewrite_site(gm, site, chosen)
         done.append(dataclasses.replace(
-            site, lowering="batched" if site.shared_module else chosen, timings=timings))
+            site, lowering=_label(site, chosen), timings=timings))
     simplify_layout(gm)
     return tuple(done), wmap
+
+
+def _label(site: RowSite, lowering: str) -> str:
+    """What the report calls the rewrite of ``site``."""
+    if site.shared_module:
+        return "batched"
+    if site.reduce:
+        return "dense"
+    return "bmm" if site.family == "linear" else lowering

@@ -142,12 +142,14 @@ def buffer_candidate(alloc: fx.Node, convs: set[fx.Node],
 
 
 def find_candidates(graph: fx.Graph, convs: set[fx.Node]) -> list[Candidate]:
-    """Every cat/stack/buffer in ``graph`` that joins conv outputs, in graph order."""
+    """Every cat/stack/buffer/sum in ``graph`` that joins per-row results, in graph order."""
+    from .reduce import sum_candidate
     order = {n: i for i, n in enumerate(graph.nodes)}
     found: list[Candidate] = []
     for node in graph.nodes:
         cand = cat_candidate(node, convs) if combine_kind(node) else \
-            buffer_candidate(node, convs, order) if is_buffer_alloc(node) else None
+            buffer_candidate(node, convs, order) if is_buffer_alloc(node) else \
+            sum_candidate(node, convs)
         if cand is not None:
             found.append(cand)
     return found

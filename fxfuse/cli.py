@@ -7,11 +7,14 @@ traceback). Outputs are written atomically and never over an input.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import sys
 import traceback
-from typing import Sequence
+import warnings
+from typing import Iterator, Sequence
 
 from .errors import FxFuseError, VerificationError
 
@@ -24,13 +27,41 @@ MAP_NAME = "fxfuse_weight_map.json"
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line and exit 2, like every other error
-        self.exit(EXIT_USAGE, f"fxfuse: error: {message} (see fxfuse {self.prog.split()[-1]} -h)\n")
+        self.exit(EXIT_USAGE, f"fxfuse: error: {message} (see {self.prog} -h)\n")
 
 
 def _progress(message: str) -> None:
-    if sys.stderr.isatty():
-        print(f"fxfuse: {message}...", file=sys.stderr, flush=True)
+    """Say what is happening, on the real stderr and only when it is a terminal."""
+    console = sys.__stderr__
+    if console is not None and console.isatty():
+        print(f"fxfuse: {message}...", file=console, flush=True)
     log.info(message)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+@contextlib.contextmanager
+def _quiet(enabled: bool) -> Iterator[None]:
+    """Keep torch's warnings, log records, graph dumps and stray tracebacks off stderr,
+    so an error is exactly one line (``-v``/``--debug`` show them)."""
+    if not enabled:
+        yield
+        return
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        logging.disable(logging.ERROR)
+        try:
+            yield
+        finally:
+            logging.disable(logging.NOTSET)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -45,7 +76,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="state_dict for a factory model (.pt/.pth loaded weights-only, .safetensors)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow unpickling a whole-module .pt (runs code from the file: trusted files only)")
-    p.add_argument("--min-rows", type=int, default=2, help="leave loops with fewer rows alone")
+    p.add_argument("--min-rows", type=_positive_int, default=2, help="leave loops with fewer rows alone")
     p.add_argument("--tracer", default="auto", choices=["auto", "symbolic", "export"])
 
 
@@ -94,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = {"inspect": commands.inspect, "fuse": commands.fuse_command,
                "demo": commands.demo, "weights": commands.convert_weights}[args.command]
     try:
-        return handler(args)
+        with _quiet(not (args.debug or args.verbose)):
+            return handler(args)
     except VerificationError as exc:
         return _fail(args, exc, EXIT_REFUSED)
     except FxFuseError as exc:

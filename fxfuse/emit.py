@@ -136,3 +136,50 @@ def batched_chain(graph: fx.Graph, rows: fx.Node, ops: tuple[RowOp, ...], count:
         kwargs = {k: (cur if v is op.input else v) for k, v in node.kwargs.items()}
         cur = graph.create_node(node.op, node.target, args, kwargs)
     return graph.call_method("unflatten", (cur, 0, (-1, count)))
+
+
+def dense_sum(gm: fx.GraphModule, rows: fx.Node, chains: list[list[RowOp]], prefix: str,
+              reduce: str) -> tuple[fx.Node, list[WeightEntry]]:
+    """Σ_h op_h(x_h) as one dense op over (N, H*C, L) (conv) or (N, H*L) (linear), with
+    weights concatenated on the input dim and the stacked biases summed."""
+    graph = gm.graph
+    cur = rows
+    for step in list(zip(*chains))[:-1]:
+        cur = pointwise_step(graph, cur, step[0])
+    cur = graph.call_method("flatten", (cur, 1, 2))
+    ops = [c[-1] for c in chains]
+    weight = get_tensor(gm, ops[0].param("weight"))
+    name = _free_name(gm, prefix)
+    if ops[0].kind == "conv":
+        spec = ops[0].key
+        module: nn.Module = nn.Conv1d(len(ops) * spec.in_channels, spec.out_channels,
+                                      spec.kernel_size, stride=spec.stride, padding=spec.padding,
+                                      dilation=spec.dilation, bias=False,
+                                      padding_mode=spec.padding_mode, dtype=weight.dtype,
+                                      device=weight.device)
+    else:
+        module = nn.Linear(len(ops) * weight.shape[1], weight.shape[0], bias=False,
+                           dtype=weight.dtype, device=weight.device)
+    parts = tuple(op.param("weight") for op in ops)
+    with torch.no_grad():
+        module.weight.copy_(torch.cat([get_tensor(gm, k).detach() for k in parts], dim=1))
+    module.weight.requires_grad_(weight.requires_grad)
+    gm.add_submodule(name, module)
+    entries = [WeightEntry(f"{name}.weight", parts, 1, None, "cat")]
+    out = graph.call_module(name, (cur,))
+    if ops[0].param("bias") is not None:
+        holder = nn.Module()
+        holder.bias = nn.Parameter(torch.stack([get_tensor(gm, op.param("bias")).detach()
+                                                for op in ops]))
+        holder.bias.requires_grad_(get_tensor(gm, ops[0].param("bias")).requires_grad)
+        bias_name = _free_name(gm, f"{name}_bias")
+        gm.add_submodule(bias_name, holder)
+        entries.append(WeightEntry(f"{bias_name}.bias", tuple(op.param("bias") for op in ops),
+                                   0, None, "stack"))
+        total = graph.call_method("sum", (graph.get_attr(f"{bias_name}.bias"), 0))
+        if ops[0].kind == "conv":
+            total = graph.call_method("unsqueeze", (total, -1))
+        out = graph.call_function(torch.add, (out, total))
+    if reduce == "mean":
+        out = graph.call_function(torch.div, (out, len(ops)))
+    return out, entries

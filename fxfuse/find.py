@@ -17,6 +17,7 @@ from .candidates import Candidate, find_candidates, walk_back
 from .chains import RowChain, family, family_problem, group_rows, key_difference, row_chain
 from .convspec import WeightUses, get_tensor
 from .errors import ConfigError
+from .reduce import can_reduce, identity_plan, reduce_kind, reduced_plan
 from .layout import LayoutError, evaluate, index_tensor, solve_input, solve_output
 from .rowops import module_problem, row_op
 from .sites import InputPlan, OutputPlan, RowSite
@@ -86,7 +87,8 @@ def _plan(gm: fx.GraphModule, cand: Candidate, chains: list[RowChain | None],
         if problem:
             raise _Refuse(problem)
         source, in_nodes, in_plan = _plan_input(cand, good)
-        out_plan = _plan_output(cand, good)
+        reduced = _plan_reduction(cand, good, shared, groups)
+        out_plan = reduced[1] if reduced else _plan_output(cand, good)
     except _Refuse as refusal:
         return RowSite(**base, reason=str(refusal))
     notes = ("all rows share the same modules: rows folded into the batch, weights not "
@@ -94,8 +96,16 @@ def _plan(gm: fx.GraphModule, cand: Candidate, chains: list[RowChain | None],
     if len(groups) > 1:
         notes += (f"rows differ: fused as {len(groups)} groups of "
                   f"{', '.join(str(len(g)) for g in groups)} rows",)
+    if reduced and cand.kind != "sum":
+        base.update(combine=reduced[0].name, combine_kind=f"{cand.kind}+{reduced[2]}")
+        cand.output_nodes.add(cand.combine)
+        cand.combine = reduced[0]
+    if reduced:
+        base.update(reduce=reduced[2], loop_kind=base["loop_kind"] + f", {reduced[2]} over rows")
     inside = cand.output_nodes | {cand.combine}
     exports = [c.output.name for c in good if any(u not in inside for u in c.output.users)]
+    if reduced and exports:
+        return RowSite(**base, reason="a summed row is also used on its own outside the loop")
     return RowSite(**base, source=source.name, input_plan=in_plan, output_plan=out_plan,
                    row_exports=tuple(exports), input_nodes=tuple(n.name for n in in_nodes),
                    output_nodes=tuple(n.name for n in cand.graph_order(cand.output_nodes)),
@@ -222,6 +232,28 @@ def _plan_output(cand: Candidate, chains: list[RowChain]) -> OutputPlan:
         return solve_output(rows_shape, evaluate(order, env)[combine])
     except LayoutError as exc:
         raise _Refuse(f"rows are not combined as whole rows: {exc}") from exc
+
+
+def _plan_reduction(cand: Candidate, chains: list[RowChain], shared: bool,
+                    groups: tuple) -> tuple[fx.Node, OutputPlan, str] | None:
+    """Rows summed over (``sum(outs)``, ``stack(outs, d).sum(d)``): one dense op."""
+    ok = len(groups) == 1 and can_reduce(chains, shared)
+    shape = tensor_shape(chains[0].output)
+    if cand.kind == "sum":
+        if not ok or shape is None or any(tensor_shape(c.output) != shape for c in chains):
+            raise _Refuse("rows are summed, which fuses only for one Conv1d (groups=1) or one "
+                          "Linear per row, each with its own weights and equal output shapes")
+        return cand.combine, identity_plan(len(shape)), "sum"
+    users = list(cand.combine.users)
+    if not ok or len(users) != 1 or cand.kind == "buffer":
+        return None
+    found = reduce_kind(users[0])
+    if found is None:
+        return None
+    plan = _plan_output(cand, chains)
+    result = tensor_shape(cand.combine)
+    new_plan = reduced_plan(plan, len(result or ()), found[1]) if result else None
+    return (users[0], new_plan, found[0]) if new_plan else None
 
 
 def _check_bn_counters(chains: list[RowChain]) -> None:

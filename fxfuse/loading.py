@@ -228,7 +228,8 @@ def _open_model(spec: str, allow_pickle: bool) -> tuple[nn.Module, str, list[Pat
         return load_export(path), "export", [path]
     if suffix in PICKLE_SUFFIXES + (".safetensors",):
         path = existing_file(spec, "MODEL")
-        return load_pickle(path, allow_pickle), "pickle", [path]
+        with _on_sys_path(Path.cwd()):  # its classes' package, as for a factory
+            return load_pickle(path, allow_pickle), "pickle", [path]
     if suffix == ".py":
         raise ConfigError(f"name the factory in {spec!r}: write {spec}:build_model")
     raise ConfigError(f"cannot tell what MODEL {spec!r} is; {MODEL_FORMS}")

@@ -72,9 +72,10 @@ def choose_lowering(gm: fx.GraphModule, site: RowSite, *, rounds: int = 9,
         return "grouped", ()
     x = _random_source(gm, site)
     fns = {"loop": loop}
-    for lowering in (("batched",) if site.shared_module else candidates):
+    single = site.shared_module or site.reduce or site.family == "linear"
+    for lowering in (("grouped",) if single else candidates):
         fused = copy.deepcopy(loop)
-        rewrite_site(fused, site, "grouped" if lowering == "batched" else lowering)
+        rewrite_site(fused, site, lowering)
         fns[lowering] = fused
 
     def call(fn):
@@ -95,8 +96,7 @@ def choose_lowering(gm: fx.GraphModule, site: RowSite, *, rounds: int = 9,
     medians = {k: timing_of(v).median_s for k, v in samples.items()}
     log.info("%s: %s -> %s", site.name,
              ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in medians.items()), best)
-    chosen = "grouped" if best == "batched" else best
-    return chosen, tuple(medians.items())
+    return best, tuple(medians.items())
 
 
 # A rewrite must beat the loop by this factor in the median round, and in its lower

@@ -25,7 +25,8 @@ import torch
 from torch import fx
 
 from .errors import RewriteError
-from .emit import batched_chain, batchnorm_step, conv_step, linear_step, pointwise_step
+from .emit import (batched_chain, batchnorm_step, conv_step, dense_sum, linear_step,
+                   pointwise_step)
 from .rowops import RowOp, row_op
 from .sites import RowSite
 from .weights import WeightMap
@@ -70,6 +71,10 @@ def rewrite_site(gm: fx.GraphModule, site: RowSite, lowering: str = "grouped") -
         rows = make_rows_input(graph, nodes[site.source], site)
         if site.shared_module:
             stacked, wmap = batched_chain(graph, rows, tuple(chains[0]), site.rows), WeightMap()
+        elif site.reduce:
+            stacked, entries = dense_sum(gm, rows, chains, _prefix(site.targets) + "_fused",
+                                         site.reduce)
+            wmap = WeightMap(tuple(entries))
         else:
             stacked, wmap = _make_groups(gm, rows, chains, site, lowering)
         result = make_output(graph, stacked, site)

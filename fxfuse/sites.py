@@ -123,6 +123,8 @@ class RowSite:
             (e.g. two kernel sizes), each fused on its own.
         family: ``"conv"`` (grouped convolution layout) or ``"linear"`` (batched matmul).
         loop_kind: what kind of loop this is, for reports.
+        reduce: ``"sum"`` or ``"mean"`` when the rows are summed (averaged) over: the
+            site is then one dense op, ``output_plan`` the layout of the reduced result.
         shared_module: all rows call the same module (rewritten by folding rows into batch).
         reason: why the site is not fusable (``""`` when it is).
         lowering: what the pass did: ``"grouped"``, ``"batched"``, ``"loop"`` (kept), or ``""``.
@@ -147,6 +149,7 @@ class RowSite:
     groups: tuple[tuple[int, ...], ...] = ()
     family: str = "conv"
     loop_kind: str = ""
+    reduce: str = ""
     shared_module: bool = False
     reason: str = ""
     lowering: str = ""
