@@ -7,6 +7,8 @@ Each builder returns the new node and the weight-map entries of what it created.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import fx, nn
 
@@ -106,6 +108,11 @@ def linear_step(gm: fx.GraphModule, cur: fx.Node, ops: list[RowOp], prefix: str,
     graph = gm.graph
     w = graph.get_attr(f"{name}.weight")
     b = graph.get_attr(f"{name}.bias") if has_bias else None
+    if row_ndim == 2 and weight.shape[1] == 1:   # Linear(1, P) per row: a broadcast multiply-add
+        w0 = graph.call_function(operator.getitem, (w, (Ellipsis, 0)))
+        if b is None:
+            return graph.call_function(torch.mul, (cur, w0)), entries
+        return graph.call_function(torch.addcmul, (b, cur, w0)), entries
     if row_ndim == 2:           # (N, G, L): G matmuls (N, L) @ (L, P) in one baddbmm
         xt = graph.call_method("transpose", (cur, 0, 1))
         wt = graph.call_method("transpose", (w, 1, 2))

@@ -101,7 +101,9 @@ def _plan(gm: fx.GraphModule, cand: Candidate, chains: list[RowChain | None],
         cand.output_nodes.add(cand.combine)
         cand.combine = reduced[0]
     if reduced:
-        base.update(reduce=reduced[2], loop_kind=base["loop_kind"] + f", {reduced[2]} over rows")
+        kind = base["loop_kind"] if cand.kind == "sum" else \
+            base["loop_kind"] + f", {reduced[2]} over rows"
+        base.update(reduce=reduced[2], loop_kind=kind)
     inside = cand.output_nodes | {cand.combine}
     exports = [c.output.name for c in good if any(u not in inside for u in c.output.users)]
     if reduced and exports:

@@ -29,7 +29,7 @@ def site_table(sites: Sequence[RowSite]) -> str:
         else:
             outcome = f"left alone: {s.reason}"
         timing = ", ".join(f"{k} {_ms(v)}" for k, v in s.timings)
-        rows.append([s.name, s.where(), s.extra.get("loop_kind", s.combine_kind), s.rows,
+        rows.append([s.name, s.where(), s.loop_kind or s.combine_kind, s.rows,
                      s.spec.describe() if s.spec else "-", outcome, timing or "-"])
     return tabulate(rows, headers=["site", "where", "loop", "rows", "conv", "result",
                                    "candidate times"], tablefmt="simple")
