@@ -1,8 +1,10 @@
 """The ``fxfuse`` command: inspect, fuse and demo on saved models; convert checkpoints.
 
 Exit codes: 0 success; 1 verification refused the rewrite; 2 bad input or usage;
-3 an unexpected internal error. Errors are one line on stderr (``--debug`` shows the
-traceback). Outputs are written atomically and never over an input.
+3 an unexpected internal error (141 when stdout is closed early, as in ``| head``).
+Errors are one line on stderr (``--debug`` shows the traceback; torch's own warnings and
+log lines show only with ``-v``); progress goes to stderr only when it is a terminal.
+Outputs are written atomically, never over an input, and none is left after a failure.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import sys
 import traceback
 import warnings
@@ -21,6 +24,7 @@ from .errors import FxFuseError, VerificationError
 log = logging.getLogger("fxfuse")
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports it
 MAP_SUFFIX = ".map.json"
 MAP_NAME = "fxfuse_weight_map.json"
 
@@ -131,6 +135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, exc, EXIT_REFUSED)
     except FxFuseError as exc:
         return _fail(args, exc, EXIT_USAGE)
+    except BrokenPipeError:  # stdout closed early (``| head``): stop quietly
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         print("fxfuse: interrupted; nothing was written", file=sys.stderr)
         return 130

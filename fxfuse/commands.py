@@ -79,7 +79,8 @@ def _map_path(out: Path) -> Path:
     return out.with_name(out.name + MAP_SUFFIX)
 
 
-def _check_report_path(report_json: str | None, out: Path, inputs=()) -> Path | None:
+def _check_report_path(report_json: str | None, out: Path,
+                       inputs: tuple[Path, ...] = ()) -> Path | None:
     """Refuse a bad ``--report-json`` before any work is done."""
     if not report_json:
         return None
