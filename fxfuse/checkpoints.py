@@ -72,7 +72,7 @@ def _needs_pickle(exc: BaseException | None) -> bool:
     return isinstance(exc, pickle.UnpicklingError) and "global" in str(exc).lower()
 
 
-def _read_weights(path: Path, allow_pickle: bool) -> Mapping[str, Any]:
+def read_weights(path: Path, allow_pickle: bool) -> Mapping[str, Any]:
     """The state_dict stored in ``path`` (``.safetensors`` or a torch.save pickle)."""
     if path.suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
@@ -123,7 +123,7 @@ def apply_weights(model: nn.Module, path: Path, allow_pickle: bool) -> None:
         ConfigError: unreadable file, no state_dict inside, or keys/shapes that do not
             fit (the message lists the first few missing, unexpected and mis-shaped keys).
     """
-    sd = _read_weights(path, allow_pickle)
+    sd = read_weights(path, allow_pickle)
     problem = _mismatch(model, sd)
     if problem:
         raise ConfigError(f"weights {str(path)!r} do not fit {type(model).__name__}: {problem}; "

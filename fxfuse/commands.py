@@ -11,7 +11,7 @@ from typing import Iterator
 import torch
 
 from .api import FuseResult, fuse
-from .checkpoints import _read_weights, existing_file, first_line
+from .checkpoints import read_weights, existing_file, first_line
 from .cli import EXIT_OK, MAP_NAME, MAP_SUFFIX, _progress, dump_json
 from .errors import ConfigError, VerificationError
 from .find import find_row_sites
@@ -203,7 +203,7 @@ def convert_weights(args: argparse.Namespace) -> int:
     wmap, map_text = _read_map(map_path)
     source = existing_file(args.checkpoint, "checkpoint")
     out = _check_weights_out(args.out, [source, map_path])
-    state = _read_weights(source, False)
+    state = read_weights(source, False)
     converted = wmap.to_original(state) if args.to == "original" else wmap.to_fused(state)
     if out.suffix.lower() == ".safetensors":
         # the fused layout carries its map, as 'fxfuse fuse' writes it: same bytes

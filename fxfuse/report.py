@@ -25,7 +25,7 @@ def site_table(sites: Sequence[RowSite]) -> str:
         elif s.lowering == "loop":
             outcome = "kept loop (fastest)"
         elif s.fusable:
-            outcome = "fusable (not rewritten)"
+            outcome = "would fuse"
         else:
             outcome = f"left alone: {s.reason}"
         timing = ", ".join(f"{k} {_ms(v)}" for k, v in s.timings)

@@ -7,6 +7,8 @@ shape, a write into a preallocated tensor), a shape-specialising ``torch.export`
 from __future__ import annotations
 
 import contextlib
+import inspect
+import io
 import logging
 from typing import Any, Iterator, Sequence
 
@@ -47,7 +49,7 @@ def _explain(exc: BaseException) -> str:
             or "iterate" in text or "Proxy" in text:
         return (f"{text} (Python control flow or a loop bound that depends on an input); "
                 "pass concrete_args={...} for the arguments that fix it, or make the bound a "
-                "constant attribute of the module")
+                "constant attribute of the module, or make the branch not depend on values")
     return text
 
 
@@ -82,6 +84,19 @@ def _batch_dynamic_shapes(example_inputs: tuple[Any, ...]) -> tuple[Any, ...] | 
     return specs
 
 
+def _check_arity(model: torch.nn.Module, inputs: tuple[Any, ...]) -> None:
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(*inputs)
+    except TypeError as exc:
+        raise TraceError(f"{type(model).__name__}.forward{signature} cannot take "
+                         f"{len(inputs)} example input(s): {exc}; give one input per "
+                         "positional argument") from exc
+
+
 def trace_model(model: torch.nn.Module, example_inputs: Sequence[Any], *,
                 concrete_args: dict[str, Any] | None = None,
                 tracer: str = "auto") -> fx.GraphModule:
@@ -106,6 +121,7 @@ def trace_model(model: torch.nn.Module, example_inputs: Sequence[Any], *,
     if tracer not in ("auto", "symbolic", "export"):
         raise TraceError(f"unknown tracer {tracer!r}; use 'auto', 'symbolic' or 'export'")
     example_inputs = tuple(example_inputs)
+    _check_arity(model, example_inputs)
     first_error: BaseException | None = None
     gm: fx.GraphModule | None = None
     used = tracer
@@ -129,7 +145,8 @@ def trace_model(model: torch.nn.Module, example_inputs: Sequence[Any], *,
                 f"could not trace {type(model).__name__}: {reason}; torch.export also failed: "
                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     try:
-        with _buffers_kept(gm):      # a train-mode forward would move BatchNorm statistics
+        # ShapeProp prints its own traceback before raising; the error below says it all.
+        with _buffers_kept(gm), contextlib.redirect_stderr(io.StringIO()):
             _RecordingShapeProp(gm).propagate(*example_inputs)
     except Exception as exc:  # noqa: BLE001
         raise TraceError(f"the traced {type(model).__name__} failed on the example inputs: "

@@ -147,3 +147,5 @@ class WeightMap:
             return cls.from_json(Path(path).read_text())
         except OSError as exc:
             raise ConfigError(f"cannot read weight map {path}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path} is not an fxfuse weight map (not JSON text)") from exc
