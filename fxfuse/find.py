@@ -134,6 +134,11 @@ def _check_chains(gm: fx.GraphModule, chains: list[RowChain | None]) -> list[Row
     if len({c.kinds for c in good}) > 1:
         other = next(c for c in good if c.kinds != good[0].kinds)
         raise _Refuse(f"rows run different steps: {good[0].describe()} vs {other.describe()}")
+    trainable = {tuple(get_tensor(gm, k).requires_grad for op in c.ops for _, k in op.params)
+                 for c in good}
+    if len(trainable) > 1:     # one fused tensor has one requires_grad for every row
+        raise _Refuse("some rows' weights are frozen (requires_grad=False) and others' are "
+                      "not; fusing would change which weights train")
     shape = tensor_shape(good[0].input)
     want = 3 if family(good[0]) == "conv" else 2
     if shape is None or len(shape) != want and not (want == 2 and len(shape) > 2):
@@ -231,9 +236,20 @@ def _plan_output(cand: Candidate, chains: list[RowChain]) -> OutputPlan:
             user = next(u for u in node.users if u not in inside)
             raise _Refuse(f"per-row intermediate `{node.name}` is also used by `{user.name}`")
     try:
-        return solve_output(rows_shape, evaluate(order, env)[combine])
+        plan = solve_output(rows_shape, evaluate(order, env)[combine])
     except LayoutError as exc:
         raise _Refuse(f"rows are not combined as whole rows: {exc}") from exc
+    if shape[0] == 1 and cand.kind != "buffer":
+        # With one sample, where the batch dim goes (cat on dim 0, say) is ambiguous:
+        # solve again with two; keep the first answer when the region fixes the batch.
+        rows_shape = (2, *rows_shape[1:])
+        fidx = index_tensor(rows_shape)
+        try:
+            env = {n: fidx[:, h] for h, n in enumerate(outs)}
+            plan = solve_output(rows_shape, evaluate(order, env)[combine])
+        except LayoutError:
+            pass
+    return plan
 
 
 def _plan_reduction(cand: Candidate, chains: list[RowChain], shared: bool,

@@ -159,7 +159,7 @@ def _merge_runs(shape: tuple[int, ...], target: tuple[int, ...]) -> tuple[int, .
             prod *= shape[i]
             count += 1
             i += 1
-        if prod != want:
+        if prod != want or count == 0:      # every target dim takes at least one dim
             return None
         runs.append(count)
     while i < len(shape) and shape[i] == 1 and runs:

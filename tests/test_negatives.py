@@ -1,0 +1,93 @@
+"""Loops the pass must leave alone: found, not fused, a reason naming the cause, and the
+output model computing exactly what the original does."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxfuse
+import models as M
+from conftest import assert_left_alone, check
+
+NEGATIVES = {
+    "every-row-another-kernel-size": (M.KernelSizes, {}, ("rows differ", "kernel_size")),
+    "different-out-channels": (M.OutChannels, {}, ("rows differ", "out_channels")),
+    "some-rows-share-a-module": (M.PartlyShared, {}, ("share", "untie")),
+    "unsqueezed-row-also-returned": (M.RowAlsoReturned, {}, ("also used by",)),
+    "row-reads-previous-row-plus-input": (M.Recurrent, {}, ("depend",)),
+    "row-reads-previous-row": (M.Feedback, {}, ("depend",)),
+    "buffer-row-reads-previous-row": (M.BufferFeedback, {}, ("depend",)),
+    "fewer-rows-than-min-rows": (M.Seed, {"min_rows": 5}, ("4 rows", "min_rows=5")),
+    "forward-hook": (M.Hooked, {}, ("layers.1", "forward hooks")),
+    # Tracing inlines the subclass's forward: the reason names the op it adds.
+    "conv1d-subclass-custom-forward": (M.CustomForward, {}, ("different steps", "mul")),
+    # relu (pointwise) after the conv is a per-row tower, which fuses (see test_spellings).
+    "per-row-cumsum": (lambda: M.PerRowOp("cumsum"), {}, ("per-row op", "cumsum")),
+    "per-row-softmax": (lambda: M.PerRowOp("softmax"), {}, ("per-row op", "softmax")),
+    "cat-joins-a-non-conv-tensor": (M.CatWithInput, {}, ("not per-row conv outputs",)),
+    "weight-tied-outside-the-loop": (M.TiedOutside, {}, ("layers.0.weight", "outside the loop")),
+    "buffer-partly-written": (M.PartialBuffer, {}, ("unwritten",)),
+    "some-rows-frozen": (M.PartlyFrozen, {}, ("frozen", "requires_grad=False")),
+    "weight-norm-parametrization": (M.WeightNormed, {}, ("layers.1", "parametrizations")),
+    "buffer-of-another-dtype": (M.DtypeChange, {}, ("float64",)),
+}
+
+
+@pytest.mark.parametrize("make,options,words", NEGATIVES.values(), ids=NEGATIVES.keys())
+def test_left_alone(make, options, words):
+    model = make()
+    assert_left_alone(model, (model.example(),), *words, **options)
+
+
+def test_left_alone_in_every_lowering():
+    model = M.KernelSizes()
+    for lowering in ("grouped", "grouped2d", "auto"):
+        site = assert_left_alone(model, (model.example(),), "kernel_size", lowering=lowering)
+        assert site.lowering == ""
+
+
+def test_refused_site_reported_in_report_and_dict():
+    model = M.Hooked()
+    result = fxfuse.fuse(model, (model.example(),), lowering="grouped", benchmark=False)
+    assert "left alone" in result.report() and "forward hooks" in result.report()
+    site = result.to_dict()["sites"][0]
+    assert site["fused"] is False and "forward hooks" in site["reason"]
+    assert result.verification is None
+
+
+def test_hook_still_runs_after_fuse():
+    model = M.Hooked()
+    x = model.example()
+    result = fxfuse.fuse(model, (x,), lowering="grouped", benchmark=False)
+    torch.testing.assert_close(result.model(x), model(x), rtol=0, atol=0)
+
+
+def test_refused_site_next_to_a_fused_one():
+    class Both(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.good, self.bad = M.Seed(padding=1), M.KernelSizes()
+
+        def forward(self, x):
+            return self.good(x) + self.bad(x)
+
+    model = Both()
+    result = check(model, (model.good.example(),), expect_fused=1, expect_left=1)
+    left = next(s for s in result.sites if not s.fused)
+    assert "kernel_size" in left.reason and left.targets[0].startswith("bad.")
+
+
+@pytest.mark.parametrize("make", [M.DenseSkip, M.CatOfSites], ids=["dense-skip-cat",
+                                                                   "cat-of-two-loops"])
+def test_no_spurious_site(make):
+    """A cat that joins whole results or one conv branch is not reported as a loop."""
+    model = make()
+    sites = 2 if make is M.CatOfSites else 0
+    result = check(model, (torch.randn(2, *model.in_shape),), expect_fused=sites)
+    assert len(result.sites) == sites
+
+
+def test_loop_module_called_twice():
+    model = M.CalledTwice()
+    result = check(model, (torch.randn(2, *model.in_shape),), expect_fused=0, expect_left=2)
+    assert all("outside the loop" in s.reason for s in result.sites)
