@@ -735,3 +735,44 @@ class CalledTwice(nn.Module):
 
     def forward(self, x):
         return self.loop(self.loop(x))
+
+
+class FunctionForms(RowLoop):
+    """``torch.select`` / ``torch.unbind(dim=)`` / ``torch.narrow`` as functions, joined by
+    ``torch.concatenate(..., axis=)`` or ``torch.cat(tensors=..., dim=)``."""
+
+    def __init__(self, form: str = "select", **kw) -> None:
+        super().__init__(**kw)
+        self.form = form
+
+    def forward(self, x):
+        if self.form == "select":
+            rows = [torch.select(x, 2, h) for h in range(self.H)]
+        elif self.form == "unbind":
+            parts = torch.unbind(x, dim=2)
+            rows = [parts[h] for h in range(self.H)]
+        else:
+            rows = [torch.narrow(x, 2, h, 1).squeeze(dim=2) for h in range(self.H)]
+        outs = [self.layers[h](rows[h]).unsqueeze(-2) for h in range(self.H)]
+        if self.form == "unbind":
+            return torch.cat(tensors=outs, dim=-2)
+        return torch.concatenate(outs, axis=2)
+
+
+class TensorSplitRows(RowLoop):
+    """``x.tensor_split(H, dim=2)`` + ``squeeze(2)``, joined by ``torch.concat``."""
+
+    def forward(self, x):
+        parts = x.tensor_split(self.H, dim=2)
+        return torch.concat([self.layers[h](parts[h].squeeze(2)).unsqueeze(2)
+                             for h in range(self.H)], 2)
+
+
+class TransposedRows(RowLoop):
+    """A (B, W, H, C) source: ``x[:, :, h].transpose(1, 2)`` per row, ``movedim`` after."""
+
+    layout = "BWHC"
+
+    def forward(self, x):
+        y = torch.stack([self.layers[h](x[:, :, h].transpose(1, 2)) for h in range(self.H)], 1)
+        return y.movedim(1, 2)

@@ -50,6 +50,11 @@ SPELLINGS = {
     "strided-rows-x[:,:,2h]": lambda: M.StridedRows(),
     "permuted-computed-source": lambda: M.PermutedSource(),
     "per-row-relu-after-conv": lambda: M.PerRowOp("relu"),
+    "torch.select-concatenate-axis": lambda: M.FunctionForms("select"),
+    "torch.unbind-cat-tensors-kw": lambda: M.FunctionForms("unbind"),
+    "torch.narrow-squeeze-dim-kw": lambda: M.FunctionForms("narrow"),
+    "tensor_split-concat": lambda: M.TensorSplitRows(),
+    "transposed-rows-BWHC": lambda: M.TransposedRows(),
 }
 
 
@@ -87,10 +92,13 @@ WHOLE = {
 }
 
 
+@pytest.mark.parametrize("tracer", ["symbolic", "export"])
+@pytest.mark.parametrize("lowering", ["grouped", "grouped2d"])
 @pytest.mark.parametrize("make,sites", WHOLE.values(), ids=WHOLE.keys())
-def test_whole_model(make, sites):
+def test_whole_model(make, sites, lowering, tracer):
     model = make()
-    check(model, (torch.randn(2, *model.in_shape),), expect_fused=sites)
+    check(model, (torch.randn(2, *model.in_shape),), expect_fused=sites, lowering=lowering,
+          tracer=tracer)
 
 
 def test_row_export_kept_as_a_slice():
