@@ -83,7 +83,8 @@ def _plan(gm: fx.GraphModule, cand: Candidate, chains: list[RowChain | None],
         groups = _groups(good)
         shared = _sharing(good)
         site_nodes = {op.node for c in good for op in c.ops}
-        problem = uses.outside_problem(gm, _param_keys(good, shared), site_nodes)
+        # Rows folded into the batch keep calling the shared layers: nothing is untied.
+        problem = "" if shared else uses.outside_problem(gm, _param_keys(good), site_nodes)
         if problem:
             raise _Refuse(problem)
         source, in_nodes, in_plan = _plan_input(cand, good)
@@ -182,9 +183,8 @@ def _sharing(chains: list[RowChain]) -> bool:
     return shared
 
 
-def _param_keys(chains: list[RowChain], shared: bool) -> list[str]:
-    rows = chains[:1] if shared else chains
-    return [key for c in rows for op in c.ops for _, key in op.params]
+def _param_keys(chains: list[RowChain]) -> list[str]:
+    return [key for c in chains for op in c.ops for _, key in op.params]
 
 
 def _plan_input(cand: Candidate, chains: list[RowChain]

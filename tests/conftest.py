@@ -68,7 +68,7 @@ def check(model: nn.Module, inputs: Sequence[Any], expect_fused: int, expect_lef
     options.setdefault("benchmark", False)
     result = fxfuse.fuse(model, inputs, lowering=lowering, **options)
     check_counts(result, expect_fused, expect_left, lowering)
-    check_structure(result, model)
+    check_structure(result, model, inputs)
     traced_batch = inputs[0].shape[0]
     other = fresh_inputs(inputs, batch or traced_batch + 2)
     assert other[0].shape[0] != traced_batch
@@ -103,7 +103,17 @@ def new_conv_modules(gm: fx.GraphModule, original: nn.Module) -> list[tuple[str,
             and isinstance(gm.get_submodule(str(n.target)), (nn.Conv1d, nn.Conv2d))]
 
 
-def check_structure(result: fxfuse.FuseResult, original: nn.Module) -> None:
+def _calls(gm: fx.GraphModule, target: str) -> int:
+    """How many nodes call the conv at ``target`` (a module, or a weight attribute)."""
+    weights = {target, target + ".weight"}
+    return sum(1 for n in gm.graph.nodes
+               if (n.op == "call_module" and n.target == target) or
+               (n.op == "call_function" and any(a.op == "get_attr" and a.target in weights
+                                                for a in n.all_input_nodes)))
+
+
+def check_structure(result: fxfuse.FuseResult, original: nn.Module,
+                    inputs: Sequence[Any]) -> None:
     gm = result.model
     assert isinstance(gm, fx.GraphModule)
     gm.graph.lint()
@@ -122,8 +132,10 @@ def check_structure(result: fxfuse.FuseResult, original: nn.Module) -> None:
     for site in fused:
         targets = set(site.targets)
         if site.shared_module:
-            calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target in targets]
-            assert len(calls) <= 1, f"{site.name}: the shared conv is still called per row"
+            traced = fxfuse.trace_model(copy.deepcopy(original), inputs, tracer=result.tracer)
+            target = site.targets[0]
+            assert _calls(gm, target) == _calls(traced, target) - site.rows + 1, \
+                f"{site.name}: the shared conv is still called per row\n{gm.code}"
             continue
         for node in gm.graph.nodes:
             target = str(node.target)

@@ -776,3 +776,11 @@ class TransposedRows(RowLoop):
     def forward(self, x):
         y = torch.stack([self.layers[h](x[:, :, h].transpose(1, 2)) for h in range(self.H)], 1)
         return y.movedim(1, 2)
+
+
+class SharedUsedOutside(Shared):
+    """Every row calls the same conv, which is also called outside the loop."""
+
+    def forward(self, x):
+        rows = torch.stack([self.conv(x[:, :, h]) for h in range(self.H)], 2)
+        return rows, self.conv(x.mean(2))
