@@ -72,11 +72,30 @@ def _packet(target: Any) -> Any:
 
 def _tensor_args_only_first(node: fx.Node) -> bool:
     nodes = node.all_input_nodes
-    return bool(nodes) and all(n is nodes[0] for n in nodes) and node.args and \
-        node.args[0] is nodes[0]
+    return bool(nodes and node.args and node.args[0] is nodes[0]
+                and all(n is nodes[0] for n in nodes))
+
+
+_PAD = {F.pad, torch.constant_pad_nd}
+_PAD_ATEN = {aten.pad, aten.constant_pad_nd, aten.reflection_pad1d, aten.replication_pad1d}
+
+
+def _last_dim_pad(node: fx.Node) -> RowOp | None:
+    """Padding of the last dim only (how exported convs with padding_mode="reflect" etc.
+    pad each row): the same on every channel, so it pads all rows at once."""
+    if node.op != "call_function" or not (node.target in _PAD or _packet(node.target) in _PAD_ATEN):
+        return None
+    pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad", node.kwargs.get("padding"))
+    if not isinstance(pad, (list, tuple)) or len(pad) != 2 or not _tensor_args_only_first(node):
+        return None
+    key = ("pad", node.target, repr(node.args[1:]), repr(sorted(node.kwargs.items())))
+    return RowOp(node, "pointwise", key, (), None, node.args[0], "pad")
 
 
 def _pointwise(node: fx.Node, root: nn.Module) -> RowOp | None:
+    pad = _last_dim_pad(node)
+    if pad is not None:
+        return pad
     if node.op == "call_module":
         mod = root.get_submodule(str(node.target))
         if type(mod) not in _POINTWISE_MODULES or hooks_of(mod) or len(node.args) != 1:

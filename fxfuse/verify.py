@@ -252,6 +252,10 @@ def _grad_checks(original: torch.nn.Module, fused: torch.nn.Module, inputs: tupl
     checks = [compare(f"{mode} outputs", results[0], results[1], rtol, atol),
               compare(f"{mode} input grads", grads[0][0], grads[1][0], rtol, atol)]
     mapped = weight_map.to_original(grads[1][1], strict=False)
+    lost = sorted(set(grads[0][1]) ^ set(mapped))
+    if lost:
+        raise VerificationError(f"{mode} gradients: {lost[0]} gets a gradient in only one of "
+                                "the two models", check=f"{mode} param grads")
     common = sorted(set(grads[0][1]) & set(mapped))
     per_key = [compare(f"{mode} grad of {k}", grads[0][1][k], mapped[k], rtol, atol)
                for k in common]
