@@ -16,7 +16,7 @@ from .errors import ConfigError
 from .find import find_row_sites
 from .lowering import choose_lowering
 from .report import format_report
-from .rewrite import rewrite_site
+from .rewrite import finalize_graph, rewrite_site
 from .simplify import simplify_layout
 from .sites import RowSite
 from .tracing import TRACER_KEY, trace_model
@@ -157,10 +157,11 @@ def apply_sites(gm: fx.GraphModule, sites: Sequence[RowSite],
         if chosen == "loop":
             done.append(dataclasses.replace(site, lowering="loop", timings=timings))
             continue
-        wmap = wmap + rewrite_site(gm, site, chosen)
+        wmap = wmap + rewrite_site(gm, site, chosen, finalize=False)
         done.append(dataclasses.replace(
             site, lowering=_label(site, chosen), timings=timings))
     simplify_layout(gm)
+    finalize_graph(gm)
     return tuple(done), wmap
 
 

@@ -6,9 +6,8 @@ from collections import defaultdict
 import torch
 from torch import fx
 
-from .ops import ConvCall, hooks_of
+from .ops import ConvCall
 from .sites import ConvSpec
-from .tracing import tensor_shape
 
 
 def get_tensor(root: torch.nn.Module, key: str) -> torch.Tensor:
@@ -26,30 +25,6 @@ def conv_spec(root: torch.nn.Module, call: ConvCall) -> ConvSpec:
         kernel_size=int(weight.shape[2]), stride=call.stride, padding=call.padding,
         dilation=call.dilation, groups=call.groups, bias=call.bias_key is not None,
         padding_mode=call.padding_mode, dtype=weight.dtype, device=str(weight.device))
-
-
-def module_problem(root: torch.nn.Module, call: ConvCall) -> str:
-    """Why this conv's module cannot be replaced (hooks, custom forward), or ``""``."""
-    if call.module_target is None:
-        weight = get_tensor(root, call.weight_key)
-        return "" if weight.dim() == 3 else f"{call.weight_key} is not a 3-D conv weight"
-    mod = root.get_submodule(call.module_target)
-    if type(mod).forward is not torch.nn.Conv1d.forward:
-        return f"{call.module_target} is a {type(mod).__name__} with its own forward"
-    hooks = hooks_of(mod)
-    if hooks:
-        return f"{call.module_target} has {', '.join(hooks)}, which a fused conv would lose"
-    return ""
-
-
-def input_problem(call: ConvCall) -> str:
-    """Why the conv's input is not a batched (N, C, L) row, or ``""``."""
-    shape = tensor_shape(call.input)
-    if shape is None:
-        return f"the input of the conv on `{call.input.name}` has no traced shape"
-    if len(shape) != 3:
-        return f"the conv input `{call.input.name}` is {len(shape)}-D; only batched (N, C, L) rows fuse"
-    return ""
 
 
 class WeightUses:

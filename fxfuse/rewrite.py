@@ -36,7 +36,8 @@ REPLACES_KEY = "fxfuse_replaces"   # node.meta key: name of the site result this
 INSERTED_KEY = "fxfuse_site"       # node.meta key: the site whose rewrite inserted this node
 
 
-def rewrite_site(gm: fx.GraphModule, site: RowSite, lowering: str = "grouped") -> WeightMap:
+def rewrite_site(gm: fx.GraphModule, site: RowSite, lowering: str = "grouped", *,
+                 finalize: bool = True) -> WeightMap:
     """Replace ``site``'s per-row convs by one convolution.
 
     Args:
@@ -45,6 +46,8 @@ def rewrite_site(gm: fx.GraphModule, site: RowSite, lowering: str = "grouped") -
         lowering: ``"grouped"`` (one grouped ``Conv1d``) or ``"grouped2d"`` (a grouped
             ``Conv2d`` with a (1, k) kernel on a channels-last view). Sites whose rows
             share one module are always folded into the batch instead.
+        finalize: lint, recompile and drop unused submodules now; pass False when
+            rewriting many sites and call :func:`finalize_graph` once at the end.
 
     Returns:
         The :class:`WeightMap` from the original weights to the new module's.
@@ -82,12 +85,18 @@ def rewrite_site(gm: fx.GraphModule, site: RowSite, lowering: str = "grouped") -
     for node in graph.nodes:
         if node not in before:
             node.meta[INSERTED_KEY] = site.name
-    graph.lint()
     if not site.shared_module:
         _drop_unused_attrs(gm, [k for c in chains for op in c for _, k in op.params])
+    if finalize:
+        finalize_graph(gm)
+    return wmap
+
+
+def finalize_graph(gm: fx.GraphModule) -> None:
+    """Check the graph, regenerate ``forward`` and drop the submodules nothing calls."""
+    gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
-    return wmap
 
 
 def node_index(graph: fx.Graph) -> dict[str, fx.Node]:

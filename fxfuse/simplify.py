@@ -97,11 +97,7 @@ def simplify_layout(gm: fx.GraphModule) -> int:
     """Drop the copies and cancel the permutes between consecutive fused sites.
 
     Returns:
-        The number of nodes removed (``gm`` is recompiled when any was).
+        The number of nodes removed (call ``gm.recompile()`` afterwards).
     """
     removed = _hoist_pointwise(gm)
-    removed += _drop_copies(gm.graph) + _merge_permutes(gm.graph)
-    if removed:
-        gm.graph.lint()
-        gm.recompile()
-    return removed
+    return removed + _drop_copies(gm.graph) + _merge_permutes(gm.graph)

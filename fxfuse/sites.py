@@ -90,12 +90,6 @@ class OutputPlan:
     perm: tuple[int, ...]
     merge: tuple[int, ...]
 
-    @property
-    def is_channel_concat(self) -> bool:
-        """True when the result is just (N, H*C_out, L_out): no permute, no copy."""
-        return self.perm == tuple(range(len(self.perm))) and self.merge == (1, 2) + \
-            (1,) * (len(self.perm) - 3)
-
 
 @dataclass(frozen=True)
 class RowSite:

@@ -186,8 +186,8 @@ def test_verification_error_raised_by_fuse(monkeypatch):
     """``fuse`` refuses a rewrite whose numbers are off: nothing is returned."""
     original = fxfuse.api.rewrite_site
 
-    def wrong_rewrite(gm, site, lowering="grouped"):
-        wmap = original(gm, site, lowering)
+    def wrong_rewrite(gm, site, lowering="grouped", **kw):
+        wmap = original(gm, site, lowering, **kw)
         with torch.no_grad():
             gm.get_submodule(wmap.entries[0].fused_key.rpartition(".")[0]).weight.mul_(1.01)
         return wmap
