@@ -6,7 +6,7 @@ Usage::
 
 Two families, both cheap to run so that the pass dominates (CPU, B=2, C=2, W=8, k=3):
 one loop site with H rows, and N chained loop sites of H=4 rows each. When the
-package exposes ``trace_model``, ``find_row_sites`` and ``rewrite_site``, the time is
+package exposes ``trace_model``, ``find_row_sites`` and ``apply_sites``, the time is
 also split into trace / find / rewrite. Appends a table to ``bench.md`` and writes
 ``pass_time.json`` and ``pass_time.png`` (also adds ``pass_time`` to ``bench.json``).
 """
@@ -62,9 +62,7 @@ def _split(fx: Any, model: torch.nn.Module, x: torch.Tensor) -> dict[str, float]
     traced = time.perf_counter()
     sites = list(fx.find_row_sites(gm))
     found = time.perf_counter()
-    for site in sites:
-        if getattr(site, "fusable", True):
-            fx.rewrite_site(gm, site, "grouped")
+    fx.apply_sites(gm, sites, "grouped")     # every site, then one recompile
     done = time.perf_counter()
     return {"trace_s": traced - start, "find_s": found - traced, "rewrite_s": done - found,
             "sites_found": len(sites)}
@@ -88,7 +86,7 @@ def time_config(family: str, size: int, repeats: int) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - report and go on
         return {**row, "status": "n/a", "note": f"fuse failed: {type(exc).__name__}: {exc}"[:200]}
     row["status"] = "ok"
-    if all(hasattr(fx, n) for n in ("trace_model", "find_row_sites", "rewrite_site")):
+    if all(hasattr(fx, n) for n in ("trace_model", "find_row_sites", "apply_sites")):
         try:
             row.update(_split(fx, model, x))
         except Exception as exc:  # noqa: BLE001
