@@ -84,7 +84,8 @@ def can_reduce(chains: list[RowChain], shared: bool) -> bool:
     if shared:
         return False
     ops = chains[0].ops
-    if ops[-1].kind not in ("conv", "linear") or any(op.kind != "pointwise" for op in ops[:-1]):
+    if ops[-1].kind not in ("conv", "linear") or \
+            any(op.kind not in ("pointwise", "pad") for op in ops[:-1]):
         return False
     return ops[-1].kind == "linear" or ops[-1].key.groups == 1
 

@@ -45,7 +45,9 @@ class RowOp:
 
     Attributes:
         node: the graph node.
-        kind: ``"conv"``, ``"linear"``, ``"batchnorm"`` or ``"pointwise"``.
+        kind: ``"conv"``, ``"linear"``, ``"batchnorm"``, ``"pointwise"`` (elementwise) or
+            ``"pad"`` (padding of the last dim: the same for all rows, but it does not
+            commute with moving dims around the way elementwise ops do).
         key: equal keys → one fused op computes both rows.
         params: (role, state_dict key) of each tensor the op reads (weight, bias, ...).
         module: the call_module target, when the op is a module call.
@@ -89,7 +91,7 @@ def _last_dim_pad(node: fx.Node) -> RowOp | None:
     if not isinstance(pad, (list, tuple)) or len(pad) != 2 or not _tensor_args_only_first(node):
         return None
     key = ("pad", node.target, repr(node.args[1:]), repr(sorted(node.kwargs.items())))
-    return RowOp(node, "pointwise", key, (), None, node.args[0], "pad")
+    return RowOp(node, "pad", key, (), None, node.args[0], "pad")
 
 
 def _pointwise(node: fx.Node, root: nn.Module) -> RowOp | None:
@@ -180,7 +182,7 @@ def row_op(node: fx.Node, root: nn.Module) -> RowOp | None:
 
 def module_problem(root: nn.Module, op: RowOp) -> str:
     """Why this op's module cannot be replaced by a fused one, or ``""``."""
-    if op.module is None or op.kind == "pointwise":
+    if op.module is None or op.kind in ("pointwise", "pad"):
         return ""
     mod = root.get_submodule(op.module)
     base = {"conv": nn.Conv1d, "linear": nn.Linear, "batchnorm": nn.BatchNorm1d}[op.kind]

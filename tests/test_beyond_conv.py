@@ -329,3 +329,27 @@ def test_pointwise_with_tensor_operand_is_not_a_row_op():
     result = fxfuse.fuse(model, (x, gate), lowering="grouped", benchmark=False)
     assert not result.changed
     assert operator.mul in {n.target for n in result.model.graph.nodes}
+
+
+class PadBetweenSites(nn.Module):
+    """Site 1's result is padded on its row dim before site 2 reads rows from it: the pad
+    must stay where it is, not be moved across the permutes between the sites."""
+
+    def __init__(self, h=4, c=6):
+        super().__init__()
+        self.a, self.b, self.h = _convs(h, c, c), _convs(h + 3, c, c), h
+
+    def forward(self, x):
+        y = torch.stack([self.a[i](x[..., i]) for i in range(self.h)], -1)
+        y = F.pad(y, (2, 1), value=0.5)
+        return torch.stack([self.b[i](y[..., i]) for i in range(self.h + 3)], -1)
+
+
+@pytest.mark.parametrize("tracer", ["symbolic", "export"])
+def test_pad_between_sites_stays_exact(tracer):
+    model = PadBetweenSites().eval()
+    x = torch.randn(2, 6, 12, 4)
+    result = fxfuse.fuse(model, (x,), lowering="grouped", benchmark=False, tracer=tracer)
+    assert [s.lowering for s in result.sites] == ["grouped", "grouped"]
+    other = torch.randn(3, 6, 12, 4)
+    torch.testing.assert_close(result.model(other), model(other), rtol=1e-4, atol=1e-5)
