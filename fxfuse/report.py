@@ -42,9 +42,13 @@ def summary_table(sites: Sequence[RowSite], verification: VerifyReport | None,
     rows = [["sites fused", f"{fused} of {len(sites)}"],
             ["rows fused", str(sum(s.rows for s in sites if s.fused))]]
     if verification is not None:
-        rows += [["max abs error", f"{verification.max_abs:.3g}"],
-                 ["max rel error", f"{verification.max_rel:.3g}"],
-                 ["checks", ", ".join(c.name for c in verification.checks)]]
+        for label, part in (("outputs", [c for c in verification.checks if "grad" not in c.name]),
+                            ("gradients", [c for c in verification.checks if "grad" in c.name])):
+            if part:
+                rows.append([f"max error, {label}",
+                             f"abs {max(c.max_abs for c in part):.3g}, rel "
+                             f"{max(c.max_rel for c in part):.3g} (of the largest value)"])
+        rows.append(["checks", ", ".join(c.name for c in verification.checks)])
         rows += [["skipped", s] for s in verification.skipped]
     else:
         rows.append(["verification", "not run"])
