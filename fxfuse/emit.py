@@ -80,14 +80,13 @@ def conv_step(gm: fx.GraphModule, cur: fx.Node, ops: list[RowOp], prefix: str,
 def batchnorm_step(gm: fx.GraphModule, cur: fx.Node, ops: list[RowOp],
                    prefix: str) -> tuple[fx.Node, list[WeightEntry]]:
     """One ``BatchNorm1d(G*C)``: per-channel statistics are the rows' own, train mode too."""
-    row = gm.get_submodule(ops[0].module)
-    module = nn.BatchNorm1d(row.num_features * len(ops), eps=row.eps, momentum=row.momentum,
-                            affine=row.affine, track_running_stats=row.track_running_stats,
-                            device=next(iter(row.buffers()), torch.empty(0)).device,
-                            dtype=row.weight.dtype if row.affine else None)
+    _, features, eps, momentum, affine, track, training, dtype = ops[0].key
+    device = get_tensor(gm, ops[0].params[0][1]).device
+    module = nn.BatchNorm1d(features * len(ops), eps=eps, momentum=momentum, affine=affine,
+                            track_running_stats=track, device=device, dtype=dtype)
     name = _free_name(gm, prefix)
     entries = _load(module, gm, ops, name)
-    gm.add_submodule(name, module.train(row.training))
+    gm.add_submodule(name, module.train(training))
     return gm.graph.call_module(name, (cur,)), entries
 
 

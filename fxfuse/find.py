@@ -197,8 +197,12 @@ def _plan_input(cand: Candidate, chains: list[RowChain]
     source = next((n for n in walks[0] if n in common and tensor_shape(n) is not None), None)
     if source is None:
         ends = sorted({w[-1].name for w in walks if w})
-        raise _Refuse(f"rows read different tensors ({', '.join(ends[:3])}): "
-                      "not slices of one input (rows may depend on each other)")
+        kinds = {getattr(w[-1].target, "__name__", str(w[-1].target)) for w in walks if w}
+        hint = (f"each row starts at its own `{kinds.pop()}`, a per-row op fxfuse does not "
+                "fuse, or rows depend on each other") if len(kinds) == 1 and len(ends) > 1 \
+            else "rows may depend on each other"
+        raise _Refuse(f"rows read different tensors ({', '.join(ends[:3])}): not slices of "
+                      f"one input; {hint}")
     if source is cand.combine or source in cand.output_nodes:
         raise _Refuse("rows read the tensor the loop writes: rows depend on each other")
     nodes = {n for w in walks for n in w[:w.index(source)]}

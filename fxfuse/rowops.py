@@ -107,7 +107,7 @@ def _pointwise(node: fx.Node, root: nn.Module) -> RowOp | None:
     elif node.op == "call_function" and (node.target in _POINTWISE_FUNCTIONS
                                          or _packet(node.target) in _POINTWISE_ATEN):
         key = ("function", node.target, repr(node.args[1:]), repr(sorted(node.kwargs.items())))
-        name = getattr(node.target, "__name__", str(node.target))
+        name = getattr(_packet(node.target) or node.target, "__name__", str(node.target))
     elif node.op == "call_method" and node.target in _POINTWISE_METHODS:
         key = ("method", node.target, repr(node.args[1:]), repr(sorted(node.kwargs.items())))
         name = str(node.target).strip("_")
@@ -158,6 +158,8 @@ _BN_BUFFERS = ("weight", "bias", "running_mean", "running_var", "num_batches_tra
 
 
 def _batchnorm(node: fx.Node, root: nn.Module) -> RowOp | None:
+    if node.op == "call_function" and _packet(node.target) is aten.batch_norm:
+        return _aten_batchnorm(node, root)
     if node.op != "call_module":
         return None
     mod = root.get_submodule(str(node.target))
@@ -169,6 +171,30 @@ def _batchnorm(node: fx.Node, root: nn.Module) -> RowOp | None:
                    if getattr(mod, r, None) is not None)
     return RowOp(node, "batchnorm", key, params, str(node.target), node.args[0],
                  f"batchnorm {mod.num_features}")
+
+
+def _aten_batchnorm(node: fx.Node, root: nn.Module) -> RowOp | None:
+    """``aten.batch_norm`` of an exported model in eval mode (running statistics)."""
+    args = list(node.args) + [None] * (9 - len(node.args))
+    inp, weight, bias, mean, var, training, momentum, eps = args[:8]
+    tensors = {"weight": weight, "bias": bias, "running_mean": mean, "running_var": var}
+    if training is not False or not isinstance(inp, fx.Node) or mean is None or var is None:
+        return None
+    if not all(t is None or isinstance(t, fx.Node) and t.op == "get_attr" for t in tensors.values()):
+        return None
+    params = tuple((role, str(t.target)) for role, t in tensors.items() if t is not None)
+    owner = params[-1][1].rpartition(".")[0]
+    counter = f"{owner}.num_batches_tracked"
+    try:
+        get_tensor(root, counter)
+        params += (("num_batches_tracked", counter),)
+    except AttributeError:
+        pass
+    running = get_tensor(root, str(mean.target))
+    affine = weight is not None and bias is not None
+    key = ("batchnorm", int(running.shape[0]), float(eps), momentum, affine, True, False,
+           get_tensor(root, str(weight.target)).dtype if affine else None)
+    return RowOp(node, "batchnorm", key, params, None, inp, f"batchnorm {running.shape[0]}")
 
 
 def row_op(node: fx.Node, root: nn.Module) -> RowOp | None:

@@ -353,3 +353,45 @@ def test_pad_between_sites_stays_exact(tracer):
     assert [s.lowering for s in result.sites] == ["grouped", "grouped"]
     other = torch.randn(3, 6, 12, 4)
     torch.testing.assert_close(result.model(other), model(other), rtol=1e-4, atol=1e-5)
+
+
+class ShapeBoundTower(nn.Module):
+    """A Conv1d → BatchNorm1d → ReLU → Conv1d tower per row, loop bound from the input's
+    shape, written into a buffer: only torch.export can trace it (``aten.batch_norm``)."""
+
+    def __init__(self, h=3):
+        super().__init__()
+        self.rows = nn.ModuleList(nn.Sequential(
+            nn.Conv1d(3, 4, 3, padding=1), nn.BatchNorm1d(4), nn.ReLU(), nn.Conv1d(4, 2, 3))
+            for _ in range(h))
+        with torch.no_grad():
+            for row in self.rows:
+                row[1].running_mean.uniform_(-1, 1)
+                row[1].running_var.uniform_(0.5, 2)
+                row[1].num_batches_tracked.fill_(7)
+
+    def forward(self, x):
+        out = x.new_zeros(x.shape[0], 2, x.shape[2], x.shape[3] - 2)
+        for h in range(x.shape[2]):
+            out[:, :, h] = self.rows[h](x[:, :, h])
+        return out
+
+
+def test_exported_tower_with_batchnorm_fuses_in_eval():
+    model = ShapeBoundTower().eval()
+    result = _fuse(model, torch.randn(2, 3, 3, 8))
+    assert result.tracer == "export"
+    assert [s.lowering for s in result.sites] == ["grouped"], result.sites[0].reason
+    assert "batchnorm" in result.sites[0].loop_kind
+    bn = [m for m in result.model.modules() if isinstance(m, nn.BatchNorm1d)]
+    assert len(bn) == 1 and bn[0].num_features == 3 * 4 and not bn[0].training
+    x = torch.randn(5, 3, 3, 8)
+    torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-5)
+    back = result.weight_map.to_original(result.model.state_dict())
+    assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
+
+
+def test_exported_tower_in_train_mode_is_left_alone_with_a_reason():
+    model = ShapeBoundTower().train()
+    result = _fuse(model, torch.randn(2, 3, 3, 8))
+    assert not result.changed and "batch_norm" in result.sites[0].reason
