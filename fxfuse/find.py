@@ -177,9 +177,9 @@ def _sharing(chains: list[RowChain]) -> bool:
     if any(shared_steps) and not all(shared_steps):
         raise _Refuse("rows share some layers but not others; fusing would untie them")
     shared = bool(shared_steps) and all(shared_steps)
-    if shared and any(op.kind == "batchnorm" and op.key[6] for op in chains[0].ops):
-        raise _Refuse("rows share one BatchNorm1d in train mode; folding rows into the batch "
-                      "would change its statistics")
+    if shared and any(op.kind == "batchnorm" for op in chains[0].ops):
+        raise _Refuse("rows share one BatchNorm1d; folding rows into the batch would change "
+                      "its statistics in train mode")
     return shared
 
 
