@@ -25,10 +25,11 @@ _POINTWISE_FUNCTIONS = {
     F.hardswish, F.hardsigmoid, F.mish, F.softplus, F.tanh, F.sigmoid, F.dropout,
     torch.relu, torch.tanh, torch.sigmoid, torch.dropout, torch.abs, torch.exp, torch.neg,
     operator.mul, operator.add, operator.sub, operator.truediv, operator.neg,
-    torch.mul, torch.add, torch.sub, torch.div, torch.clamp, torch.square,
+    torch.mul, torch.add, torch.sub, torch.div, torch.clamp, torch.square, torch.clone,
 }
 _POINTWISE_METHODS = {"relu", "tanh", "sigmoid", "abs", "exp", "neg", "mul", "add", "sub",
-                      "div", "clamp", "square", "__mul__", "__add__", "__sub__", "__truediv__"}
+                      "div", "clamp", "square", "__mul__", "__add__", "__sub__", "__truediv__",
+                      "contiguous", "clone"}
 _POINTWISE_ATEN = {aten.relu, aten.gelu, aten.silu, aten.elu, aten.leaky_relu, aten.hardtanh,
                    aten.tanh, aten.sigmoid, aten.mul, aten.add, aten.sub, aten.div, aten.clamp,
                    aten.abs, aten.exp, aten.neg, aten.dropout, aten.relu6, aten.hardswish,

@@ -35,14 +35,15 @@ class Tower(nn.Module):
 
 
 class FunctionalChain(nn.Module):
-    """``F.gelu(conv_h(x_h)) * 0.5 + 1.0`` per row, then ``cat`` on channels."""
+    """``F.gelu(conv_h(x_h).contiguous()) * 0.5 + 1.0`` per row, then ``cat`` on channels."""
 
     def __init__(self, h=5):
         super().__init__()
         self.convs = _convs(h, 3, 4)
 
     def forward(self, x):
-        return torch.cat([F.gelu(c(x[:, :, i])) * 0.5 + 1.0 for i, c in enumerate(self.convs)], 1)
+        return torch.cat([F.gelu(c(x[:, :, i]).contiguous()) * 0.5 + 1.0
+                          for i, c in enumerate(self.convs)], 1)
 
 
 class Heads(nn.Module):
