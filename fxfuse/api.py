@@ -146,14 +146,19 @@ def apply_sites(gm: fx.GraphModule, sites: Sequence[RowSite],
         combined weight map.
     """
     done, wmap = [], WeightMap()
+    chosen_for: dict[tuple, str] = {}
     for site in sites:
         if not site.fusable:
             done.append(site)
             continue
-        if lowering == "auto":
+        twin = (site.targets, site.steps)      # a loop module applied again: same choice,
+        if lowering == "auto" and twin in chosen_for:   # so the fused weights stay shared
+            chosen, timings = chosen_for[twin], ()
+        elif lowering == "auto":
             chosen, timings = choose_lowering(gm, site)
         else:
             chosen, timings = lowering, ()
+        chosen_for[twin] = chosen
         if chosen == "loop":
             done.append(dataclasses.replace(site, lowering="loop", timings=timings))
             continue

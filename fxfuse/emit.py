@@ -50,6 +50,25 @@ def _load(module: nn.Module, gm: fx.GraphModule, ops: list[RowOp], name: str, ho
     return entries
 
 
+REGISTRY_KEY = "fxfuse_fused_modules"   # gm.meta: (variant, rows' params) -> module name
+
+
+def _fused(gm: fx.GraphModule, ops: list[RowOp], variant: str, prefix: str, build,
+           **load: object) -> tuple[str, list[WeightEntry]]:
+    """The fused module for these rows' weights: made once, and reused when another site
+    runs the very same layers (a loop module applied twice), so weights stay tied."""
+    registry = gm.meta.setdefault(REGISTRY_KEY, {})
+    key = (variant, tuple(op.params for op in ops))
+    if key in registry and hasattr(gm, registry[key]):
+        return registry[key], []
+    module = build()
+    name = _free_name(gm, prefix)
+    entries = _load(module, gm, ops, name, **load)
+    gm.add_submodule(name, module)
+    registry[key] = name
+    return name, entries
+
+
 def conv_step(gm: fx.GraphModule, cur: fx.Node, ops: list[RowOp], prefix: str,
               lowering: str, first: bool) -> tuple[fx.Node, list[WeightEntry], int]:
     """One grouped conv for the rows' convs; returns (node, entries, out channels)."""
@@ -58,21 +77,17 @@ def conv_step(gm: fx.GraphModule, cur: fx.Node, ops: list[RowOp], prefix: str,
               dtype=spec.dtype, device=spec.device)
     pad = spec.padding
     graph = gm.graph
-    name = _free_name(gm, prefix)
     if lowering == "grouped2d":
-        module: nn.Module = nn.Conv2d(
+        name, entries = _fused(gm, ops, "conv2d", prefix, lambda: nn.Conv2d(
             g * spec.in_channels, g * spec.out_channels, (1, spec.kernel_size),
             stride=(1, spec.stride), padding=pad if isinstance(pad, str) else (0, pad),
-            dilation=(1, spec.dilation), **kw)
-        entries = _load(module, gm, ops, name, unsqueeze=2)
-        gm.add_submodule(name, module.train(gm.training))
+            dilation=(1, spec.dilation), **kw).train(gm.training), unsqueeze=2)
         x = cur if first else graph.call_method("unsqueeze", (cur, 2))
         out = graph.call_method("squeeze", (graph.call_module(name, (x,)), 2))
     else:
-        module = nn.Conv1d(g * spec.in_channels, g * spec.out_channels, spec.kernel_size,
-                           stride=spec.stride, padding=pad, dilation=spec.dilation, **kw)
-        entries = _load(module, gm, ops, name)
-        gm.add_submodule(name, module.train(gm.training))
+        name, entries = _fused(gm, ops, "conv1d", prefix, lambda: nn.Conv1d(
+            g * spec.in_channels, g * spec.out_channels, spec.kernel_size, stride=spec.stride,
+            padding=pad, dilation=spec.dilation, **kw).train(gm.training))
         out = graph.call_module(name, (cur,))
     return out, entries, g * spec.out_channels
 
@@ -82,11 +97,9 @@ def batchnorm_step(gm: fx.GraphModule, cur: fx.Node, ops: list[RowOp],
     """One ``BatchNorm1d(G*C)``: per-channel statistics are the rows' own, train mode too."""
     _, features, eps, momentum, affine, track, training, dtype = ops[0].key
     device = get_tensor(gm, ops[0].params[0][1]).device
-    module = nn.BatchNorm1d(features * len(ops), eps=eps, momentum=momentum, affine=affine,
-                            track_running_stats=track, device=device, dtype=dtype)
-    name = _free_name(gm, prefix)
-    entries = _load(module, gm, ops, name)
-    gm.add_submodule(name, module.train(training))
+    name, entries = _fused(gm, ops, "batchnorm", prefix, lambda: nn.BatchNorm1d(
+        features * len(ops), eps=eps, momentum=momentum, affine=affine,
+        track_running_stats=track, device=device, dtype=dtype).train(training))
     return gm.graph.call_module(name, (cur,)), entries
 
 
@@ -94,16 +107,18 @@ def linear_step(gm: fx.GraphModule, cur: fx.Node, ops: list[RowOp], prefix: str,
                 row_ndim: int) -> tuple[fx.Node, list[WeightEntry]]:
     """(N, G, ..., L) → (N, G, ..., P) with the G weights stacked: one batched matmul."""
     weight = get_tensor(gm, ops[0].param("weight"))
-    holder = nn.Module()
-    holder.weight = nn.Parameter(torch.empty(len(ops), *weight.shape, dtype=weight.dtype,
-                                             device=weight.device))
     has_bias = ops[0].param("bias") is not None
-    if has_bias:
-        holder.bias = nn.Parameter(torch.empty(len(ops), weight.shape[0], dtype=weight.dtype,
-                                               device=weight.device))
-    name = _free_name(gm, prefix)
-    entries = _load(holder, gm, ops, name, how="stack")
-    gm.add_submodule(name, holder)
+
+    def build() -> nn.Module:
+        holder = nn.Module()
+        holder.weight = nn.Parameter(torch.empty(len(ops), *weight.shape, dtype=weight.dtype,
+                                                 device=weight.device))
+        if has_bias:
+            holder.bias = nn.Parameter(torch.empty(len(ops), weight.shape[0],
+                                                   dtype=weight.dtype, device=weight.device))
+        return holder
+
+    name, entries = _fused(gm, ops, "linear", prefix, build, how="stack")
     graph = gm.graph
     w = graph.get_attr(f"{name}.weight")
     b = graph.get_attr(f"{name}.bias") if has_bias else None

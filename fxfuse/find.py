@@ -47,11 +47,15 @@ def find_row_sites(gm: fx.GraphModule, *, min_rows: int = 2) -> tuple[RowSite, .
     uses = WeightUses(gm)
     claimed: dict[fx.Node, str] = {}
     sites: list[RowSite] = []
+    found = []
     for cand in find_candidates(gm.graph, row_ops):
         chains = [row_chain(n, gm) for n in cand.convs]
-        if not cand.reason and sum(1 for c in chains if c is not None and c.head) < 2:
-            continue                       # not a loop of layers (a cat of activations, ...)
-        site = _plan(gm, cand, chains, uses, claimed, min_rows, f"site{len(sites)}")
+        if cand.reason or sum(1 for c in chains if c is not None and c.head) >= 2:
+            found.append((cand, chains))   # else not a loop of layers (a cat of activations)
+    twins = _twins(found)
+    for cand, chains in found:
+        site = _plan(gm, cand, chains, uses, claimed, min_rows, f"site{len(sites)}",
+                     twins.get(_signature(chains), set()))
         if site.fusable:
             claimed.update({gm_node: site.name for c in chains for gm_node in
                             (op.node for op in c.ops)})
@@ -61,8 +65,30 @@ def find_row_sites(gm: fx.GraphModule, *, min_rows: int = 2) -> tuple[RowSite, .
     return tuple(sites)
 
 
+def _signature(chains: list[RowChain | None]) -> tuple | None:
+    """The weights a loop reads, row by row and step by step (None when not all rows are
+    chains)."""
+    if any(c is None for c in chains):
+        return None
+    return tuple(op.params for c in chains for op in c.ops)
+
+
+def _twins(found: list) -> dict[tuple, set[fx.Node]]:
+    """Loops that run the very same layers (one loop module applied twice): their nodes,
+    by signature. Such loops fuse into one shared fused module, so nothing is untied."""
+    twins: dict[tuple, set[fx.Node]] = {}
+    counts: dict[tuple, int] = {}
+    for _, chains in found:
+        sig = _signature(chains)
+        if sig is not None and any(sig):
+            counts[sig] = counts.get(sig, 0) + 1
+            twins.setdefault(sig, set()).update(op.node for c in chains for op in c.ops)
+    return {sig: nodes for sig, nodes in twins.items() if counts[sig] > 1}
+
+
 def _plan(gm: fx.GraphModule, cand: Candidate, chains: list[RowChain | None],
-          uses: WeightUses, claimed: dict[fx.Node, str], min_rows: int, name: str) -> RowSite:
+          uses: WeightUses, claimed: dict[fx.Node, str], min_rows: int, name: str,
+          twin_nodes: set[fx.Node]) -> RowSite:
     heads = [c.head if c is not None else None for c in chains]
     targets = tuple(h.module or h.param("weight").removesuffix(".weight") if h else "?"
                     for h in heads)
@@ -82,14 +108,16 @@ def _plan(gm: fx.GraphModule, cand: Candidate, chains: list[RowChain | None],
             raise _Refuse(f"its rows are already part of {taken[0]}")
         groups = _groups(good)
         shared = _sharing(good)
+        source, in_nodes, in_plan = _plan_input(cand, good)
+        reduced = _plan_reduction(cand, good, shared, groups)
+        out_plan = reduced[1] if reduced else _plan_output(cand, good)
         site_nodes = {op.node for c in good for op in c.ops}
+        if not reduced:
+            site_nodes |= twin_nodes      # the twin loop will share the fused module
         # Rows folded into the batch keep calling the shared layers: nothing is untied.
         problem = "" if shared else uses.outside_problem(gm, _param_keys(good), site_nodes)
         if problem:
             raise _Refuse(problem)
-        source, in_nodes, in_plan = _plan_input(cand, good)
-        reduced = _plan_reduction(cand, good, shared, groups)
-        out_plan = reduced[1] if reduced else _plan_output(cand, good)
     except _Refuse as refusal:
         return RowSite(**base, reason=str(refusal))
     notes = ("all rows share the same modules: rows folded into the batch, weights not "

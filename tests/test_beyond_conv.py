@@ -396,3 +396,39 @@ def test_exported_tower_in_train_mode_is_left_alone_with_a_reason():
     model = ShapeBoundTower().train()
     result = _fuse(model, torch.randn(2, 3, 3, 8))
     assert not result.changed and "batch_norm" in result.sites[0].reason
+
+
+class RowBlock(nn.Module):
+    def __init__(self, c=4, h=3):
+        super().__init__()
+        self.h = h
+        self.rows = nn.ModuleList(nn.Sequential(nn.Conv1d(c, c, 3, padding=1), nn.BatchNorm1d(c),
+                                                nn.ReLU()) for _ in range(h))
+
+    def forward(self, x):
+        return torch.stack([self.rows[i](x[:, :, i]) for i in range(self.h)], 2)
+
+
+class AppliedTwice(nn.Module):
+    """One loop module applied twice: both loops fuse into the same fused modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = RowBlock()
+
+    def forward(self, x):
+        return self.block(self.block(x) + 1.0)
+
+
+@pytest.mark.parametrize("lowering", ["grouped", "grouped2d", "auto"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_loop_module_applied_twice_shares_fused_weights(lowering, train):
+    model = AppliedTwice().train(train)
+    result = _fuse(model, torch.randn(4, 4, 3, 10), lowering)
+    assert len(result.sites) == 2 and all(s.fused for s in result.sites), result.sites
+    assert len({s.lowering for s in result.sites}) == 1
+    fused = [n for n, m in result.model.named_children() if n.endswith(("_fused", "_fused_1"))]
+    assert len(fused) == 2, result.model.code          # one conv, one batch norm, shared
+    calls = [str(n.target) for n in result.model.graph.nodes if n.op == "call_module"]
+    assert all(calls.count(name) == 2 for name in fused)
+    _assert_same(model, result, torch.randn(5, 4, 3, 10), train)
