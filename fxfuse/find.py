@@ -252,33 +252,32 @@ def _plan_output(cand: Candidate, chains: list[RowChain]) -> OutputPlan:
     if dtype is not None and dtype != row_dtype:
         raise _Refuse(f"the rows are {row_dtype} but are written into a {dtype} tensor")
     _check_bn_counters(chains)
-    rows_shape = (shape[0], len(outs), *shape[1:])
-    fidx = index_tensor(rows_shape)
-    env: dict[fx.Node, object] = {n: fidx[:, h] for h, n in enumerate(outs)}
     combine = cand.combine
-    if cand.kind == "buffer":
-        env[combine] = torch.full(tensor_shape(combine) or (), -1, dtype=fidx.dtype)
-        nodes = set(cand.output_nodes)
-    else:
-        nodes = cand.output_nodes | {combine}
+    nodes = set(cand.output_nodes) if cand.kind == "buffer" else cand.output_nodes | {combine}
     inside = nodes | set(outs) | {combine}
     order = cand.graph_order(nodes)
     for node in order:
         if node is not combine and any(u not in inside for u in node.users):
             user = next(u for u in node.users if u not in inside)
             raise _Refuse(f"per-row intermediate `{node.name}` is also used by `{user.name}`")
+
+    def solve(batch: int) -> OutputPlan:
+        rows_shape = (batch, len(outs), *shape[1:])
+        fidx = index_tensor(rows_shape)
+        env: dict[fx.Node, object] = {n: fidx[:, h] for h, n in enumerate(outs)}
+        if cand.kind == "buffer":
+            env[combine] = torch.full(tensor_shape(combine) or (), -1, dtype=fidx.dtype)
+        return solve_output(rows_shape, evaluate(order, env)[combine])
+
     try:
-        plan = solve_output(rows_shape, evaluate(order, env)[combine])
+        plan = solve(shape[0])
     except LayoutError as exc:
         raise _Refuse(f"rows are not combined as whole rows: {exc}") from exc
     if shape[0] == 1 and cand.kind != "buffer":
         # With one sample, where the batch dim goes (cat on dim 0, say) is ambiguous:
         # solve again with two; keep the first answer when the region fixes the batch.
-        rows_shape = (2, *rows_shape[1:])
-        fidx = index_tensor(rows_shape)
         try:
-            env = {n: fidx[:, h] for h, n in enumerate(outs)}
-            plan = solve_output(rows_shape, evaluate(order, env)[combine])
+            plan = solve(2)
         except LayoutError:
             pass
     return plan

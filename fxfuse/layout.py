@@ -56,11 +56,15 @@ def evaluate(nodes: Iterable[fx.Node], env: dict[fx.Node, Any]) -> dict[fx.Node,
     return env
 
 
-def _axis_orders(ndim: int, row_axis: int) -> list[tuple[int, ...]]:
-    rest = [a for a in range(ndim) if a != row_axis]
-    # Keep-order first, so size-1 ambiguities resolve to the plain layout.
-    return sorted(itertools.permutations(rest), key=lambda p: sum(
+def _orders(items: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every order of ``items``, fewest swaps first, so size-1 ambiguities resolve to the
+    plain layout."""
+    return sorted(itertools.permutations(items), key=lambda p: sum(
         1 for i in range(len(p)) for j in range(i + 1, len(p)) if p[i] > p[j]))
+
+
+def _axis_orders(ndim: int, row_axis: int) -> list[tuple[int, ...]]:
+    return _orders([a for a in range(ndim) if a != row_axis])
 
 
 def solve_input(source_shape: Sequence[int], rows: Sequence[torch.Tensor]) -> InputPlan:
@@ -138,10 +142,7 @@ def solve_output(rows_shape: Sequence[int], result: torch.Tensor) -> OutputPlan:
     if result.numel() != fidx.numel() or bool((result < 0).any()):
         raise LayoutError("the combined tensor holds more than the rows (or leaves parts unwritten)")
     target = tuple(result.shape)
-    n = len(rows_shape)
-    perms = sorted(itertools.permutations(range(n)), key=lambda p: sum(
-        1 for i in range(n) for j in range(i + 1, n) if p[i] > p[j]))
-    for perm in perms:
+    for perm in _orders(range(len(rows_shape))):
         permuted = fidx.permute(perm)
         merge = _merge_runs(tuple(permuted.shape), target)
         if merge is not None and torch.equal(permuted.reshape(target), result):

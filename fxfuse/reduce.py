@@ -93,10 +93,7 @@ def can_reduce(chains: list[RowChain], shared: bool) -> bool:
 def reduced_plan(plan: OutputPlan, result_ndim: int, dim: int) -> OutputPlan | None:
     """The layout after reducing result dim ``dim``, if it holds exactly the row axis."""
     dim = dim % result_ndim
-    runs, start = [], 0
-    for count in plan.merge:
-        runs.append(plan.perm[start:start + count])
-        start += count
+    runs = [plan.perm[start:stop] for start, stop in plan.spans()]
     if runs[dim] != (1,):
         return None
     rest = [d - 1 if d > 1 else d for d in plan.perm if d != 1]

@@ -203,14 +203,9 @@ def make_output(graph: fx.Graph, stacked: fx.Node, site: RowSite) -> fx.Node:
     identity = tuple(range(len(plan.perm)))
     if plan.perm != identity:
         node = graph.call_method("permute", (node, *plan.perm))
-    start = 0
-    runs = []
-    for count in plan.merge:
-        runs.append((start, start + count - 1))
-        start += count
-    for first, last in reversed(runs):
-        if last > first:
-            node = graph.call_method("flatten", (node, first, last))
+    for start, stop in reversed(plan.spans()):
+        if stop - start > 1:
+            node = graph.call_method("flatten", (node, start, stop - 1))
     if plan.perm != identity:
         node = graph.call_method("contiguous", (node,))
     return node

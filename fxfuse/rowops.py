@@ -37,7 +37,7 @@ _POINTWISE_ATEN = {aten.relu, aten.gelu, aten.silu, aten.elu, aten.leaky_relu, a
 _POINTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.ELU, nn.SELU, nn.CELU,
                       nn.LeakyReLU, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Mish,
                       nn.Softplus, nn.Tanh, nn.Sigmoid, nn.Dropout, nn.Identity)
-_LINEAR_FUNCTIONS = {F.linear, torch.nn.functional.linear}
+_LINEAR_FUNCTIONS = {F.linear}
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,14 @@ class OutputPlan:
     perm: tuple[int, ...]
     merge: tuple[int, ...]
 
+    def spans(self) -> list[tuple[int, int]]:
+        """Per result dim, the ``[start, stop)`` positions in ``perm`` it flattens."""
+        spans, start = [], 0
+        for count in self.merge:
+            spans.append((start, start + count))
+            start += count
+        return spans
+
 
 @dataclass(frozen=True)
 class RowSite:
