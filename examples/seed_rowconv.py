@@ -13,7 +13,7 @@ import argparse
 import torch
 
 import fxfuse
-from fxfuse.models import SEED_SHAPE, RowConv1d, RowConvNet
+from fxfuse.examples import SEED_SHAPE, RowConv1d, RowConvNet
 
 
 def main() -> None:

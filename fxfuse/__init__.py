@@ -9,16 +9,16 @@ The steps are public too: :func:`trace_model`, :func:`find_row_sites`,
 :func:`rewrite_site`, :func:`verify_models`, :func:`benchmark_models`.
 """
 from .api import FuseResult, apply_sites, fuse
-from .bench import BenchResult, Timing, benchmark_models, time_interleaved
+from .check.bench import BenchResult, Timing, benchmark_models, time_interleaved
 from .config import FuseConfig
 from .errors import ConfigError, FxFuseError, RewriteError, TraceError, VerificationError
-from .find import find_row_sites
-from .lowering import choose_lowering, extract_loop
-from .rewrite import rewrite_site
-from .sites import ConvSpec, InputPlan, OutputPlan, RowSite
-from .tracing import trace_model
-from .verify import VerifyReport, verify_models
-from .weights import WeightEntry, WeightMap
+from .match.find import find_row_sites
+from .check.auto import choose_lowering, extract_loop
+from .rewrite.rewriter import rewrite_site
+from .match.sites import ConvSpec, InputPlan, OutputPlan, RowSite
+from .trace.tracing import trace_model
+from .check.verify import VerifyReport, verify_models
+from .rewrite.weights import WeightEntry, WeightMap
 
 __version__ = "0.1.0"
 

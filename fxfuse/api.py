@@ -10,18 +10,18 @@ from typing import Any, Sequence
 import torch
 from torch import fx
 
-from .bench import BenchResult, benchmark_models
+from .check.bench import BenchResult, benchmark_models
 from .config import FuseConfig
 from .errors import ConfigError
-from .find import find_row_sites
-from .lowering import choose_lowering
-from .report import format_report
-from .rewrite import finalize_graph, rewrite_site
-from .simplify import simplify_layout
-from .sites import RowSite
-from .tracing import TRACER_KEY, trace_model
-from .verify import VerifyReport, verify_models
-from .weights import WeightMap
+from .match.find import find_row_sites
+from .check.auto import choose_lowering
+from .check.report import format_report
+from .rewrite.rewriter import finalize_graph, rewrite_site
+from .rewrite.simplify import simplify_layout
+from .match.sites import RowSite
+from .trace.tracing import TRACER_KEY, trace_model
+from .check.verify import VerifyReport, verify_models
+from .rewrite.weights import WeightMap
 
 log = logging.getLogger("fxfuse")
 

@@ -1,4 +1,4 @@
-"""Tests for fxfuse.loading: every MODEL form, weights, and every way loading can fail."""
+"""Tests for fxfuse.io.loading: every MODEL form, weights, and every way loading can fail."""
 from __future__ import annotations
 
 import sys
@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from fxfuse.errors import ConfigError
-from fxfuse.loading import LoadedModel, load_model, parse_dtype, parse_input_shapes
+from fxfuse.io.loading import LoadedModel, load_model, parse_dtype, parse_input_shapes
 
 MODELS_SOURCE = textwrap.dedent('''
     from torch import nn

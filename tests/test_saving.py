@@ -1,4 +1,4 @@
-"""Tests for fxfuse.saving: output checks, atomic writes, and each save format."""
+"""Tests for fxfuse.io.saving: output checks, atomic writes, and each save format."""
 from __future__ import annotations
 
 import os
@@ -13,9 +13,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from fxfuse import saving
+from fxfuse.io import saving
 from fxfuse.errors import ConfigError
-from fxfuse.saving import (SavedModel, atomic_write, check_output_path, save_model,
+from fxfuse.io.saving import (SavedModel, atomic_write, check_output_path, save_model,
                            write_sidecar)
 
 

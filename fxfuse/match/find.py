@@ -16,12 +16,12 @@ from torch import fx
 from .candidates import Candidate, find_candidates, walk_back
 from .chains import RowChain, family, family_problem, group_rows, key_difference, row_chain
 from .convspec import WeightUses, get_tensor
-from .errors import ConfigError
+from ..errors import ConfigError
 from .reduce import can_reduce, identity_plan, reduce_kind, reduced_plan
 from .layout import LayoutError, evaluate, index_tensor, solve_input, solve_output
 from .rowops import module_problem, row_op
 from .sites import InputPlan, OutputPlan, RowSite
-from .tracing import tensor_dtype, tensor_shape
+from ..trace.tracing import tensor_dtype, tensor_shape
 
 log = logging.getLogger("fxfuse")
 

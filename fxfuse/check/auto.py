@@ -14,9 +14,9 @@ import torch
 from torch import fx
 
 from .bench import time_interleaved, timing_of
-from .rewrite import LOWERINGS, node_index, rewrite_site
-from .sites import RowSite
-from .tracing import VALUE_KEY, tensor_dtype, tensor_shape
+from ..rewrite.rewriter import LOWERINGS, node_index, rewrite_site
+from ..match.sites import RowSite
+from ..trace.tracing import VALUE_KEY, tensor_dtype, tensor_shape
 
 log = logging.getLogger("fxfuse")
 

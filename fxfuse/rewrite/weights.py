@@ -20,7 +20,7 @@ from typing import Mapping
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 FORMAT = "fxfuse-weight-map/1"
 

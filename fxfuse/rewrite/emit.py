@@ -12,8 +12,8 @@ import operator
 import torch
 from torch import fx, nn
 
-from .convspec import get_tensor
-from .rowops import RowOp
+from ..match.convspec import get_tensor
+from ..match.rowops import RowOp
 from .weights import WeightEntry
 
 

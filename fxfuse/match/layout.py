@@ -16,7 +16,7 @@ import torch
 from torch import fx
 
 from .sites import InputPlan, OutputPlan
-from .tracing import VALUE_KEY
+from ..trace.tracing import VALUE_KEY
 
 
 class LayoutError(Exception):

@@ -14,8 +14,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
-from .errors import VerificationError
-from .weights import WeightMap
+from ..errors import VerificationError
+from ..rewrite.weights import WeightMap
 
 log = logging.getLogger("fxfuse")
 

@@ -24,11 +24,11 @@ import operator
 import torch
 from torch import fx
 
-from .errors import RewriteError
+from ..errors import RewriteError
 from .emit import (batched_chain, batchnorm_step, conv_step, dense_sum, linear_step,
                    pointwise_step)
-from .rowops import RowOp, row_op
-from .sites import RowSite
+from ..match.rowops import RowOp, row_op
+from ..match.sites import RowSite
 from .weights import WeightMap
 
 LOWERINGS = ("grouped", "grouped2d")

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 log = logging.getLogger("fxfuse")
 

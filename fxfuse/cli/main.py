@@ -19,7 +19,7 @@ import traceback
 import warnings
 from typing import Iterator, Sequence
 
-from .errors import FxFuseError, VerificationError
+from ..errors import FxFuseError, VerificationError
 
 log = logging.getLogger("fxfuse")
 

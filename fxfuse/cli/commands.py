@@ -10,17 +10,17 @@ from typing import Iterator
 
 import torch
 
-from .api import FuseResult, fuse
-from .checkpoints import read_weights, existing_file, first_line
-from .cli import EXIT_OK, MAP_NAME, MAP_SUFFIX, _progress, dump_json
-from .errors import ConfigError, VerificationError
-from .find import find_row_sites
-from .loading import LoadedModel, load_model, parse_input_shapes
-from .models import SEED_SHAPE, seed_model
-from .report import site_table
-from .saving import SavedModel, atomic_write, check_output_path, save_model, write_sidecar
-from .tracing import trace_model
-from .weights import WeightMap
+from ..api import FuseResult, fuse
+from ..io.checkpoints import read_weights, existing_file, first_line
+from .main import EXIT_OK, MAP_NAME, MAP_SUFFIX, _progress, dump_json
+from ..errors import ConfigError, VerificationError
+from ..match.find import find_row_sites
+from ..io.loading import LoadedModel, load_model, parse_input_shapes
+from ..examples import SEED_SHAPE, seed_model
+from ..check.report import site_table
+from ..io.saving import SavedModel, atomic_write, check_output_path, save_model, write_sidecar
+from ..trace.tracing import trace_model
+from ..rewrite.weights import WeightMap
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt")
 
@@ -153,7 +153,7 @@ def demo(args: argparse.Namespace) -> int:
         print(f"seed model: 10 rows x Conv1d(15, 15, 3) on x[:, :, h, :], input ({shape})")
         print(f"saved its weights to {checkpoint}\n")
         ns = argparse.Namespace(**dict(
-            vars(args), model="fxfuse.models:seed_model", weights=str(checkpoint),
+            vars(args), model="fxfuse.examples:seed_model", weights=str(checkpoint),
             allow_pickle=False, device="cpu", dtype=None, input_shape=[shape], min_rows=2,
             tracer="auto", out=str(root / "seed_rowconv_fused.pt2")))
         out = check_output_path(ns.out)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from torch import fx
 
-from .rewrite import INSERTED_KEY
-from .rowops import row_op
+from .rewriter import INSERTED_KEY
+from ..match.rowops import row_op
 
 _LAYOUT_METHODS = {"permute", "flatten", "unflatten", "contiguous", "select"}
 

@@ -6,7 +6,7 @@ from typing import Sequence
 from tabulate import tabulate
 
 from .bench import BenchResult
-from .sites import RowSite
+from ..match.sites import RowSite
 from .verify import VerifyReport
 
 

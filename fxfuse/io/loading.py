@@ -25,7 +25,7 @@ from torch import nn
 
 from .checkpoints import (MODEL_FORMS, PICKLE_SUFFIXES, apply_weights, existing_file,
                           first_line, load_export, load_pickle)
-from .errors import ConfigError
+from ..errors import ConfigError
 
 log = logging.getLogger("fxfuse")
 

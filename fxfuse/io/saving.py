@@ -22,7 +22,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from .checkpoints import first_line
-from .errors import ConfigError, TraceError
+from ..errors import ConfigError, TraceError
 
 log = logging.getLogger("fxfuse")
 

@@ -16,7 +16,7 @@ import torch
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .errors import TraceError
+from ..errors import TraceError
 
 log = logging.getLogger("fxfuse")
 

@@ -1,0 +1,1 @@
+"""Checking: verification, timing, the auto lowering choice and the report."""

@@ -1,0 +1,1 @@
+"""Files: loading models and checkpoints, writing outputs."""

@@ -1,0 +1,1 @@
+"""Matching: find the per-row loop sites in a traced graph (pure, read-only)."""

@@ -1,0 +1,1 @@
+"""Rewriting: replace one site with stock fused ops, and the weight map."""

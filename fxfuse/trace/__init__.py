@@ -1,0 +1,1 @@
+"""Tracing: a model to a GraphModule with shapes on every node."""
