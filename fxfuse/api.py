@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import fx
+from torch.utils import _pytree as pytree
 
 from .check.bench import BenchResult, benchmark_models
 from .config import FuseConfig
@@ -70,7 +71,10 @@ class FuseResult:
             "sites": [s.to_dict() for s in self.sites],
             "verification": None if v is None else {
                 "max_abs": v.max_abs, "max_rel": v.max_rel,
-                "checks": [dataclasses.asdict(c) for c in v.checks], "skipped": list(v.skipped)},
+                "checks": [dataclasses.asdict(c) for c in v.checks], "skipped": list(v.skipped),
+                "precision": v.precision, "notes": list(v.notes),
+                "batch_sizes": list(v.batch_sizes), "batch_refused": list(v.batch_refused),
+                "modes": list(v.modes)},
             "timing": None if t is None else dataclasses.asdict(t),
         }
 
@@ -110,7 +114,45 @@ def fuse(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *
                               benchmark=benchmark, inplace=inplace, min_rows=min_rows, **options)
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    inputs = _example_inputs(example_inputs)
+    if cfg.inplace:
+        saved = _snapshot(model)
+        try:
+            return _fuse(model, inputs, cfg)
+        except BaseException:
+            _restore(saved)
+            raise
+    return _fuse(model, inputs, cfg)
+
+
+def _example_inputs(example_inputs: Any) -> tuple[Any, ...]:
+    """One tensor or a tuple/list of inputs, cloned: the caller's tensors are never
+    changed, even by a forward that writes into its input."""
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)):
+        raise ConfigError(f"example_inputs must be a tensor or a tuple of the forward's "
+                          f"positional inputs, got {type(example_inputs).__name__}")
+    return tuple(pytree.tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor)
+                                 else v, list(example_inputs)))
+
+
+def _snapshot(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every parameter and buffer with a copy of its values (for ``inplace=True``)."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return [(t, t.detach().clone()) for t in tensors.values()]
+
+
+def _restore(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for tensor, values in saved:
+            if tensor.shape == values.shape:
+                tensor.copy_(values)
+            else:
+                tensor.data = values
+
+
+def _fuse(model: torch.nn.Module, inputs: tuple[Any, ...], cfg: FuseConfig) -> FuseResult:
     reference = model
     if cfg.inplace:
         work = model

@@ -49,6 +49,15 @@ def summary_table(sites: Sequence[RowSite], verification: VerifyReport | None,
                              f"abs {max(c.max_abs for c in part):.3g}, rel "
                              f"{max(c.max_rel for c in part):.3g} (of the largest value)"])
         rows.append(["checks", ", ".join(c.name for c in verification.checks)])
+        if verification.precision:
+            rows.append(["precision", verification.precision])
+        rows += [["precision note", n] for n in verification.notes]
+        if verification.batch_sizes:
+            rows.append(["batch sizes checked", ", ".join(map(str, verification.batch_sizes))
+                         + (f" (the program refuses {', '.join(map(str, verification.batch_refused))})"
+                            if verification.batch_refused else "")])
+        if verification.modes:
+            rows.append(["modes checked", ", ".join(verification.modes)])
         rows += [["skipped", s] for s in verification.skipped]
     else:
         rows.append(["verification", "not run"])

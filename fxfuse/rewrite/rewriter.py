@@ -222,6 +222,10 @@ def _redirect(graph: fx.Graph, site: RowSite, nodes: dict[str, fx.Node],
             with graph.inserting_after(stacked):
                 row = graph.call_method("select", (stacked, 1, h))
             row.meta.update({k: v for k, v in out.meta.items() if k != "fxfuse_value"})
+            if _escapes(out, region):          # the original row was its own tensor
+                with graph.inserting_after(row):
+                    row = graph.call_method("clone", (row,))
+                row.meta.update({k: v for k, v in out.meta.items() if k != "fxfuse_value"})
             row.meta[REPLACES_KEY] = out.meta.get(REPLACES_KEY, out.name)
             out.replace_all_uses_with(row, delete_user_cb=lambda u: u not in region)
     result.meta.update({k: v for k, v in combine.meta.items() if k != "fxfuse_value"})
@@ -234,6 +238,15 @@ def _redirect(graph: fx.Graph, site: RowSite, nodes: dict[str, fx.Node],
     for node in doomed:
         graph.erase_node(node)
     _erase_dead(graph, [nodes[n] for n in reversed(site.input_nodes)])
+
+
+def _escapes(out: fx.Node, region: set[fx.Node]) -> bool:
+    """A per-row result returned by the model or changed in place: a view of the fused
+    result would alias the other outputs (or be changed through them)."""
+    def in_place(node: fx.Node) -> bool:
+        name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+        return name.endswith("_") and not name.startswith("_")
+    return any(u.op == "output" or in_place(u) for u in out.users if u not in region)
 
 
 def _erase_dead(graph: fx.Graph, candidates: list[fx.Node]) -> None:
