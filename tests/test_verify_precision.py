@@ -17,6 +17,7 @@ from torch import nn
 import fxfuse
 from fxfuse.check import precision
 from fxfuse.check.precision import PrecisionMode, detect_precision, emulate_tf32, round_to_tf32
+from fxfuse.check.verify import permitted_error
 
 import models as M
 
@@ -166,3 +167,19 @@ def test_user_tolerances_are_not_widened_by_the_mode():
     with pytest.raises(fxfuse.VerificationError):
         fxfuse.verify_models(model, _as_tf32(result.model), (x,), rtol=1e-6, atol=1e-7,
                              check_grads=False, precision=TF32)
+
+
+def test_permitted_error_follows_the_mode():
+    """The self-check bound (benchmarks): the float tolerance at full precision, what
+    TF32 permits the loop under TF32 — a TF32 grouped conv fits it, a broken one does not."""
+    model = M.Seed().eval()
+    x = model.example(4)
+    result = _fused(model, x)
+    full = permitted_error(model, (x,), precision=FULL)
+    tf32 = permitted_error(model, (x,), precision=TF32)
+    assert tf32 > 2 * full
+    want = model(x)
+    with torch.no_grad():
+        err = (_as_tf32(result.model)(x) - want).abs().max().item()
+        broken_err = (_as_tf32(_shift_rows(result.model, model.H))(x) - want).abs().max().item()
+    assert full < err <= tf32 < broken_err

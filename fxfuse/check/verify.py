@@ -21,10 +21,13 @@ from torch.utils import _pytree as pytree
 from ..errors import VerificationError
 from ..rewrite.weights import WeightMap
 from . import precision as _precision
-from .compare import Check, compare, judge_in_mode, leaves as _leaves, tolerances
+from .compare import (FLOOR_ROUNDOFFS, MODE_FACTOR, Check, compare, judge_in_mode,
+                      leaves as _leaves, tolerances)
 from .precision import PrecisionMode
+from .trainstep import grad_checks, quiet_dropout, random_nodes, run as _run
 
-__all__ = ["Check", "VerifyReport", "compare", "tolerances", "verify_models"]
+__all__ = ["Check", "VerifyReport", "compare", "permitted_error", "tolerances",
+           "verify_models"]
 
 log = logging.getLogger("fxfuse")
 
@@ -60,12 +63,6 @@ class VerifyReport:
         return max((c.max_rel for c in self.checks), default=0.0)
 
 
-def _clone_inputs(inputs: Sequence[Any]) -> tuple[Any, ...]:
-    """Fresh copies, so a forward that writes into its input changes nobody's tensors."""
-    return tuple(pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v,
-                                 list(inputs)))
-
-
 def _fresh_inputs(inputs: Sequence[Any], batch: int, gen: torch.Generator) -> tuple[Any, ...]:
     out = []
     for x in inputs:
@@ -80,12 +77,6 @@ def _fresh_inputs(inputs: Sequence[Any], batch: int, gen: torch.Generator) -> tu
         else:
             out.append(x)
     return tuple(out)
-
-
-def _run(model: Callable, inputs: Sequence[Any], seed: int) -> Any:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return model(*_clone_inputs(inputs))
 
 
 def _device(model: torch.nn.Module, inputs: Sequence[Any]) -> torch.device:
@@ -111,15 +102,19 @@ class _Judge:
             if self.rtol is not None or self.atol is not None or \
                     not any(self.mode.reduced_for(t.dtype) for t in _leaves(ref)):
                 raise
-        emulated = None
-        if self.mode.conv_tf32 or self.mode.matmul_tf32:
-            with _precision.emulate_tf32(self.mode), torch.no_grad():
-                emulated = _run(self.original, inputs, self.seed)
-        check, note = judge_in_mode(name, ref, got, self._reference(inputs), emulated, self.mode)
+        check, note = judge_in_mode(name, ref, got, self.reference(inputs),
+                                    self.emulated(inputs), self.mode)
         self.notes.append(note)
         return check
 
-    def _reference(self, inputs: Sequence[Any]) -> Any:
+    def emulated(self, inputs: Sequence[Any]) -> Any:
+        """The original with the mode's TF32 rounding forced (None: nothing to emulate)."""
+        if not (self.mode.conv_tf32 or self.mode.matmul_tf32):
+            return None
+        with _precision.emulate_tf32(self.mode), torch.no_grad():
+            return _run(self.original, inputs, self.seed)
+
+    def reference(self, inputs: Sequence[Any]) -> Any:
         """The original in float64 (cast back), or with every shortcut off."""
         def to64(v: Any) -> Any:
             return v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
@@ -198,7 +193,7 @@ def verify_models(original: torch.nn.Module, fused: torch.nn.Module, example_inp
     checks, skipped = [], []
     # Copies: a train-mode forward updates BatchNorm statistics, and the caller's
     # models must come out of verification as they went in.
-    to_eval = fused.training and bool(_random_nodes(fused))
+    to_eval = fused.training and bool(random_nodes(fused))
     exported = _is_exported(fused)
     original, fused = _copy_for_checks(original, to_eval), _copy_for_checks(fused, to_eval)
     if to_eval:
@@ -219,7 +214,7 @@ def verify_models(original: torch.nn.Module, fused: torch.nn.Module, example_inp
                              skipped, batches, refused)
         modes = _mode_checks(original, fused, inputs, seed, judge, check_grads, checks, skipped)
     if check_grads:
-        checks.extend(_grad_checks(original, fused, inputs, weight_map or WeightMap(),
+        checks.extend(grad_checks(original, fused, inputs, weight_map or WeightMap(),
                                    seed, rtol, atol, skipped, mode))
     report = VerifyReport(tuple(checks), tuple(skipped), mode.describe(), tuple(judge.notes),
                           tuple(sorted(batches)), tuple(refused), modes)
@@ -287,8 +282,8 @@ def _mode_checks(original: torch.nn.Module, fused: torch.nn.Module, inputs: tupl
     if other == "train" and check_grads:
         return (given, other)                       # the train step below compares it
     for model in (ref_model, new_model):
-        _quiet_dropout(model)
-    if other == "train" and _random_nodes(new_model):
+        quiet_dropout(model)
+    if other == "train" and random_nodes(new_model):
         skipped.append("train mode: the model calls a random op in train mode")
         return (given,)
     ref = _run(ref_model, inputs, seed)
@@ -303,17 +298,9 @@ def _mode_checks(original: torch.nn.Module, fused: torch.nn.Module, inputs: tupl
     return (given, other)
 
 
-def _quiet_dropout(model: torch.nn.Module) -> None:
-    """Dropout draws different masks when applied once to all rows than row by row; the
-    checks run it as identity, in both models alike, so everything else is compared."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
-            module.eval()
-
-
 def _copy_for_checks(model: torch.nn.Module, to_eval: bool) -> torch.nn.Module:
     model = copy.deepcopy(model)
-    _quiet_dropout(model)
+    quiet_dropout(model)
     if to_eval:
         try:
             model.eval()
@@ -322,110 +309,34 @@ def _copy_for_checks(model: torch.nn.Module, to_eval: bool) -> torch.nn.Module:
     return model
 
 
-_RANDOM = {"dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d",
-           "rand", "randn", "rand_like", "randn_like", "bernoulli", "native_dropout"}
-
-
-def _random_nodes(model: torch.nn.Module) -> list[str]:
-    """Functional random ops in a graph (their draws depend on how rows are batched)."""
-    graph = getattr(model, "graph", None)
-    if graph is None:
-        return []
-    found = []
-    for node in graph.nodes:
-        name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
-        if node.op in ("call_function", "call_method") and name in _RANDOM:
-            training = node.kwargs.get("training", node.kwargs.get("train", True))
-            if training is not False:
-                found.append(node.name)
-    return found
-
-
-def _grad_checks(original: torch.nn.Module, fused: torch.nn.Module, inputs: tuple[Any, ...],
-                 weight_map: WeightMap, seed: int, rtol: float | None, atol: float | None,
-                 skipped: list[str], mode: PrecisionMode | None = None) -> list[Check]:
-    try:
-        return _train_step_checks(original, fused, inputs, weight_map, seed, rtol, atol,
-                                  skipped, None)
-    except VerificationError as refusal:
-        # A gradient that cancels to ~0 (a conv bias before a train-mode BatchNorm, say)
-        # carries rounding noise far above its own size. Run the step again in float64:
-        # only a difference that survives there is a real one.
-        # Under TF32 (or reduced reductions) outputs too differ by the mode's rounding;
-        # float64 runs no such shortcut, so it checks the maths exactly.
-        reduced = mode is not None and any(mode.reduced_for(p.dtype) for p in
-                                           original.parameters())
-        if rtol is not None or atol is not None or ("grad" not in refusal.check
-                                                     and not reduced):
-            raise
-        try:
-            checks = _train_step_checks(original, fused, inputs, weight_map, seed, rtol, atol,
-                                        [], torch.float64)
-        except Exception:  # noqa: BLE001 - float64 disagrees or cannot run: keep the refusal
-            raise refusal from None
-        skipped.append(f"gradients compared in float64: in the model's dtype, rounding noise "
-                       f"exceeded the tolerance ({refusal.check}, {refusal.max_abs:.3g})")
-        return checks
-
-
-def _train_step_checks(original: torch.nn.Module, fused: torch.nn.Module,
-                       inputs: tuple[Any, ...], weight_map: WeightMap, seed: int,
-                       rtol: float | None, atol: float | None, skipped: list[str],
-                       dtype: torch.dtype | None) -> list[Check]:
-    """One train-mode forward/backward of both models (cast to ``dtype`` when given):
-    outputs, input gradients, parameter gradients and buffers after the step."""
-    ref_model, new_model = copy.deepcopy(original), copy.deepcopy(fused)
-    if dtype is not None:
-        ref_model, new_model = ref_model.to(dtype), new_model.to(dtype)
-        inputs = tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point()
-                       else x for x in inputs)
-    try:
-        ref_model.train()
-        new_model.train()
-        mode = "train"
-    except Exception:  # noqa: BLE001 - exported graphs keep the mode they were traced in
-        mode = "traced-mode"
-    for model in (ref_model, new_model):
-        _quiet_dropout(model)
-    random_ops = _random_nodes(new_model)
-    if random_ops:
-        skipped.append(f"gradients: the model calls {random_ops[0]} (random) in train mode")
-        return []
-    results = []
-    grads = []
-    for model in (ref_model, new_model):
-        xs = tuple(x.detach().clone().requires_grad_(x.is_floating_point())
-                   if isinstance(x, torch.Tensor) else x for x in inputs)
-        out = _run(model, xs, seed)
-        leaves = [o for o in _leaves(out) if o.requires_grad]
-        if not leaves:
-            skipped.append("gradients: the output does not require grad")
-            return []
-        gen = torch.Generator().manual_seed(seed + 2)
-        loss = sum((o * torch.randn(o.shape, generator=gen).to(o)).sum() for o in leaves)
-        loss.backward()
-        input_grads = [x.grad for x in xs if isinstance(x, torch.Tensor) and x.grad is not None]
-        param_grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
-        results.append(out)
-        grads.append((input_grads, param_grads))
-    checks = [compare(f"{mode} outputs", results[0], results[1], rtol, atol),
-              compare(f"{mode} input grads", grads[0][0], grads[1][0], rtol, atol)]
-    mapped = weight_map.to_original(grads[1][1], strict=False)
-    lost = sorted(set(grads[0][1]) ^ set(mapped))
-    if lost:
-        raise VerificationError(f"{mode} gradients: {lost[0]} gets a gradient in only one of "
-                                "the two models", check=f"{mode} param grads")
-    common = sorted(set(grads[0][1]) & set(mapped))
-    per_key = [compare(f"{mode} grad of {k}", grads[0][1][k], mapped[k], rtol, atol)
-               for k in common]
-    buffers_ref = dict(ref_model.named_buffers())
-    buffers_new = weight_map.to_original(dict(new_model.named_buffers()), strict=False)
-    shared = sorted(k for k in set(buffers_ref) & set(buffers_new)
-                    if buffers_ref[k].is_floating_point())
-    if shared:
-        per_key += [compare(f"{mode} buffer {k} after the step", buffers_ref[k], buffers_new[k],
-                            rtol, atol) for k in shared]
-    checks.append(Check(f"{mode} param grads and buffers ({len(common) + len(shared)})",
-                        max((c.max_abs for c in per_key), default=0.0),
-                        max((c.max_rel for c in per_key), default=0.0)))
-    return checks
+def permitted_error(model: torch.nn.Module, inputs: Sequence[Any], *,
+                    precision: PrecisionMode | None = None, seed: int = 0) -> float:
+    """The largest absolute difference from ``model``'s own output that a rewrite may
+    show on ``inputs``: the float tolerance of the output's dtype, or, under TF32 or
+    reduced-precision reductions, what the mode permits ``model`` against float64 (plus
+    the model's own error). For self-checks that compare outputs directly.
+    """
+    inputs = tuple(inputs)
+    mode = precision or _precision.detect_precision(_device(model, inputs))
+    with torch.no_grad():
+        outs = _leaves(_run(model, inputs, seed))
+    tol = 0.0
+    for out in outs:
+        rtol, atol = tolerances(out.dtype)
+        big = float(out.detach().double().abs().nan_to_num(0, 0, 0).max()) if out.numel() else 0.0
+        tol = max(tol, atol * max(1.0, big) + rtol * big)
+    if not any(mode.reduced_for(o.dtype) for o in outs):
+        return tol
+    judge = _Judge(model, mode, None, None, seed)
+    refs, emus = _leaves(judge.reference(inputs)), judge.emulated(inputs)
+    emus = _leaves(emus) if emus is not None else [None] * len(refs)
+    for out, ref, emu in zip(outs, refs, emus):
+        if not out.numel() or mode.reduced_for(out.dtype) is None:
+            continue
+        ref = ref.detach().double().nan_to_num(0, 0, 0)
+        e_orig = float((out.detach().double().nan_to_num(0, 0, 0) - ref).abs().max())
+        e_emu = 0.0 if emu is None else \
+            float((emu.detach().double().nan_to_num(0, 0, 0) - ref).abs().max())
+        floor = FLOOR_ROUNDOFFS * mode.unit_roundoff(out.dtype) * max(1.0, float(ref.abs().max()))
+        tol = max(tol, MODE_FACTOR * max(e_orig, e_emu) + floor + e_orig)
+    return tol

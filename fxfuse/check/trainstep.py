@@ -1,0 +1,145 @@
+"""One train-mode forward/backward of the original and the rewritten model: outputs,
+input gradients, parameter gradients (mapped back through the :class:`WeightMap`) and
+buffers after the step. Knows nothing of matching."""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils import _pytree as pytree
+
+from ..errors import VerificationError
+from ..rewrite.weights import WeightMap
+from .compare import Check, compare, leaves as _leaves
+from .precision import PrecisionMode
+
+
+def clone_inputs(inputs: Sequence[Any]) -> tuple[Any, ...]:
+    """Fresh copies, so a forward that writes into its input changes nobody's tensors."""
+    return tuple(pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v,
+                                 list(inputs)))
+
+
+def run(model: Callable, inputs: Sequence[Any], seed: int) -> Any:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model(*clone_inputs(inputs))
+
+
+def quiet_dropout(model: torch.nn.Module) -> None:
+    """Dropout draws different masks when applied once to all rows than row by row; the
+    checks run it as identity, in both models alike, so everything else is compared."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.eval()
+
+
+_RANDOM = {"dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d",
+           "rand", "randn", "rand_like", "randn_like", "bernoulli", "native_dropout"}
+
+
+def random_nodes(model: torch.nn.Module) -> list[str]:
+    """Functional random ops in a graph (their draws depend on how rows are batched)."""
+    graph = getattr(model, "graph", None)
+    if graph is None:
+        return []
+    found = []
+    for node in graph.nodes:
+        name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+        if node.op in ("call_function", "call_method") and name in _RANDOM:
+            training = node.kwargs.get("training", node.kwargs.get("train", True))
+            if training is not False:
+                found.append(node.name)
+    return found
+
+
+def grad_checks(original: torch.nn.Module, fused: torch.nn.Module, inputs: tuple[Any, ...],
+                 weight_map: WeightMap, seed: int, rtol: float | None, atol: float | None,
+                 skipped: list[str], mode: PrecisionMode | None = None) -> list[Check]:
+    try:
+        return _train_step_checks(original, fused, inputs, weight_map, seed, rtol, atol,
+                                  skipped, None)
+    except VerificationError as refusal:
+        # A gradient that cancels to ~0 (a conv bias before a train-mode BatchNorm, say)
+        # carries rounding noise far above its own size. Run the step again in float64:
+        # only a difference that survives there is a real one.
+        # Under TF32 (or reduced reductions) outputs too differ by the mode's rounding;
+        # float64 runs no such shortcut, so it checks the maths exactly.
+        reduced = mode is not None and any(mode.reduced_for(p.dtype) for p in
+                                           original.parameters())
+        if rtol is not None or atol is not None or refusal.max_abs == float("inf") or \
+                ("grad" not in refusal.check and not reduced):
+            raise
+        try:
+            checks = _train_step_checks(original, fused, inputs, weight_map, seed, rtol, atol,
+                                        [], torch.float64)
+        except Exception:  # noqa: BLE001 - float64 disagrees or cannot run: keep the refusal
+            raise refusal from None
+        why = (f"under {mode.describe()}" if reduced else "in the model's dtype") + \
+            f", rounding noise exceeded the tolerance ({refusal.check}, {refusal.max_abs:.3g})"
+        skipped.append(f"train step compared in float64: {why}")
+        return checks
+
+
+def _train_step_checks(original: torch.nn.Module, fused: torch.nn.Module,
+                       inputs: tuple[Any, ...], weight_map: WeightMap, seed: int,
+                       rtol: float | None, atol: float | None, skipped: list[str],
+                       dtype: torch.dtype | None) -> list[Check]:
+    """One train-mode forward/backward of both models (cast to ``dtype`` when given):
+    outputs, input gradients, parameter gradients and buffers after the step."""
+    ref_model, new_model = copy.deepcopy(original), copy.deepcopy(fused)
+    if dtype is not None:
+        ref_model, new_model = ref_model.to(dtype), new_model.to(dtype)
+        inputs = tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point()
+                       else x for x in inputs)
+    try:
+        ref_model.train()
+        new_model.train()
+        mode = "train"
+    except Exception:  # noqa: BLE001 - exported graphs keep the mode they were traced in
+        mode = "traced-mode"
+    for model in (ref_model, new_model):
+        quiet_dropout(model)
+    random_ops = random_nodes(new_model)
+    if random_ops:
+        skipped.append(f"gradients: the model calls {random_ops[0]} (random) in train mode")
+        return []
+    results = []
+    grads = []
+    for model in (ref_model, new_model):
+        xs = tuple(x.detach().clone().requires_grad_(x.is_floating_point())
+                   if isinstance(x, torch.Tensor) else x for x in inputs)
+        out = run(model, xs, seed)
+        leaves = [o for o in _leaves(out) if o.requires_grad]
+        if not leaves:
+            skipped.append("gradients: the output does not require grad")
+            return []
+        gen = torch.Generator().manual_seed(seed + 2)
+        loss = sum((o * torch.randn(o.shape, generator=gen).to(o)).sum() for o in leaves)
+        loss.backward()
+        input_grads = [x.grad for x in xs if isinstance(x, torch.Tensor) and x.grad is not None]
+        param_grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+        results.append(out)
+        grads.append((input_grads, param_grads))
+    checks = [compare(f"{mode} outputs", results[0], results[1], rtol, atol),
+              compare(f"{mode} input grads", grads[0][0], grads[1][0], rtol, atol)]
+    mapped = weight_map.to_original(grads[1][1], strict=False)
+    lost = sorted(set(grads[0][1]) ^ set(mapped))
+    if lost:
+        raise VerificationError(f"{mode} gradients: {lost[0]} gets a gradient in only one of "
+                                "the two models", check=f"{mode} param grads")
+    common = sorted(set(grads[0][1]) & set(mapped))
+    per_key = [compare(f"{mode} grad of {k}", grads[0][1][k], mapped[k], rtol, atol)
+               for k in common]
+    buffers_ref = dict(ref_model.named_buffers())
+    buffers_new = weight_map.to_original(dict(new_model.named_buffers()), strict=False)
+    shared = sorted(k for k in set(buffers_ref) & set(buffers_new)
+                    if buffers_ref[k].is_floating_point())
+    if shared:
+        per_key += [compare(f"{mode} buffer {k} after the step", buffers_ref[k], buffers_new[k],
+                            rtol, atol) for k in shared]
+    checks.append(Check(f"{mode} param grads and buffers ({len(common) + len(shared)})",
+                        max((c.max_abs for c in per_key), default=0.0),
+                        max((c.max_rel for c in per_key), default=0.0)))
+    return checks
