@@ -110,6 +110,8 @@ def fuse(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *
     unknown = sorted(set(options) - fields)
     if unknown:
         raise ConfigError(f"unknown option {unknown[0]!r}; options are {', '.join(sorted(fields))}")
+    if config is not None and not isinstance(config, FuseConfig):
+        raise ConfigError(f"config must be a FuseConfig, got {type(config).__name__}")
     cfg = dataclasses.replace(config or FuseConfig(), lowering=lowering, verify=verify,
                               benchmark=benchmark, inplace=inplace, min_rows=min_rows, **options)
     if not isinstance(model, torch.nn.Module):

@@ -64,6 +64,12 @@ def test_bad_example_inputs_are_a_config_error(inputs):
         fxfuse.fuse(M.Seed(), inputs)
 
 
+@pytest.mark.parametrize("kwargs", [{"config": "grouped"}, {"config": {"lowering": "grouped"}}])
+def test_bad_config_argument_is_a_config_error(kwargs):
+    with pytest.raises(fxfuse.ConfigError, match="config must be a FuseConfig"):
+        fxfuse.fuse(M.Seed(), (M.Seed().example(),), **kwargs)
+
+
 class WritesInput(M.Seed):
     """A forward that scales its input in place (a common shortcut)."""
 
