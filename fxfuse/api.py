@@ -19,7 +19,10 @@ from .check.report import format_report
 from .rewrite.rewriter import finalize_graph, rewrite_site
 from .rewrite.simplify import simplify_layout
 from .match.sites import RowSite
-from .trace.tracing import TRACER_KEY, trace_model
+from .trace.realtensor import RENAMES_KEY
+from .trace.prepare import copy_model, weight_norm_modules
+from .trace.tracing import NOTES_KEY, TRACER_KEY, trace_model, trace_general
+from .check.fidelity import TraceCheck, check_trace, trace_table
 from .check.verify import VerifyReport, verify_models
 from .rewrite.weights import WeightMap
 
@@ -37,7 +40,11 @@ class FuseResult:
         verification: the numerical checks (``None`` when ``verify=False``).
         timing: original vs fused timing (``None`` when ``benchmark=False``).
         code_before: the traced ``forward`` before the rewrite.
-        tracer: ``"symbolic"`` or ``"export"``.
+        tracer: ``"symbolic"``, ``"export"`` or ``"realtensor"``.
+        trace_check: the trace-fidelity check (traced graph vs original, before any
+            rewrite) with notes on the trace and the batch sizes accepted (``None`` when
+            ``verify=False``).
+        notes: what the trace did that a user should know (also without ``verify``).
     """
 
     model: fx.GraphModule
@@ -47,6 +54,13 @@ class FuseResult:
     timing: BenchResult | None
     code_before: str
     tracer: str
+    trace_check: TraceCheck | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def batch_sizes(self) -> tuple[int, ...] | None:
+        """Batch sizes the returned model accepts: ``None`` for any (or not checked)."""
+        return None if self.trace_check is None else self.trace_check.batch_sizes
 
     @property
     def changed(self) -> bool:
@@ -60,7 +74,10 @@ class FuseResult:
 
     def report(self) -> str:
         """A text table: sites, rows, conv settings, outcome, errors, timing, speedup."""
-        return format_report(self.sites, self.verification, self.timing)
+        text = format_report(self.sites, self.verification, self.timing)
+        if self.trace_check is None and self.notes:
+            return text + "\n" + "\n".join(f"note: {n}" for n in self.notes)
+        return text + "\n" + trace_table(self.trace_check)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary."""
@@ -72,6 +89,8 @@ class FuseResult:
                 "max_abs": v.max_abs, "max_rel": v.max_rel,
                 "checks": [dataclasses.asdict(c) for c in v.checks], "skipped": list(v.skipped)},
             "timing": None if t is None else dataclasses.asdict(t),
+            "trace_check": None if self.trace_check is None else self.trace_check.to_dict(),
+            "notes": list(self.notes),
         }
 
 
@@ -111,15 +130,25 @@ def fuse(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    reference = model
     if cfg.inplace:
-        work = model
+        if weight_norm_modules(model):
+            raise ConfigError("inplace=True cannot fold torch.nn.utils.weight_norm without "
+                              "changing your model; use inplace=False")
+        work, notes = model, ()
         reference = copy.deepcopy(model) if cfg.verify else model
     else:
-        work = copy.deepcopy(model)
+        work, notes = copy_model(model)
+        reference = copy.deepcopy(work) if notes else model   # weight norm folded: compare
     gm = trace_model(work, inputs, concrete_args=cfg.concrete_args, tracer=cfg.tracer)
+    notes += getattr(gm, NOTES_KEY, ())
+    trace_check = _check_trace(model, gm, inputs, notes, cfg)
     code_before = gm.code
     sites, wmap = apply_sites(gm, find_row_sites(gm, min_rows=cfg.min_rows), cfg.lowering)
+    wmap = getattr(gm, RENAMES_KEY, WeightMap()) + wmap
+    if not any(s.fused for s in sites) and getattr(gm, TRACER_KEY, "symbolic") != "symbolic":
+        gm, more = trace_general(work, gm, inputs, cfg.concrete_args)
+        notes += more
+        trace_check = _check_trace(model, gm, inputs, notes, cfg)
     verification = None
     if cfg.verify and any(s.fused for s in sites):
         verification = verify_models(reference, gm, inputs, weight_map=wmap,
@@ -129,7 +158,15 @@ def fuse(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *
     timing = benchmark_models(copy.deepcopy(reference), copy.deepcopy(gm), inputs,
                               rounds=cfg.bench_rounds) if cfg.benchmark else None
     return FuseResult(gm, sites, wmap, verification, timing, code_before,
-                      getattr(gm, TRACER_KEY, "symbolic"))
+                      getattr(gm, TRACER_KEY, "symbolic"), trace_check, tuple(notes))
+
+
+def _check_trace(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],
+                 notes: tuple[str, ...], cfg: FuseConfig) -> TraceCheck | None:
+    """Part one of verification: the unrewritten trace against the original."""
+    if not cfg.verify:
+        return None
+    return check_trace(model, gm, inputs, notes=notes, rtol=cfg.rtol, atol=cfg.atol)
 
 
 def apply_sites(gm: fx.GraphModule, sites: Sequence[RowSite],

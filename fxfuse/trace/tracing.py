@@ -15,6 +15,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils import _pytree as pytree
 
 from ..errors import TraceError
 
@@ -22,6 +23,7 @@ log = logging.getLogger("fxfuse")
 
 VALUE_KEY = "fxfuse_value"   # node.meta key: concrete non-tensor value seen at trace time
 TRACER_KEY = "fxfuse_tracer"  # graph-module attribute naming the tracer used
+NOTES_KEY = "fxfuse_trace_notes"  # graph-module attribute: what the trace did, for users
 
 
 class _RecordingShapeProp(ShapeProp):
@@ -58,30 +60,92 @@ def _symbolic(model: torch.nn.Module, concrete_args: dict[str, Any] | None) -> f
 
 
 def _export(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> fx.GraphModule:
-    dims = _batch_dynamic_shapes(example_inputs)
+    dims = batch_dynamic_shapes(model, example_inputs)
     try:
         program = torch.export.export(model, _batch_of_two(example_inputs), dynamic_shapes=dims,
                                       strict=False)
     except Exception:  # noqa: BLE001 - a dynamic batch is a bonus; fall back to static shapes
         program = torch.export.export(model, example_inputs, strict=False)
-    return program.module()
+    gm = program.module()
+    dropout_as_modules(gm)
+    return gm
 
 
 def _batch_of_two(example_inputs: tuple[Any, ...]) -> tuple[Any, ...]:
     """Batch-1 inputs repeated to batch 2: export specialises a size-1 dim to 1, and the
     traced graph would then refuse every other batch size."""
-    batched = [x for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() > 0]
+    leaves = pytree.tree_leaves(example_inputs)
+    batched = [x for x in leaves if isinstance(x, torch.Tensor) and x.dim() > 0]
     if not batched or any(x.shape[0] != 1 for x in batched):
         return example_inputs
-    return tuple(x.expand(2, *x.shape[1:]).clone() if isinstance(x, torch.Tensor) and x.dim() > 0
-                 else x for x in example_inputs)
+    return pytree.tree_map(
+        lambda x: x.expand(2, *x.shape[1:]).clone()
+        if isinstance(x, torch.Tensor) and x.dim() > 0 else x, example_inputs)
 
 
-def _batch_dynamic_shapes(example_inputs: tuple[Any, ...]) -> tuple[Any, ...] | None:
-    batch = torch.export.Dim.AUTO
-    specs = tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
-                  for x in example_inputs)
-    return specs
+def batch_dynamic_shapes(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> Any:
+    """``torch.export`` dynamic shapes with a dynamic dim 0 for every batched tensor,
+    shaped like the signature (``*args`` get a tuple, nested tuples nest): a flat spec
+    is refused for varargs and export then falls back to one batch size."""
+    def spec(value: Any) -> Any:
+        return pytree.tree_map(lambda x: {0: torch.export.Dim.AUTO}
+                               if isinstance(x, torch.Tensor) and x.dim() > 0 else None, value)
+    bound = _bound(model, example_inputs)
+    if bound is None:
+        return tuple(spec(x) for x in example_inputs)
+    return {name: spec(value) for name, value in bound.arguments.items()}
+
+
+def _bound(model: torch.nn.Module, inputs: tuple[Any, ...]) -> inspect.BoundArguments | None:
+    try:
+        return inspect.signature(model.forward).bind(*inputs)
+    except (TypeError, ValueError):
+        return None
+
+
+def unsupplied_defaults(model: torch.nn.Module, inputs: tuple[Any, ...]) -> dict[str, Any]:
+    """The optional arguments of ``forward`` the example inputs leave out, with their
+    defaults: bound as constants when tracing, not traced as inputs."""
+    bound = _bound(model, inputs)
+    if bound is None:
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {name: p.default for name, p in bound.signature.parameters.items()
+            if name not in bound.arguments and p.kind in kinds
+            and p.default is not inspect.Parameter.empty}
+
+
+def dropout_as_modules(gm: fx.GraphModule) -> int:
+    """Turn an exported graph's ``aten.dropout(x, p, train)`` into calls of ``nn.Dropout``
+    submodules, so ``train()``/``eval()`` reach them (the exported graph fixes the flag
+    it was traced with). Returns how many were turned."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.dropout.default:
+            continue
+        x, p, train = (list(node.args) + [node.kwargs.get("p", 0.5),
+                                          node.kwargs.get("train", True)])[:3]
+        name = f"fxfuse_dropout_{count}"
+        module = torch.nn.Dropout(float(p))
+        module.train(bool(train))
+        gm.add_module(name, module)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(name, (x,))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        count += 1
+    if count:
+        gm.graph.lint()
+        gm.recompile()
+        if not _has_mode_dependent_ops(gm):
+            for attr in ("train", "eval"):   # the only mode-dependent ops now follow train()
+                gm.__dict__.pop(attr, None)
+    return count
+
+
+def _has_mode_dependent_ops(gm: fx.GraphModule) -> bool:
+    return any(n.op == "call_function" and "batch_norm" in str(n.target) for n in gm.graph.nodes)
 
 
 def _check_arity(model: torch.nn.Module, inputs: tuple[Any, ...]) -> None:
@@ -106,44 +170,38 @@ def trace_model(model: torch.nn.Module, example_inputs: Sequence[Any], *,
         model: the module to trace. It is not modified; the returned GraphModule shares
             its submodules (deep-copy first if you will mutate them).
         example_inputs: positional inputs for one forward call; they fix the shapes the
-            matcher reasons about.
+            matcher reasons about. Optional arguments they leave out are bound to their
+            defaults; inputs that share memory are traced on distinct copies.
         concrete_args: passed to ``torch.fx.symbolic_trace`` to specialise arguments.
-        tracer: ``"auto"`` (symbolic, then export), ``"symbolic"`` or ``"export"``.
+        tracer: ``"auto"`` (symbolic, then export, then a real-tensor trace),
+            ``"symbolic"`` or ``"export"``.
 
     Returns:
         A GraphModule whose nodes carry ``meta["tensor_meta"]`` (and, for small
-        non-tensor values, ``meta["fxfuse_value"]``), with attribute ``fxfuse_tracer``.
+        non-tensor values, ``meta["fxfuse_value"]``), with attributes ``fxfuse_tracer``
+        and ``fxfuse_trace_notes`` (what the trace did that a user should know).
 
     Raises:
-        TraceError: neither tracer could handle the model; the message names the
-            construct and the way out.
+        TraceError: no tracer could handle the model; the message names the construct
+            and the way out.
     """
     if tracer not in ("auto", "symbolic", "export"):
         raise TraceError(f"unknown tracer {tracer!r}; use 'auto', 'symbolic' or 'export'")
     example_inputs = tuple(example_inputs)
     _check_arity(model, example_inputs)
-    first_error: BaseException | None = None
-    gm: fx.GraphModule | None = None
-    used = tracer
-    if tracer in ("auto", "symbolic"):
-        try:
-            gm = _symbolic(model, concrete_args)
-            used = "symbolic"
-        except Exception as exc:  # noqa: BLE001 - any tracing failure is reported below
-            first_error = exc
-            log.info("symbolic_trace failed (%s); trying torch.export", _explain(exc))
-            if tracer == "symbolic":
-                raise TraceError(f"torch.fx could not trace {type(model).__name__}: "
-                                 f"{_explain(exc)}") from exc
-    if gm is None:
-        try:
-            gm = _export(model, example_inputs)
-            used = "export"
-        except Exception as exc:  # noqa: BLE001
-            reason = _explain(first_error) if first_error is not None else _explain(exc)
-            raise TraceError(
-                f"could not trace {type(model).__name__}: {reason}; torch.export also failed: "
-                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    notes: list[str] = []
+    example_inputs, aliased = distinct_inputs(example_inputs)
+    if aliased:
+        notes.append(f"inputs {', '.join(map(str, aliased))} share memory with an earlier "
+                     "input; traced on distinct copies, so the graph reads each argument")
+    defaults = unsupplied_defaults(model, example_inputs)
+    if defaults:
+        notes.append("optional arguments bound to their defaults: "
+                     + ", ".join(f"{k}={v!r}" for k, v in defaults.items()))
+    concrete = {**defaults, **(concrete_args or {})} or None
+    gm, used = _trace_any(model, example_inputs, concrete, tracer)
+    if used == "export":
+        notes.append("traced with torch.export (ATen graph)")
     try:
         # ShapeProp prints its own traceback before raising; the error below says it all.
         with _buffers_kept(gm), contextlib.redirect_stderr(io.StringIO()):
@@ -153,7 +211,79 @@ def trace_model(model: torch.nn.Module, example_inputs: Sequence[Any], *,
                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
                          "check the number, shapes and dtypes of the inputs") from exc
     setattr(gm, TRACER_KEY, used)
+    setattr(gm, NOTES_KEY, tuple(notes) + tuple(getattr(gm, NOTES_KEY, ())))
     return gm
+
+
+def _trace_any(model: torch.nn.Module, example_inputs: tuple[Any, ...],
+               concrete: dict[str, Any] | None, tracer: str) -> tuple[fx.GraphModule, str]:
+    """The first tracer that takes ``model``, and its name."""
+    first_error: BaseException | None = None
+    if tracer in ("auto", "symbolic"):
+        try:
+            return _symbolic(model, concrete), "symbolic"
+        except Exception as exc:  # noqa: BLE001 - any tracing failure is reported below
+            first_error = exc
+            log.info("symbolic_trace failed (%s); trying torch.export", _explain(exc))
+            if tracer == "symbolic":
+                raise TraceError(f"torch.fx could not trace {type(model).__name__}: "
+                                 f"{_explain(exc)}") from exc
+    try:
+        return _export(model, example_inputs), "export"
+    except Exception as exc:  # noqa: BLE001
+        export_error = exc
+    reason = _explain(first_error) if first_error is not None else _explain(export_error)
+    also = ""
+    if tracer == "auto":
+        from .realtensor import trace_real   # noqa: PLC0415 - the last resort
+        try:
+            return trace_real(model, example_inputs), "realtensor"
+        except Exception as exc:  # noqa: BLE001
+            log.info("real-tensor trace failed: %s", exc)
+            also = f"; make_fx also failed: {_first_line(exc)}"
+    raise TraceError(
+        f"could not trace {type(model).__name__}: {reason}; torch.export also failed: "
+        f"{_first_line(export_error)}{also}") from export_error
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def distinct_inputs(inputs: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[int, ...]]:
+    """``inputs`` with every tensor that shares memory with an earlier one cloned, and
+    the positions of the arguments that held such a tensor. A tracer that sees one tensor
+    twice may read one input for both arguments."""
+    seen: list[torch.Tensor] = []
+    aliased: list[int] = []
+
+    def distinct(x: Any, position: int) -> Any:
+        if not isinstance(x, torch.Tensor) or x.numel() == 0:
+            return x
+        if any(_overlap(x, y) for y in seen):
+            if position not in aliased:
+                aliased.append(position)
+            x = x.clone()
+        seen.append(x)
+        return x
+
+    out = tuple(pytree.tree_map(lambda x, i=i: distinct(x, i), value)
+                for i, value in enumerate(inputs))
+    return out, tuple(aliased)
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    try:
+        if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+            return False
+    except (RuntimeError, NotImplementedError):
+        return a is b
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        size = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+        start = t.storage_offset() * t.element_size()
+        return start, start + size * t.element_size()
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
 
 
 @contextlib.contextmanager
@@ -178,3 +308,25 @@ def tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
 def tensor_dtype(node: fx.Node) -> torch.dtype | None:
     """The traced dtype of ``node``'s tensor output, or None."""
     return getattr(node.meta.get("tensor_meta"), "dtype", None)
+
+
+def trace_general(model: torch.nn.Module, traced: fx.GraphModule, example_inputs: Sequence[Any],
+                  concrete_args: dict[str, Any] | None) -> tuple[fx.GraphModule, tuple[str, ...]]:
+    """What to return when nothing was rewritten in a non-symbolic graph.
+
+    The symbolic trace when the model has one (module calls kept, so fast paths such as
+    ``nn.MultiheadAttention``'s fused kernel stay, and no shape is fixed); otherwise
+    ``traced`` with its limits stated.
+    """
+    try:
+        return trace_model(model, example_inputs, concrete_args=concrete_args,
+                           tracer="symbolic"), (
+            "nothing rewritten: returned the symbolic trace (module calls and their fast "
+            "paths kept) rather than the ATen graph",)
+    except TraceError:
+        pass
+    used = getattr(traced, TRACER_KEY, "export")
+    return traced, (f"nothing rewritten, and only the {used} route traces this model: the "
+                    "returned graph spells modules as ATen ops, so fused module kernels (e.g. "
+                    "nn.MultiheadAttention's fast path) are not used; where speed matters, "
+                    "keep the original model",)
