@@ -70,6 +70,11 @@ def check_trace(original: torch.nn.Module, traced: torch.nn.Module,
     inputs = tuple(example_inputs)
     original, traced = _quiet_copy(original), _quiet_copy(traced)
     checks, skipped, batch_sizes = [], [], None
+    if original.training and _random_ops(traced):
+        _set_eval(original)
+        _set_eval(traced)
+        skipped.append("trace compared in eval mode: random ops in train mode draw "
+                       "differently once spelled as ATen ops")
     batch = _batch(inputs)
     with torch.no_grad():
         checks.append(_compare("example inputs", original, traced, inputs, seed, rtol, atol,
@@ -147,6 +152,29 @@ def _quiet_copy(model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(module, torch.nn.modules.dropout._DropoutNd):
             module.eval()
     return model
+
+
+_RANDOM_WORDS = ("dropout", "rand", "bernoulli", "normal")
+
+
+def _random_ops(graph_module: torch.nn.Module) -> bool:
+    graph = getattr(graph_module, "graph", None)
+    if graph is None:
+        return False
+    for node in graph.nodes:
+        name = str(node.target) if node.op != "call_module" else ""
+        if node.op in ("call_function", "call_method") and any(w in name for w in _RANDOM_WORDS):
+            return True
+        if node.op == "call_module" and str(node.target).startswith("fxfuse_dropout"):
+            return True
+    return False
+
+
+def _set_eval(model: torch.nn.Module) -> None:
+    try:
+        model.eval()
+    except Exception:  # noqa: BLE001 - a graph that keeps its traced mode
+        pass
 
 
 def fresh_inputs(inputs: tuple[Any, ...], batch: int | None, seed: int) -> tuple[Any, ...]:
