@@ -1,8 +1,10 @@
 """Turn a model into a GraphModule whose nodes carry shapes.
 
 ``torch.fx.symbolic_trace`` first; when it cannot (a loop bound read from the input's
-shape, a write into a preallocated tensor), a shape-specialising ``torch.export``
-(non-strict) gives an ATen-level graph. The matcher does not care which one it got.
+shape, a write into a preallocated tensor), ``torch.export`` (non-strict, see
+``export.py``) gives an ATen-level graph; when neither can, ``make_fx`` on fake tensors
+(``realtensor.py``). The matcher does not care which one it got. Example inputs that
+share memory are traced on copies; optional arguments they leave out are bound.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
 
 from ..errors import TraceError
+from .export import export_model
 
 log = logging.getLogger("fxfuse")
 
@@ -59,43 +62,6 @@ def _symbolic(model: torch.nn.Module, concrete_args: dict[str, Any] | None) -> f
     return fx.symbolic_trace(model, concrete_args=concrete_args)
 
 
-def _export(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> fx.GraphModule:
-    dims = batch_dynamic_shapes(model, example_inputs)
-    try:
-        program = torch.export.export(model, _batch_of_two(example_inputs), dynamic_shapes=dims,
-                                      strict=False)
-    except Exception:  # noqa: BLE001 - a dynamic batch is a bonus; fall back to static shapes
-        program = torch.export.export(model, example_inputs, strict=False)
-    gm = program.module()
-    dropout_as_modules(gm)
-    return gm
-
-
-def _batch_of_two(example_inputs: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Batch-1 inputs repeated to batch 2: export specialises a size-1 dim to 1, and the
-    traced graph would then refuse every other batch size."""
-    leaves = pytree.tree_leaves(example_inputs)
-    batched = [x for x in leaves if isinstance(x, torch.Tensor) and x.dim() > 0]
-    if not batched or any(x.shape[0] != 1 for x in batched):
-        return example_inputs
-    return pytree.tree_map(
-        lambda x: x.expand(2, *x.shape[1:]).clone()
-        if isinstance(x, torch.Tensor) and x.dim() > 0 else x, example_inputs)
-
-
-def batch_dynamic_shapes(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> Any:
-    """``torch.export`` dynamic shapes with a dynamic dim 0 for every batched tensor,
-    shaped like the signature (``*args`` get a tuple, nested tuples nest): a flat spec
-    is refused for varargs and export then falls back to one batch size."""
-    def spec(value: Any) -> Any:
-        return pytree.tree_map(lambda x: {0: torch.export.Dim.AUTO}
-                               if isinstance(x, torch.Tensor) and x.dim() > 0 else None, value)
-    bound = _bound(model, example_inputs)
-    if bound is None:
-        return tuple(spec(x) for x in example_inputs)
-    return {name: spec(value) for name, value in bound.arguments.items()}
-
-
 def _bound(model: torch.nn.Module, inputs: tuple[Any, ...]) -> inspect.BoundArguments | None:
     try:
         return inspect.signature(model.forward).bind(*inputs)
@@ -113,39 +79,6 @@ def unsupplied_defaults(model: torch.nn.Module, inputs: tuple[Any, ...]) -> dict
     return {name: p.default for name, p in bound.signature.parameters.items()
             if name not in bound.arguments and p.kind in kinds
             and p.default is not inspect.Parameter.empty}
-
-
-def dropout_as_modules(gm: fx.GraphModule) -> int:
-    """Turn an exported graph's ``aten.dropout(x, p, train)`` into calls of ``nn.Dropout``
-    submodules, so ``train()``/``eval()`` reach them (the exported graph fixes the flag
-    it was traced with). Returns how many were turned."""
-    count = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not torch.ops.aten.dropout.default:
-            continue
-        x, p, train = (list(node.args) + [node.kwargs.get("p", 0.5),
-                                          node.kwargs.get("train", True)])[:3]
-        name = f"fxfuse_dropout_{count}"
-        module = torch.nn.Dropout(float(p))
-        module.train(bool(train))
-        gm.add_module(name, module)
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(name, (x,))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-        count += 1
-    if count:
-        gm.graph.lint()
-        gm.recompile()
-        if not _has_mode_dependent_ops(gm):
-            for attr in ("train", "eval"):   # the only mode-dependent ops now follow train()
-                gm.__dict__.pop(attr, None)
-    return count
-
-
-def _has_mode_dependent_ops(gm: fx.GraphModule) -> bool:
-    return any(n.op == "call_function" and "batch_norm" in str(n.target) for n in gm.graph.nodes)
 
 
 def _check_arity(model: torch.nn.Module, inputs: tuple[Any, ...]) -> None:
@@ -229,7 +162,7 @@ def _trace_any(model: torch.nn.Module, example_inputs: tuple[Any, ...],
                 raise TraceError(f"torch.fx could not trace {type(model).__name__}: "
                                  f"{_explain(exc)}") from exc
     try:
-        return _export(model, example_inputs), "export"
+        return export_model(model, example_inputs), "export"
     except Exception as exc:  # noqa: BLE001
         export_error = exc
     reason = _explain(first_error) if first_error is not None else _explain(export_error)
