@@ -411,6 +411,7 @@ def test_no_route_is_one_clear_line():
     message = str(info.value)
     assert "\n" not in message and "ValueBranchShapeBound" in message
     assert "control flow" in message
+    assert "named like an nn.Module method" in message and "tensor values" in message
 
 
 # ------------------------------------------------------------------ nothing rewritten

@@ -78,7 +78,7 @@ def unsupplied_defaults(model: torch.nn.Module, inputs: tuple[Any, ...]) -> dict
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     return {name: p.default for name, p in bound.signature.parameters.items()
             if name not in bound.arguments and p.kind in kinds
-            and p.default is not inspect.Parameter.empty}
+            and p.default is not inspect.Parameter.empty and _is_small_value(p.default)}
 
 
 def _check_arity(model: torch.nn.Module, inputs: tuple[Any, ...]) -> None:
@@ -173,10 +173,28 @@ def _trace_any(model: torch.nn.Module, example_inputs: tuple[Any, ...],
             return trace_real(model, example_inputs), "realtensor"
         except Exception as exc:  # noqa: BLE001
             log.info("real-tensor trace failed: %s", exc)
-            also = f"; make_fx also failed: {_first_line(exc)}"
+            also = f"; make_fx also failed: {_explain_fake(exc)}"
     raise TraceError(
         f"could not trace {type(model).__name__}: {reason}; torch.export also failed: "
-        f"{_first_line(export_error)}{also}") from export_error
+        f"{_explain_export(model, export_error)}{also}") from export_error
+
+
+def _explain_export(model: torch.nn.Module, exc: BaseException) -> str:
+    """Why export failed, naming a submodule that shadows an ``nn.Module`` method."""
+    shadowing = [name for name, _ in model.named_modules()
+                 if name and hasattr(torch.nn.Module, name.rsplit(".", 1)[-1])]
+    if shadowing:
+        return (f"the submodule `{shadowing[0]}` is named like an nn.Module method, which "
+                "torch.export cannot get past; rename it")
+    return _first_line(exc)
+
+
+def _explain_fake(exc: BaseException) -> str:
+    text = _first_line(exc)
+    if "data-dependent" in text:
+        return ("forward branches on tensor values, which no tracer can capture; make the "
+                "branch not depend on values, or move it out of forward")
+    return text
 
 
 def _first_line(exc: BaseException) -> str:
