@@ -134,17 +134,17 @@ def fuse(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *
         if weight_norm_modules(model):
             raise ConfigError("inplace=True cannot fold torch.nn.utils.weight_norm without "
                               "changing your model; use inplace=False")
-        work, notes = model, ()
+        work, notes, renames = model, (), WeightMap()
         reference = copy.deepcopy(model) if cfg.verify else model
     else:
-        work, notes = copy_model(model)
+        work, notes, renames = copy_model(model)
         reference = copy.deepcopy(work) if notes else model   # weight norm folded: compare
     gm = trace_model(work, inputs, concrete_args=cfg.concrete_args, tracer=cfg.tracer)
     notes += getattr(gm, NOTES_KEY, ())
     trace_check = _check_trace(model, gm, inputs, notes, cfg)
     code_before = gm.code
     sites, wmap = apply_sites(gm, find_row_sites(gm, min_rows=cfg.min_rows), cfg.lowering)
-    wmap = getattr(gm, RENAMES_KEY, WeightMap()) + wmap
+    wmap = renames + getattr(gm, RENAMES_KEY, WeightMap()) + wmap
     if not any(s.fused for s in sites) and getattr(gm, TRACER_KEY, "symbolic") != "symbolic":
         gm, more = trace_general(work, gm, inputs, cfg.concrete_args)
         notes += more

@@ -354,11 +354,38 @@ def test_old_weight_norm_folded_in_eval():
 
 
 @pytest.mark.usefixtures("_quiet_weight_norm_warning")
-def test_old_weight_norm_train_is_one_clear_error():
+def test_old_weight_norm_train_kept_with_reason():
     model = WeightNormRows().train()
-    with pytest.raises(fxfuse.TraceError, match="weight_norm") as info:
-        fxfuse.fuse(model, (torch.randn(2, 2, 3, 7),), benchmark=False)
-    assert "\n" not in str(info.value) and "eval()" in str(info.value)
+    x = torch.randn(2, 2, 3, 7)
+    result = fxfuse.fuse(model, (x,), benchmark=False)
+    assert not result.changed and len(result.sites) == 1
+    assert "parametrizations" in result.sites[0].reason
+    assert any("weight_norm in train mode kept" in n for n in result.notes)
+    assert sorted(k for k, _ in model.named_parameters())[:2] == ["convs.0.bias",
+                                                                   "convs.0.weight_g"]
+    other = fresh_inputs((x,), 5)
+    xs = [other[0].clone().requires_grad_() for _ in range(2)]
+    outs = [model(xs[0]), result.model(xs[1])]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    for out in outs:
+        out.square().sum().backward()
+    torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-5, atol=1e-6)
+    ref = {k: p.grad for k, p in model.named_parameters()}
+    got = result.weight_map.to_original({k: p.grad for k, p in
+                                         result.model.named_parameters()}, strict=False)
+    assert sorted(got) == sorted(ref)
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-6)
+
+
+def test_old_weight_norm_inplace_is_one_clear_error():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model = WeightNormRows().eval()
+    with pytest.raises(fxfuse.ConfigError, match="weight_norm") as info:
+        fxfuse.fuse(model, (torch.randn(2, 2, 3, 7),), benchmark=False, inplace=True)
+    assert "\n" not in str(info.value)
 
 
 # ------------------------------------------------------------------ the third route

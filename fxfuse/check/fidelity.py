@@ -9,7 +9,6 @@ batch size only (``batch_sizes``), and is checked on fresh inputs of that size i
 """
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -19,6 +18,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import TraceError, VerificationError
 from .verify import Check, compare
+from ..trace.prepare import deepcopy_any
 
 log = logging.getLogger("fxfuse")
 
@@ -143,9 +143,9 @@ def _compare(name: str, original: torch.nn.Module, traced: torch.nn.Module,
 
 def _quiet_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A copy with every dropout module as identity (both models alike). A model that cannot be
-    copied (old-style weight norm) runs as it is, gradients off."""
+    copied runs as it is, gradients off."""
     try:
-        model = copy.deepcopy(model)
+        model = deepcopy_any(model)
     except Exception:  # noqa: BLE001
         return model
     for module in model.modules():

@@ -1,10 +1,14 @@
 """A private copy of the user's model to trace and rewrite.
 
 ``copy.deepcopy`` fails on a model using the old ``torch.nn.utils.weight_norm`` (its
-forward pre-hook leaves a computed, non-leaf ``weight`` on the module). In eval mode
-that weight is fixed: the copy gets it folded into a plain parameter (the hook removed
-on the copy only), so the layer can fuse. In train mode ``weight_g``/``weight_v`` are
-what trains, and folding would change that: one clear error names the way out.
+forward pre-hook leaves a computed, non-leaf ``weight`` on the module). On the copy
+only (the user's model is never touched):
+
+- eval mode: the weight is fixed, so it is folded into a plain parameter and the hook
+  removed; the layer can fuse.
+- train mode: ``weight_g``/``weight_v`` are what trains, so the hook becomes
+  ``torch.nn.utils.parametrizations.weight_norm`` (the same maths, and a module that
+  copies); the matcher leaves such a layer alone, with the reason.
 """
 from __future__ import annotations
 
@@ -12,9 +16,10 @@ import copy
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrizations
 from torch.nn.utils.weight_norm import WeightNorm
 
-from ..errors import TraceError
+from ..rewrite.weights import WeightEntry, WeightMap
 
 
 def weight_norm_modules(model: nn.Module) -> list[tuple[str, nn.Module, WeightNorm]]:
@@ -23,37 +28,57 @@ def weight_norm_modules(model: nn.Module) -> list[tuple[str, nn.Module, WeightNo
             for hook in module._forward_pre_hooks.values() if isinstance(hook, WeightNorm)]
 
 
-def copy_model(model: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
-    """A deep copy of ``model`` to work on, and notes on what differs from the original.
-
-    Raises:
-        TraceError: the model uses old-style weight norm in train mode.
-    """
-    hooked = weight_norm_modules(model)
-    if not hooked:
-        return copy.deepcopy(model), ()
-    training = [name for name, module, _ in hooked if module.training]
-    if training:
-        raise TraceError(
-            f"{type(model).__name__}.{training[0] or 'self'} uses torch.nn.utils.weight_norm "
-            "(hooks) in train mode, which cannot be copied; call model.eval() to fold the "
-            "weight, or use torch.nn.utils.parametrizations.weight_norm")
+def deepcopy_any(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy``, also for old-style weight norm (hooks kept on the copy)."""
     memo: dict[int, object] = {}
-    for _, module, hook in hooked:       # the computed weight: copied as a plain tensor
-        computed = getattr(module, hook.name, None)
+    for _, module, hook in weight_norm_modules(model):   # the computed weight: a plain copy
+        computed = module.__dict__.get(hook.name)
         if isinstance(computed, torch.Tensor):
             memo[id(computed)] = computed.detach().clone()
-    work = copy.deepcopy(model, memo)
-    folded = []
+    return copy.deepcopy(model, memo)
+
+
+def copy_model(model: nn.Module) -> tuple[nn.Module, tuple[str, ...], WeightMap]:
+    """A deep copy of ``model`` to work on, notes on what differs from the original, and
+    the map from the copy's renamed state back to the original's names."""
+    if not weight_norm_modules(model):
+        return copy.deepcopy(model), (), WeightMap()
+    work = deepcopy_any(model)
+    folded, kept, entries = [], [], []
     for name, module, hook in weight_norm_modules(work):
-        with torch.no_grad():
-            weight = hook.compute_weight(module)
-        module._forward_pre_hooks = type(module._forward_pre_hooks)(
-            (k, h) for k, h in module._forward_pre_hooks.items() if h is not hook)
-        del module._parameters[hook.name + "_g"], module._parameters[hook.name + "_v"]
-        if hook.name in module.__dict__:
-            del module.__dict__[hook.name]
-        module.register_parameter(hook.name, nn.Parameter(weight.detach().clone()))
-        folded.append(f"{name}.{hook.name}")
-    return work, (f"weight_norm folded (eval mode) into {', '.join(folded)}: the returned "
-                  "model has that weight in place of weight_g/weight_v",)
+        path = f"{name}.{hook.name}" if name else hook.name
+        _remove_hook(module, hook)
+        if module.training:
+            g, v = module._parameters.pop(hook.name + "_g"), module._parameters.pop(hook.name + "_v")
+            module.register_parameter(hook.name, nn.Parameter(v.detach().clone()))
+            parametrizations.weight_norm(module, hook.name, hook.dim)
+            base = f"{name}.parametrizations.{hook.name}" if name else \
+                f"parametrizations.{hook.name}"
+            with torch.no_grad():
+                getattr(module.parametrizations, hook.name).original0.copy_(g)
+                getattr(module.parametrizations, hook.name).original1.copy_(v)
+            entries += [WeightEntry(f"{base}.original0", (f"{path}_g",)),
+                        WeightEntry(f"{base}.original1", (f"{path}_v",))]
+            kept.append(path)
+        else:
+            with torch.no_grad():
+                weight = hook.compute_weight(module)
+            del module._parameters[hook.name + "_g"], module._parameters[hook.name + "_v"]
+            module.register_parameter(hook.name, nn.Parameter(weight.detach().clone()))
+            folded.append(path)
+    notes = []
+    if folded:
+        notes.append(f"weight_norm folded (eval mode) into {', '.join(folded)}: the returned "
+                     "model has that weight in place of weight_g/weight_v")
+    if kept:
+        notes.append(f"weight_norm in train mode kept as torch.nn.utils.parametrizations."
+                     f"weight_norm on {', '.join(kept)} (weight_g/weight_v -> original0/"
+                     "original1, mapped by the weight map); such layers are not fused")
+    return work, tuple(notes), WeightMap(tuple(entries))
+
+
+def _remove_hook(module: nn.Module, hook: WeightNorm) -> None:
+    for key, value in list(module._forward_pre_hooks.items()):
+        if value is hook:
+            del module._forward_pre_hooks[key]
+    module.__dict__.pop(hook.name, None)
