@@ -69,7 +69,8 @@ def check_trace(original: torch.nn.Module, traced: torch.nn.Module,
     """
     inputs = tuple(example_inputs)
     original, traced = _quiet_copy(original), _quiet_copy(traced)
-    checks, skipped, batch_sizes = [], [], None
+    checks: list[Check] = []
+    skipped: list[str] = []
     if original.training and _random_ops(traced):
         _set_eval(original)
         _set_eval(traced)
@@ -79,36 +80,58 @@ def check_trace(original: torch.nn.Module, traced: torch.nn.Module,
     with torch.no_grad():
         checks.append(_compare("example inputs", original, traced, inputs, seed, rtol, atol,
                                why=_why_example(inputs, notes)))
-        if batch is None:
-            skipped.append("trace, other batch size: no batched tensor input")
-            fresh = fresh_inputs(inputs, None, seed + 1)
-            checks.append(_compare("fresh inputs", original, traced, fresh, seed, rtol, atol,
-                                   why=_WHY_VALUE))
-        else:
-            other = batch + 1
-            fresh = fresh_inputs(inputs, other, seed + 1)
-            try:
-                _run(original, fresh, seed)
-            except Exception as exc:  # noqa: BLE001 - the model itself is batch-specific
-                skipped.append(f"trace, batch {other}: the original does not run on it "
-                               f"({_line(exc)})")
-                batch_sizes = (batch,)
-                fresh = fresh_inputs(inputs, batch, seed + 1)
-            else:
-                try:
-                    _run(traced, fresh, seed)
-                except Exception as exc:  # noqa: BLE001 - a graph fixed to the traced batch
-                    log.info("traced graph refuses batch %d: %s", other, _line(exc))
-                    batch_sizes = (batch,)
-                    skipped.append(f"trace, batch {other}: the traced graph accepts batch "
-                                   f"{batch} only ({_line(exc)})")
-                    fresh = fresh_inputs(inputs, batch, seed + 1)
-            checks.append(_compare(f"fresh inputs, batch {_batch(fresh)}", original, traced,
-                                   fresh, seed, rtol, atol, why=_WHY_VALUE))
+        fresh_check, batch_sizes = _fresh_check(original, traced, inputs, batch, seed, rtol,
+                                                atol, skipped)
+        if fresh_check is not None:
+            checks.append(fresh_check)
     extra = () if batch_sizes is None else (
         f"the returned model accepts batch size {batch_sizes[0]} only: the trace could not "
         "keep the batch dimension dynamic",)
     return TraceCheck(tuple(checks), tuple(skipped), tuple(notes) + extra, batch_sizes)
+
+
+def _fresh_check(original: torch.nn.Module, traced: torch.nn.Module, inputs: tuple[Any, ...],
+                 batch: int | None, seed: int, rtol: float | None, atol: float | None,
+                 skipped: list[str]) -> tuple[Check | None, tuple[int, ...] | None]:
+    """Fresh distinct inputs of another batch size (of the traced one when the graph
+    refuses another); returns the check and the batch sizes the graph accepts."""
+    fresh = fresh_inputs(inputs, None if batch is None else batch + 1, seed + 1)
+    if batch is None:
+        skipped.append("trace, other batch size: no batched tensor input")
+    ref = got = None
+    batch_sizes = None
+    try:
+        ref = _run(original, fresh, seed)
+    except Exception as exc:  # noqa: BLE001 - the model itself is batch-specific
+        skipped.append(f"trace, {'fresh inputs' if batch is None else f'batch {batch + 1}'}"
+                       f": the original does not run on it ({_line(exc)})")
+    else:
+        try:
+            got = _run(traced, fresh, seed)
+        except Exception as exc:  # noqa: BLE001 - a graph fixed to the traced batch
+            if batch is None:
+                raise _failed("fresh inputs", exc) from exc
+            log.info("traced graph refuses batch %d: %s", batch + 1, _line(exc))
+            batch_sizes = (batch,)
+            skipped.append(f"trace, batch {batch + 1}: the traced graph accepts batch "
+                           f"{batch} only ({_line(exc)})")
+    if got is None and batch is not None:      # fresh inputs of the traced batch size
+        fresh = fresh_inputs(inputs, batch, seed + 1)
+        try:
+            ref = _run(original, fresh, seed)
+        except Exception as exc:  # noqa: BLE001 - the model wants particular values
+            skipped.append(f"trace, fresh inputs: the original does not run on random "
+                           f"inputs ({_line(exc)})")
+        else:
+            try:
+                got = _run(traced, fresh, seed)
+            except Exception as exc:  # noqa: BLE001
+                raise _failed("fresh inputs", exc) from exc
+    if got is None:
+        return None, batch_sizes
+    name = "fresh inputs" if batch is None else f"fresh inputs, batch {_batch(fresh)}"
+    return _compare(name, original, traced, fresh, seed, rtol, atol, why=_WHY_VALUE,
+                    outputs=(ref, got)), batch_sizes
 
 
 _WHY_VALUE = ("the graph fixed a value or shape seen in the example inputs (a branch, a "
@@ -123,22 +146,29 @@ def _why_example(inputs: tuple[Any, ...], notes: Sequence[str]) -> str:
 
 def _compare(name: str, original: torch.nn.Module, traced: torch.nn.Module,
              inputs: tuple[Any, ...], seed: int, rtol: float | None, atol: float | None,
-             why: str) -> Check:
-    label = f"trace: {name}"
-    ref = _run(original, inputs, seed)
+             why: str, outputs: tuple[Any, Any] | None = None) -> Check:
+    """Compare the two models on ``inputs`` (or their ``outputs`` already computed)."""
+    if outputs is None:
+        ref = _run(original, inputs, seed)
+        try:
+            got = _run(traced, inputs, seed)
+        except Exception as exc:  # noqa: BLE001
+            raise _failed(name, exc) from exc
+    else:
+        ref, got = outputs
     try:
-        got = _run(traced, inputs, seed)
-    except Exception as exc:  # noqa: BLE001
-        raise TraceError(f"the traced graph (before any rewrite) fails on {name} where the "
-                         f"model runs: {_line(exc)}; the trace, not the rewrite, is at fault; "
-                         "use tracer='symbolic' or make the model traceable") from exc
-    try:
-        return compare(label, ref, got, rtol, atol)
+        return compare(f"trace: {name}", ref, got, rtol, atol)
     except VerificationError as exc:
         raise TraceError(
             f"the traced graph (before any rewrite) differs from the model on {name}: max "
             f"abs error {exc.max_abs:.3g}; the trace, not the rewrite, is at fault (likely: "
             f"{why}); nothing is returned") from exc
+
+
+def _failed(name: str, exc: BaseException) -> TraceError:
+    return TraceError(f"the traced graph (before any rewrite) fails on {name} where the "
+                      f"model runs: {_line(exc)}; the trace, not the rewrite, is at fault; "
+                      "make the model traceable by torch.fx (tracer='symbolic')")
 
 
 def _quiet_copy(model: torch.nn.Module) -> torch.nn.Module:
