@@ -461,3 +461,18 @@ def test_nothing_rewritten_returns_symbolic_trace():
     assert calls == ["attn"]                      # the module (and its fast path) kept
     assert any("symbolic trace" in n for n in result.notes)
     _same(model, result, (torch.randn(3, 5, 8),))
+
+
+def test_trace_check_catches_a_graph_that_reads_one_input_for_two():
+    """What the check exists for: a graph traced on one tensor passed for two arguments
+    that reads one input for both (what torch.export did with aliased inputs) agrees on
+    the example inputs and differs on distinct ones; the error blames the trace."""
+    model = CrossAttend().eval()
+    x = torch.randn(2, 5, 8)
+    graph = torch.fx.symbolic_trace(copy.deepcopy(model))
+    query, key = [n for n in graph.graph.nodes if n.op == "placeholder"]
+    key.replace_all_uses_with(query)
+    graph.recompile()
+    with pytest.raises(fxfuse.TraceError, match="the trace, not the rewrite") as info:
+        check_trace(model, graph, (x, x))
+    assert "fresh inputs" in str(info.value) and "\n" not in str(info.value)
