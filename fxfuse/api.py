@@ -20,7 +20,10 @@ from .check.report import format_report
 from .rewrite.rewriter import finalize_graph, rewrite_site
 from .rewrite.simplify import simplify_layout
 from .match.sites import RowSite
-from .trace.tracing import TRACER_KEY, trace_model
+from .trace.realtensor import RENAMES_KEY
+from .trace.prepare import copy_model, weight_norm_modules
+from .trace.tracing import NOTES_KEY, TRACER_KEY, distinct_inputs, trace_model, trace_general
+from .check.fidelity import TraceCheck, check_trace, trace_table
 from .check.verify import VerifyReport, verify_models
 from .rewrite.weights import WeightMap
 
@@ -38,7 +41,11 @@ class FuseResult:
         verification: the numerical checks (``None`` when ``verify=False``).
         timing: original vs fused timing (``None`` when ``benchmark=False``).
         code_before: the traced ``forward`` before the rewrite.
-        tracer: ``"symbolic"`` or ``"export"``.
+        tracer: ``"symbolic"``, ``"export"`` or ``"realtensor"``.
+        trace_check: the trace-fidelity check (traced graph vs original, before any
+            rewrite) with notes on the trace and the batch sizes accepted (``None`` when
+            ``verify=False``).
+        notes: what the trace did that a user should know (also without ``verify``).
     """
 
     model: fx.GraphModule
@@ -48,6 +55,13 @@ class FuseResult:
     timing: BenchResult | None
     code_before: str
     tracer: str
+    trace_check: TraceCheck | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def batch_sizes(self) -> tuple[int, ...] | None:
+        """Batch sizes the returned model accepts: ``None`` for any (or not checked)."""
+        return None if self.trace_check is None else self.trace_check.batch_sizes
 
     @property
     def changed(self) -> bool:
@@ -61,7 +75,10 @@ class FuseResult:
 
     def report(self) -> str:
         """A text table: sites, rows, conv settings, outcome, errors, timing, speedup."""
-        return format_report(self.sites, self.verification, self.timing)
+        text = format_report(self.sites, self.verification, self.timing)
+        if self.trace_check is None and self.notes:
+            return text + "\n" + "\n".join(f"note: {n}" for n in self.notes)
+        return text + "\n" + trace_table(self.trace_check)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary."""
@@ -76,6 +93,8 @@ class FuseResult:
                 "batch_sizes": list(v.batch_sizes), "batch_refused": list(v.batch_refused),
                 "modes": list(v.modes)},
             "timing": None if t is None else dataclasses.asdict(t),
+            "trace_check": None if self.trace_check is None else self.trace_check.to_dict(),
+            "notes": list(self.notes),
         }
 
 
@@ -116,27 +135,31 @@ def fuse(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *
                               benchmark=benchmark, inplace=inplace, min_rows=min_rows, **options)
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    inputs = _example_inputs(example_inputs)
+    inputs, alias_notes = _example_inputs(example_inputs)
     if cfg.inplace:
         saved = _snapshot(model)
         try:
-            return _fuse(model, inputs, cfg)
+            return _fuse(model, inputs, cfg, alias_notes)
         except BaseException:
             _restore(saved)
             raise
-    return _fuse(model, inputs, cfg)
+    return _fuse(model, inputs, cfg, alias_notes)
 
 
-def _example_inputs(example_inputs: Any) -> tuple[Any, ...]:
+def _example_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], tuple[str, ...]]:
     """One tensor or a tuple/list of inputs, cloned: the caller's tensors are never
-    changed, even by a forward that writes into its input."""
+    changed, even by a forward that writes into its input. Also a note when inputs
+    shared memory (the clones are distinct, so the trace reads each argument)."""
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)):
         raise ConfigError(f"example_inputs must be a tensor or a tuple of the forward's "
                           f"positional inputs, got {type(example_inputs).__name__}")
+    _, aliased = distinct_inputs(tuple(example_inputs))
+    notes = (f"inputs {', '.join(map(str, aliased))} share memory with an earlier input; "
+             "traced on distinct copies, so the graph reads each argument",) if aliased else ()
     return tuple(pytree.tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor)
-                                 else v, list(example_inputs)))
+                                 else v, list(example_inputs))), notes
 
 
 def _snapshot(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -154,16 +177,28 @@ def _restore(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
                 tensor.data = values
 
 
-def _fuse(model: torch.nn.Module, inputs: tuple[Any, ...], cfg: FuseConfig) -> FuseResult:
-    reference = model
+def _fuse(model: torch.nn.Module, inputs: tuple[Any, ...], cfg: FuseConfig,
+          notes: tuple[str, ...] = ()) -> FuseResult:
     if cfg.inplace:
-        work = model
+        if weight_norm_modules(model):
+            raise ConfigError("inplace=True cannot fold torch.nn.utils.weight_norm without "
+                              "changing your model; use inplace=False")
+        work, renames = model, WeightMap()
         reference = copy.deepcopy(model) if cfg.verify else model
     else:
-        work = copy.deepcopy(model)
+        work, copy_notes, renames = copy_model(model)
+        reference = copy.deepcopy(work) if copy_notes else model   # weight norm folded
+        notes += copy_notes
     gm = trace_model(work, inputs, concrete_args=cfg.concrete_args, tracer=cfg.tracer)
+    notes += getattr(gm, NOTES_KEY, ())
+    trace_check = _check_trace(model, gm, inputs, notes, cfg)
     code_before = gm.code
     sites, wmap = apply_sites(gm, find_row_sites(gm, min_rows=cfg.min_rows), cfg.lowering)
+    wmap = renames + getattr(gm, RENAMES_KEY, WeightMap()) + wmap
+    if not any(s.fused for s in sites) and getattr(gm, TRACER_KEY, "symbolic") != "symbolic":
+        gm, more = trace_general(work, gm, inputs, cfg.concrete_args)
+        notes += more
+        trace_check = _check_trace(model, gm, inputs, notes, cfg)
     verification = None
     if cfg.verify and any(s.fused for s in sites):
         verification = verify_models(reference, gm, inputs, weight_map=wmap,
@@ -173,7 +208,15 @@ def _fuse(model: torch.nn.Module, inputs: tuple[Any, ...], cfg: FuseConfig) -> F
     timing = benchmark_models(copy.deepcopy(reference), copy.deepcopy(gm), inputs,
                               rounds=cfg.bench_rounds) if cfg.benchmark else None
     return FuseResult(gm, sites, wmap, verification, timing, code_before,
-                      getattr(gm, TRACER_KEY, "symbolic"))
+                      getattr(gm, TRACER_KEY, "symbolic"), trace_check, tuple(notes))
+
+
+def _check_trace(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],
+                 notes: tuple[str, ...], cfg: FuseConfig) -> TraceCheck | None:
+    """Part one of verification: the unrewritten trace against the original."""
+    if not cfg.verify:
+        return None
+    return check_trace(model, gm, inputs, notes=notes, rtol=cfg.rtol, atol=cfg.atol)
 
 
 def apply_sites(gm: fx.GraphModule, sites: Sequence[RowSite],

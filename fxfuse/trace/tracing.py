@@ -1,8 +1,10 @@
 """Turn a model into a GraphModule whose nodes carry shapes.
 
 ``torch.fx.symbolic_trace`` first; when it cannot (a loop bound read from the input's
-shape, a write into a preallocated tensor), a shape-specialising ``torch.export``
-(non-strict) gives an ATen-level graph. The matcher does not care which one it got.
+shape, a write into a preallocated tensor), ``torch.export`` (non-strict, see
+``export.py``) gives an ATen-level graph; when neither can, ``make_fx`` on fake tensors
+(``realtensor.py``). The matcher does not care which one it got. Example inputs that
+share memory are traced on copies; optional arguments they leave out are bound.
 """
 from __future__ import annotations
 
@@ -15,13 +17,16 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils import _pytree as pytree
 
 from ..errors import TraceError
+from .export import export_model
 
 log = logging.getLogger("fxfuse")
 
 VALUE_KEY = "fxfuse_value"   # node.meta key: concrete non-tensor value seen at trace time
 TRACER_KEY = "fxfuse_tracer"  # graph-module attribute naming the tracer used
+NOTES_KEY = "fxfuse_trace_notes"  # graph-module attribute: what the trace did, for users
 
 
 class _RecordingShapeProp(ShapeProp):
@@ -57,31 +62,23 @@ def _symbolic(model: torch.nn.Module, concrete_args: dict[str, Any] | None) -> f
     return fx.symbolic_trace(model, concrete_args=concrete_args)
 
 
-def _export(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> fx.GraphModule:
-    dims = _batch_dynamic_shapes(example_inputs)
+def _bound(model: torch.nn.Module, inputs: tuple[Any, ...]) -> inspect.BoundArguments | None:
     try:
-        program = torch.export.export(model, _batch_of_two(example_inputs), dynamic_shapes=dims,
-                                      strict=False)
-    except Exception:  # noqa: BLE001 - a dynamic batch is a bonus; fall back to static shapes
-        program = torch.export.export(model, example_inputs, strict=False)
-    return program.module()
+        return inspect.signature(model.forward).bind(*inputs)
+    except (TypeError, ValueError):
+        return None
 
 
-def _batch_of_two(example_inputs: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Batch-1 inputs repeated to batch 2: export specialises a size-1 dim to 1, and the
-    traced graph would then refuse every other batch size."""
-    batched = [x for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() > 0]
-    if not batched or any(x.shape[0] != 1 for x in batched):
-        return example_inputs
-    return tuple(x.expand(2, *x.shape[1:]).clone() if isinstance(x, torch.Tensor) and x.dim() > 0
-                 else x for x in example_inputs)
-
-
-def _batch_dynamic_shapes(example_inputs: tuple[Any, ...]) -> tuple[Any, ...] | None:
-    batch = torch.export.Dim.AUTO
-    specs = tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
-                  for x in example_inputs)
-    return specs
+def unsupplied_defaults(model: torch.nn.Module, inputs: tuple[Any, ...]) -> dict[str, Any]:
+    """The optional arguments of ``forward`` the example inputs leave out, with their
+    defaults: bound as constants when tracing, not traced as inputs."""
+    bound = _bound(model, inputs)
+    if bound is None:
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {name: p.default for name, p in bound.signature.parameters.items()
+            if name not in bound.arguments and p.kind in kinds
+            and p.default is not inspect.Parameter.empty and _is_small_value(p.default)}
 
 
 def _check_arity(model: torch.nn.Module, inputs: tuple[Any, ...]) -> None:
@@ -106,44 +103,38 @@ def trace_model(model: torch.nn.Module, example_inputs: Sequence[Any], *,
         model: the module to trace. It is not modified; the returned GraphModule shares
             its submodules (deep-copy first if you will mutate them).
         example_inputs: positional inputs for one forward call; they fix the shapes the
-            matcher reasons about.
+            matcher reasons about. Optional arguments they leave out are bound to their
+            defaults; inputs that share memory are traced on distinct copies.
         concrete_args: passed to ``torch.fx.symbolic_trace`` to specialise arguments.
-        tracer: ``"auto"`` (symbolic, then export), ``"symbolic"`` or ``"export"``.
+        tracer: ``"auto"`` (symbolic, then export, then a real-tensor trace),
+            ``"symbolic"`` or ``"export"``.
 
     Returns:
         A GraphModule whose nodes carry ``meta["tensor_meta"]`` (and, for small
-        non-tensor values, ``meta["fxfuse_value"]``), with attribute ``fxfuse_tracer``.
+        non-tensor values, ``meta["fxfuse_value"]``), with attributes ``fxfuse_tracer``
+        and ``fxfuse_trace_notes`` (what the trace did that a user should know).
 
     Raises:
-        TraceError: neither tracer could handle the model; the message names the
-            construct and the way out.
+        TraceError: no tracer could handle the model; the message names the construct
+            and the way out.
     """
     if tracer not in ("auto", "symbolic", "export"):
         raise TraceError(f"unknown tracer {tracer!r}; use 'auto', 'symbolic' or 'export'")
     example_inputs = tuple(example_inputs)
     _check_arity(model, example_inputs)
-    first_error: BaseException | None = None
-    gm: fx.GraphModule | None = None
-    used = tracer
-    if tracer in ("auto", "symbolic"):
-        try:
-            gm = _symbolic(model, concrete_args)
-            used = "symbolic"
-        except Exception as exc:  # noqa: BLE001 - any tracing failure is reported below
-            first_error = exc
-            log.info("symbolic_trace failed (%s); trying torch.export", _explain(exc))
-            if tracer == "symbolic":
-                raise TraceError(f"torch.fx could not trace {type(model).__name__}: "
-                                 f"{_explain(exc)}") from exc
-    if gm is None:
-        try:
-            gm = _export(model, example_inputs)
-            used = "export"
-        except Exception as exc:  # noqa: BLE001
-            reason = _explain(first_error) if first_error is not None else _explain(exc)
-            raise TraceError(
-                f"could not trace {type(model).__name__}: {reason}; torch.export also failed: "
-                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    notes: list[str] = []
+    example_inputs, aliased = distinct_inputs(example_inputs)
+    if aliased:
+        notes.append(f"inputs {', '.join(map(str, aliased))} share memory with an earlier "
+                     "input; traced on distinct copies, so the graph reads each argument")
+    defaults = unsupplied_defaults(model, example_inputs)
+    if defaults:
+        notes.append("optional arguments bound to their defaults: "
+                     + ", ".join(f"{k}={v!r}" for k, v in defaults.items()))
+    concrete = {**defaults, **(concrete_args or {})} or None
+    gm, used = _trace_any(model, example_inputs, concrete, tracer)
+    if used == "export":
+        notes.append("traced with torch.export (ATen graph)")
     try:
         # ShapeProp prints its own traceback before raising; the error below says it all.
         with _buffers_kept(gm), contextlib.redirect_stderr(io.StringIO()):
@@ -153,7 +144,97 @@ def trace_model(model: torch.nn.Module, example_inputs: Sequence[Any], *,
                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
                          "check the number, shapes and dtypes of the inputs") from exc
     setattr(gm, TRACER_KEY, used)
+    setattr(gm, NOTES_KEY, tuple(notes) + tuple(getattr(gm, NOTES_KEY, ())))
     return gm
+
+
+def _trace_any(model: torch.nn.Module, example_inputs: tuple[Any, ...],
+               concrete: dict[str, Any] | None, tracer: str) -> tuple[fx.GraphModule, str]:
+    """The first tracer that takes ``model``, and its name."""
+    first_error: BaseException | None = None
+    if tracer in ("auto", "symbolic"):
+        try:
+            return _symbolic(model, concrete), "symbolic"
+        except Exception as exc:  # noqa: BLE001 - any tracing failure is reported below
+            first_error = exc
+            log.info("symbolic_trace failed (%s); trying torch.export", _explain(exc))
+            if tracer == "symbolic":
+                raise TraceError(f"torch.fx could not trace {type(model).__name__}: "
+                                 f"{_explain(exc)}") from exc
+    try:
+        return export_model(model, example_inputs), "export"
+    except Exception as exc:  # noqa: BLE001
+        export_error = exc
+    reason = _explain(first_error) if first_error is not None else _explain(export_error)
+    also = ""
+    if tracer == "auto":
+        from .realtensor import trace_real   # noqa: PLC0415 - the last resort
+        try:
+            return trace_real(model, example_inputs), "realtensor"
+        except Exception as exc:  # noqa: BLE001
+            log.info("real-tensor trace failed: %s", exc)
+            also = f"; make_fx also failed: {_explain_fake(exc)}"
+    raise TraceError(
+        f"could not trace {type(model).__name__}: {reason}; torch.export also failed: "
+        f"{_explain_export(model, export_error)}{also}") from export_error
+
+
+def _explain_export(model: torch.nn.Module, exc: BaseException) -> str:
+    """Why export failed, naming a submodule that shadows an ``nn.Module`` method."""
+    shadowing = [name for name, _ in model.named_modules()
+                 if name and hasattr(torch.nn.Module, name.rsplit(".", 1)[-1])]
+    if shadowing:
+        return (f"the submodule `{shadowing[0]}` is named like an nn.Module method, which "
+                "torch.export cannot get past; rename it")
+    return _first_line(exc)
+
+
+def _explain_fake(exc: BaseException) -> str:
+    text = _first_line(exc)
+    if "data-dependent" in text:
+        return ("forward branches on tensor values, which no tracer can capture; make the "
+                "branch not depend on values, or move it out of forward")
+    return text
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def distinct_inputs(inputs: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[int, ...]]:
+    """``inputs`` with every tensor that shares memory with an earlier one cloned, and
+    the positions of the arguments that held such a tensor. A tracer that sees one tensor
+    twice may read one input for both arguments."""
+    seen: list[torch.Tensor] = []
+    aliased: list[int] = []
+
+    def distinct(x: Any, position: int) -> Any:
+        if not isinstance(x, torch.Tensor) or x.numel() == 0:
+            return x
+        if any(_overlap(x, y) for y in seen):
+            if position not in aliased:
+                aliased.append(position)
+            x = x.clone()
+        seen.append(x)
+        return x
+
+    out = tuple(pytree.tree_map(lambda x, i=i: distinct(x, i), value)
+                for i, value in enumerate(inputs))
+    return out, tuple(aliased)
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    try:
+        if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+            return False
+    except (RuntimeError, NotImplementedError):
+        return a is b
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        size = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+        start = t.storage_offset() * t.element_size()
+        return start, start + size * t.element_size()
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
 
 
 @contextlib.contextmanager
@@ -178,3 +259,25 @@ def tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
 def tensor_dtype(node: fx.Node) -> torch.dtype | None:
     """The traced dtype of ``node``'s tensor output, or None."""
     return getattr(node.meta.get("tensor_meta"), "dtype", None)
+
+
+def trace_general(model: torch.nn.Module, traced: fx.GraphModule, example_inputs: Sequence[Any],
+                  concrete_args: dict[str, Any] | None) -> tuple[fx.GraphModule, tuple[str, ...]]:
+    """What to return when nothing was rewritten in a non-symbolic graph.
+
+    The symbolic trace when the model has one (module calls kept, so fast paths such as
+    ``nn.MultiheadAttention``'s fused kernel stay, and no shape is fixed); otherwise
+    ``traced`` with its limits stated.
+    """
+    try:
+        return trace_model(model, example_inputs, concrete_args=concrete_args,
+                           tracer="symbolic"), (
+            "nothing rewritten: returned the symbolic trace (module calls and their fast "
+            "paths kept) rather than the ATen graph",)
+    except TraceError:
+        pass
+    used = getattr(traced, TRACER_KEY, "export")
+    return traced, (f"nothing rewritten, and only the {used} route traces this model: the "
+                    "returned graph spells modules as ATen ops, so fused module kernels (e.g. "
+                    "nn.MultiheadAttention's fast path) are not used; where speed matters, "
+                    "keep the original model",)

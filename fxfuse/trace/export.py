@@ -1,0 +1,85 @@
+"""The ``torch.export`` route: a dynamic batch shaped like the signature, and dropout
+that follows ``train()``/``eval()``."""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import fx
+from torch.utils import _pytree as pytree
+
+
+def export_model(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> fx.GraphModule:
+    """``torch.export`` (non-strict) with a dynamic batch when export keeps one, static
+    shapes otherwise; returns the unlifted module, dropout as ``nn.Dropout`` modules."""
+    dims = batch_dynamic_shapes(model, example_inputs)
+    try:
+        program = torch.export.export(model, _batch_of_two(example_inputs), dynamic_shapes=dims,
+                                      strict=False)
+    except Exception:  # noqa: BLE001 - a dynamic batch is a bonus; fall back to static shapes
+        program = torch.export.export(model, example_inputs, strict=False)
+    gm = program.module()
+    dropout_as_modules(gm)
+    return gm
+
+
+def _batch_of_two(example_inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Batch-1 inputs repeated to batch 2: export specialises a size-1 dim to 1, and the
+    traced graph would then refuse every other batch size."""
+    leaves = pytree.tree_leaves(example_inputs)
+    batched = [x for x in leaves if isinstance(x, torch.Tensor) and x.dim() > 0]
+    if not batched or any(x.shape[0] != 1 for x in batched):
+        return example_inputs
+    return pytree.tree_map(
+        lambda x: x.expand(2, *x.shape[1:]).clone()
+        if isinstance(x, torch.Tensor) and x.dim() > 0 else x, example_inputs)
+
+
+def batch_dynamic_shapes(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> Any:
+    """``torch.export`` dynamic shapes with a dynamic dim 0 for every batched tensor,
+    shaped like the signature (``*args`` get a tuple, nested tuples nest): a flat spec
+    is refused for varargs and export then falls back to one batch size."""
+    def spec(value: Any) -> Any:
+        return pytree.tree_map(lambda x: {0: torch.export.Dim.AUTO}
+                               if isinstance(x, torch.Tensor) and x.dim() > 0 else None, value)
+    try:
+        bound = inspect.signature(model.forward).bind(*example_inputs)
+    except (TypeError, ValueError):
+        bound = None
+    if bound is None:
+        return tuple(spec(x) for x in example_inputs)
+    return {name: spec(value) for name, value in bound.arguments.items()}
+
+
+def dropout_as_modules(gm: fx.GraphModule) -> int:
+    """Turn an exported graph's ``aten.dropout(x, p, train)`` into calls of ``nn.Dropout``
+    submodules, so ``train()``/``eval()`` reach them (the exported graph fixes the flag
+    it was traced with). Returns how many were turned."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.dropout.default:
+            continue
+        x, p, train = (list(node.args) + [node.kwargs.get("p", 0.5),
+                                          node.kwargs.get("train", True)])[:3]
+        name = f"fxfuse_dropout_{count}"
+        module = torch.nn.Dropout(float(p))
+        module.train(bool(train))
+        gm.add_module(name, module)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(name, (x,))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        count += 1
+    if count:
+        gm.graph.lint()
+        gm.recompile()
+        if not _has_mode_dependent_ops(gm):
+            for attr in ("train", "eval"):   # the only mode-dependent ops now follow train()
+                gm.__dict__.pop(attr, None)
+    return count
+
+
+def _has_mode_dependent_ops(gm: fx.GraphModule) -> bool:
+    return any(n.op == "call_function" and "batch_norm" in str(n.target) for n in gm.graph.nodes)
