@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
-from .ops import combine_kind, combine_members, data_input, is_buffer_alloc, is_copy_into, \
+from .ops import ADD, combine_kind, combine_members, data_input, is_buffer_alloc, is_copy_into, \
     is_index_op
 
 
@@ -140,10 +140,44 @@ def buffer_candidate(alloc: fx.Node, convs: set[fx.Node],
         cand.reason = f"a view of the buffer is also read elsewhere ({_describe(viewed[0])})"
     return cand
 
+def _is_add(node: fx.Node) -> bool:
+    return ADD.calls_function(node)
+
+
+def sum_candidate(node: fx.Node, row_ops: set[fx.Node]) -> Candidate | None:
+    """The last ``add`` of a chain ``((0 + r0) + r1) + ...`` over per-row results, or None."""
+    if not _is_add(node) or any(_is_add(u) for u in node.users) or node.kwargs:
+        return None
+    terms, adds, cur = [], [], node
+    while isinstance(cur, fx.Node) and _is_add(cur) and len(cur.args) == 2 and not cur.kwargs:
+        adds.append(cur)
+        left, right = cur.args
+        terms.append(right)
+        if isinstance(left, (int, float)) and left == 0:
+            break
+        if not isinstance(left, fx.Node) or (cur is not node and len(cur.users) != 1):
+            return None
+        if not _is_add(left) or len(left.users) != 1:
+            terms.append(left)
+            break
+        cur = left
+    terms.reverse()
+    cand = Candidate(node, "sum")
+    for term in terms:
+        if not isinstance(term, fx.Node):
+            return None
+        path, base = walk_back(term, row_ops)
+        if base not in row_ops or path:
+            return None
+        cand.convs.append(base)
+    if len(cand.convs) < 2:
+        return None
+    cand.output_nodes.update(a for a in adds if a is not node)
+    return cand
+
 
 def find_candidates(graph: fx.Graph, convs: set[fx.Node]) -> list[Candidate]:
     """Every cat/stack/buffer/sum in ``graph`` that joins per-row results, in graph order."""
-    from .reduce import sum_candidate
     order = {n: i for i, n in enumerate(graph.nodes)}
     found: list[Candidate] = []
     for node in graph.nodes:

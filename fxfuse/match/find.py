@@ -15,11 +15,11 @@ from torch import fx
 
 from .candidates import Candidate, find_candidates, walk_back
 from .chains import RowChain, family, family_problem, group_rows, key_difference, row_chain
-from .convspec import WeightUses, get_tensor
+from .params import WeightUses, get_tensor, twin_key
 from ..errors import ConfigError
 from .reduce import can_reduce, identity_plan, reduce_kind, reduced_plan
 from .layout import LayoutError, evaluate, index_tensor, solve_input, solve_output
-from .rowops import module_problem, row_op
+from .kinds import row_op
 from .sites import InputPlan, OutputPlan, RowSite
 from ..trace.tracing import tensor_dtype, tensor_shape
 
@@ -70,7 +70,7 @@ def _signature(chains: list[RowChain | None]) -> tuple | None:
     chains)."""
     if any(c is None for c in chains):
         return None
-    return tuple(op.params for c in chains for op in c.ops)
+    return twin_key(op for c in chains for op in c.ops)
 
 
 def _twins(found: list) -> dict[tuple, set[fx.Node]]:
@@ -100,6 +100,7 @@ def _plan(gm: fx.GraphModule, cand: Candidate, chains: list[RowChain | None],
         good = _check_chains(gm, chains)
         base["loop_kind"] = _loop_kind(good[0], cand.kind)
         base["steps"] = tuple(op.label for op in good[0].ops)
+        base["twin"] = _signature(good)
         base["spec"] = next((op.key for op in good[0].ops if op.kind == "conv"), None)
         if len(good) < min_rows:
             raise _Refuse(f"{len(good)} rows, fewer than min_rows={min_rows}")
@@ -145,7 +146,7 @@ def _plan(gm: fx.GraphModule, cand: Candidate, chains: list[RowChain | None],
 
 
 def _loop_kind(chain: RowChain, combine_kind: str) -> str:
-    what = "Linear heads" if chain.head.kind == "linear" else "Conv1d"
+    what = chain.head.row_kind.loop_title
     if len(chain.ops) > 1:
         what = f"{what} ({chain.describe()})"
     return f"{what}, {combine_kind}"
@@ -157,7 +158,7 @@ def _check_chains(gm: fx.GraphModule, chains: list[RowChain | None]) -> list[Row
     good: list[RowChain] = list(chains)  # type: ignore[arg-type]
     for c in good:
         problem = family_problem(c) or next(
-            (p for p in (module_problem(gm, op) for op in c.ops) if p), "")
+            (p for p in (op.row_kind.module_problem(gm, op) for op in c.ops) if p), "")
         if problem:
             raise _Refuse(problem)
     if len({c.kinds for c in good}) > 1:
@@ -205,9 +206,10 @@ def _sharing(chains: list[RowChain]) -> bool:
     if any(shared_steps) and not all(shared_steps):
         raise _Refuse("rows share some layers but not others; fusing would untie them")
     shared = bool(shared_steps) and all(shared_steps)
-    if shared and any(op.kind == "batchnorm" for op in chains[0].ops):
-        raise _Refuse("rows share one BatchNorm1d; folding rows into the batch would change "
-                      "its statistics in train mode")
+    stats = next((op for op in chains[0].ops if op.row_kind.batch_statistics), None)
+    if shared and stats is not None:
+        raise _Refuse(f"rows share one {stats.row_kind.title}; folding rows into the batch "
+                      "would change its statistics in train mode")
     return shared
 
 
@@ -251,7 +253,7 @@ def _plan_output(cand: Candidate, chains: list[RowChain]) -> OutputPlan:
     dtype, row_dtype = tensor_dtype(cand.combine), tensor_dtype(outs[0])
     if dtype is not None and dtype != row_dtype:
         raise _Refuse(f"the rows are {row_dtype} but are written into a {dtype} tensor")
-    _check_bn_counters(chains)
+    _check_rows(chains)
     combine = cand.combine
     nodes = set(cand.output_nodes) if cand.kind == "buffer" else cand.output_nodes | {combine}
     inside = nodes | set(outs) | {combine}
@@ -305,12 +307,10 @@ def _plan_reduction(cand: Candidate, chains: list[RowChain], shared: bool,
     return (users[0], new_plan, found[0]) if new_plan else None
 
 
-def _check_bn_counters(chains: list[RowChain]) -> None:
+def _check_rows(chains: list[RowChain]) -> None:
+    """Each step's own check of its rows (e.g. BatchNorm batch counters agree)."""
     root = chains[0].output.graph.owning_module
     for j, op in enumerate(chains[0].ops):
-        key = op.param("num_batches_tracked")
-        if op.kind != "batchnorm" or key is None:
-            continue
-        counts = {int(get_tensor(root, c.ops[j].param("num_batches_tracked"))) for c in chains}
-        if len(counts) > 1:
-            raise _Refuse("the rows' BatchNorm1d layers have seen different numbers of batches")
+        problem = op.row_kind.rows_problem(root, [c.ops[j] for c in chains])
+        if problem:
+            raise _Refuse(problem)

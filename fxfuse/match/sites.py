@@ -8,7 +8,7 @@ rewriter reads them and changes the graph.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -132,6 +132,9 @@ class RowSite:
         lowering: what the pass did: ``"grouped"``, ``"batched"``, ``"loop"`` (kept), or ``""``.
         notes: facts worth telling the user (e.g. weights duplicated for inference).
         timings: per candidate lowering, median seconds, when the choice was measured.
+        twin: the weights the loop reads, row by row and step by step
+            (:func:`fxfuse.match.params.twin_key`): sites with equal ``twin`` run the very
+            same layers (a loop module applied twice).
     """
 
     name: str
@@ -157,7 +160,7 @@ class RowSite:
     lowering: str = ""
     notes: tuple[str, ...] = ()
     timings: tuple[tuple[str, float], ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    twin: tuple = ()
 
     @property
     def rows(self) -> int:
@@ -206,3 +209,9 @@ class RowSite:
             "notes": list(self.notes),
             "timings_s": dict(self.timings),
         }
+
+
+def twin_of(site: RowSite) -> tuple:
+    """The key under which sites that run the very same layers (one loop module applied
+    twice) must get the same lowering and share one fused module."""
+    return ("twin", site.twin) if site.twin else ("site", site.name)

@@ -25,9 +25,9 @@ import torch
 from torch import fx
 
 from ..errors import RewriteError
-from .emit import (batched_chain, batchnorm_step, conv_step, dense_sum, linear_step,
-                   pointwise_step)
-from ..match.rowops import RowOp, row_op
+from .emit import batched_chain, dense_sum
+from ..match.kinds import Lane, RowOp, row_op
+from ..match.ops import SIZE_QUERY
 from ..match.sites import RowSite
 from .weights import WeightMap
 
@@ -155,38 +155,20 @@ def _make_groups(gm: fx.GraphModule, rows: fx.Node, chains: list[list[RowOp]],
 
 def _make_chain(gm: fx.GraphModule, rows: fx.Node, chains: list[list[RowOp]], prefix: str,
                 lowering: str, site: RowSite) -> tuple[fx.Node, list]:
-    """The fused steps of one group: (N, G, C, L) in, (N, G, C', L') out."""
-    graph, count, entries = gm.graph, len(chains), []
-    steps = list(zip(*chains))
+    """The fused steps of one group: (N, G, C, L) in, (N, G, C', L') out. Each step is
+    emitted by its row-op kind."""
+    graph, count, plan = gm.graph, len(chains), site.input_plan
     if site.family == "linear":
-        cur = rows
-        ndim = len(site.input_plan.axes) - (1 if site.input_plan.kind == "select" else 0)
-        for ops in steps:
-            if ops[0].kind == "linear":
-                cur, new = linear_step(gm, cur, list(ops), prefix, ndim)
-                entries += new
-            else:
-                cur = pointwise_step(graph, cur, ops[0])
-        return cur, entries
-    two_d = lowering == "grouped2d"
-    cur = _channels_last_input(graph, rows) if two_d else \
-        graph.call_method("flatten", (rows, 1, 2))
-    channels, first = count * site.input_plan.width, True
-    for ops in steps:
-        kind = ops[0].kind
-        if kind == "conv":
-            cur, new, channels = conv_step(gm, cur, list(ops), prefix, lowering, first)
-            first = False
-        elif kind == "batchnorm":
-            if first and two_d:
-                cur, first = graph.call_method("squeeze", (cur, 2)), False
-            cur, new = batchnorm_step(gm, cur, list(ops), prefix)
-        else:
-            if first and two_d:
-                cur, first = graph.call_method("squeeze", (cur, 2)), False
-            cur, new = pointwise_step(graph, cur, ops[0]), []
-        entries += new
-    return graph.call_method("unflatten", (cur, 1, (count, channels // count))), entries
+        lane = Lane(gm, rows, "linear", count, prefix, lowering,
+                    row_ndim=len(plan.axes) - (1 if plan.kind == "select" else 0))
+    else:
+        two_d = lowering == "grouped2d"
+        start = _channels_last_input(graph, rows) if two_d else \
+            graph.call_method("flatten", (rows, 1, 2))
+        lane = Lane(gm, start, "conv", count, prefix, lowering, channels=plan.width, two_d=two_d)
+    for ops in zip(*chains):
+        ops[0].row_kind.emit(lane, list(ops))
+    return lane.per_row(), lane.entries
 
 
 def _channels_last_input(graph: fx.Graph, rows: fx.Node) -> fx.Node:
@@ -247,8 +229,7 @@ def _erase_dead(graph: fx.Graph, candidates: list[fx.Node]) -> None:
 
 
 def _is_size_query(node: fx.Node) -> bool:
-    packet = getattr(node.target, "overloadpacket", None)
-    return node.op == "call_function" and packet in (torch.ops.aten.sym_size,)
+    return SIZE_QUERY.calls_function(node)
 
 
 def _drop_unused_attrs(gm: fx.GraphModule, keys: list[str]) -> None:

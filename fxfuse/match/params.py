@@ -1,13 +1,11 @@
-"""Read a conv call's settings and check that its weights may move into a fused conv."""
+"""Read a parameter by its state_dict key, and find who else uses a weight tensor."""
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any, Iterable
 
 import torch
 from torch import fx
-
-from .ops import ConvCall
-from .sites import ConvSpec
 
 
 def get_tensor(root: torch.nn.Module, key: str) -> torch.Tensor:
@@ -17,14 +15,20 @@ def get_tensor(root: torch.nn.Module, key: str) -> torch.Tensor:
     return getattr(mod, name)
 
 
-def conv_spec(root: torch.nn.Module, call: ConvCall) -> ConvSpec:
-    """The settings of one conv call, read from its weight and arguments."""
-    weight = get_tensor(root, call.weight_key)
-    return ConvSpec(
-        in_channels=int(weight.shape[1]) * call.groups, out_channels=int(weight.shape[0]),
-        kernel_size=int(weight.shape[2]), stride=call.stride, padding=call.padding,
-        dilation=call.dilation, groups=call.groups, bias=call.bias_key is not None,
-        padding_mode=call.padding_mode, dtype=weight.dtype, device=str(weight.device))
+def storage_id(tensor: torch.Tensor) -> tuple[int, int]:
+    """Where a tensor's data lives: (storage address, byte offset). Two parameters tied by
+    assignment, or views of one tensor, give the same answer."""
+    try:
+        base = tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):   # meta or other storage-less tensors
+        return id(tensor), 0
+    return base, tensor.storage_offset() * tensor.element_size()
+
+
+def twin_key(ops: Iterable[Any]) -> tuple:
+    """The weights some row ops read, op by op: equal keys mean the very same layers (a
+    loop module applied twice), which must share one fused module so weights stay tied."""
+    return tuple(op.params for op in ops)
 
 
 class WeightUses:
