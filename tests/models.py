@@ -784,3 +784,19 @@ class SharedUsedOutside(Shared):
     def forward(self, x):
         rows = torch.stack([self.conv(x[:, :, h]) for h in range(self.H)], 2)
         return rows, self.conv(x.mean(2))
+
+
+class TiedRows(Seed):
+    """``layers[1].weight = layers[0].weight``: two rows share one weight tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers[1].weight = self.layers[0].weight
+
+
+class StorageTiedRows(Seed):
+    """``layers[2].weight`` is another Parameter over ``layers[1].weight``'s memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers[2].weight = nn.Parameter(self.layers[1].weight.detach())

@@ -30,6 +30,8 @@ NEGATIVES = {
     "some-rows-frozen": (M.PartlyFrozen, {}, ("frozen", "requires_grad=False")),
     "weight-norm-parametrization": (M.WeightNormed, {}, ("layers.1", "parametrizations")),
     "buffer-of-another-dtype": (M.DtypeChange, {}, ("float64",)),
+    "rows-with-tied-weights": (M.TiedRows, {"check_grads": False},
+                               ("layers.1.weight", "tied to layers.0.weight")),
 }
 
 
@@ -97,3 +99,26 @@ def test_loop_module_called_twice_shares_one_fused_conv():
     assert len(calls) == 2 and len(set(calls)) == 1
     x = torch.randn(5, *model.in_shape)
     torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_tied_rows_stay_tied_after_a_step():
+    """With the tie detected nothing is fused, so one optimiser step changes both rows'
+    weight together, as in the original."""
+    torch.manual_seed(0)
+    model = M.TiedRows()
+    result = fxfuse.fuse(model, (model.example(),), benchmark=False, check_grads=False)
+    assert not result.changed
+    fused = result.model
+    opt = torch.optim.SGD(fused.parameters(), lr=0.1)
+    fused(model.example()).sum().backward()
+    opt.step()
+    assert fused.get_submodule("layers.1").weight is fused.get_submodule("layers.0").weight
+
+
+def test_rows_sharing_weight_storage_are_found_tied():
+    """Views of one tensor under different names: the matcher compares storage, not names.
+    (``fuse`` deep-copies first; the matcher is run on the model itself here.)"""
+    model = M.StorageTiedRows()
+    gm = fxfuse.trace_model(model, (model.example(),))
+    site, = fxfuse.find_row_sites(gm)
+    assert "layers.2.weight is tied to layers.1.weight" in site.reason

@@ -15,7 +15,7 @@ from torch import fx
 
 from .candidates import Candidate, find_candidates, walk_back
 from .chains import RowChain, family, family_problem, group_rows, key_difference, row_chain
-from .params import WeightUses, get_tensor, twin_key
+from .params import WeightUses, get_tensor, tied_keys, twin_key
 from ..errors import ConfigError
 from .reduce import can_reduce, identity_plan, reduce_kind, reduced_plan
 from .layout import LayoutError, evaluate, index_tensor, solve_input, solve_output
@@ -108,6 +108,7 @@ def _plan(gm: fx.GraphModule, cand: Candidate, chains: list[RowChain | None],
         if taken:
             raise _Refuse(f"its rows are already part of {taken[0]}")
         groups = _groups(good)
+        _check_ties(gm, good)
         shared = _sharing(good)
         source, in_nodes, in_plan = _plan_input(cand, good)
         reduced = _plan_reduction(cand, good, shared, groups)
@@ -211,6 +212,15 @@ def _sharing(chains: list[RowChain]) -> bool:
         raise _Refuse(f"rows share one {stats.row_kind.title}; folding rows into the batch "
                       "would change its statistics in train mode")
     return shared
+
+
+def _check_ties(gm: fx.GraphModule, chains: list[RowChain]) -> None:
+    """Refuse rows whose weights are tied under different names (``layers[1].weight =
+    layers[0].weight``, or views of one tensor): fusing copies them apart."""
+    tie = tied_keys(gm, _param_keys(chains))
+    if tie:
+        raise _Refuse(f"{tie[1]} is tied to {tie[0]} (the same tensor or storage); fusing "
+                      "would untie them")
 
 
 def _param_keys(chains: list[RowChain]) -> list[str]:

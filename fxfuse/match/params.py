@@ -15,14 +15,31 @@ def get_tensor(root: torch.nn.Module, key: str) -> torch.Tensor:
     return getattr(mod, name)
 
 
-def storage_id(tensor: torch.Tensor) -> tuple[int, int]:
-    """Where a tensor's data lives: (storage address, byte offset). Two parameters tied by
-    assignment, or views of one tensor, give the same answer."""
+def _extent(tensor: torch.Tensor) -> tuple[int, int, int]:
+    """(storage address, first byte, one past the last byte) of a tensor's data."""
     try:
         base = tensor.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError):   # meta or other storage-less tensors
-        return id(tensor), 0
-    return base, tensor.storage_offset() * tensor.element_size()
+        return id(tensor), 0, 1
+    size = tensor.element_size()
+    start = tensor.storage_offset() * size
+    span = sum((n - 1) * abs(st) for n, st in zip(tensor.shape, tensor.stride())) + 1
+    return base, start, start + span * size
+
+
+def tied_keys(root: torch.nn.Module, keys: Iterable[str]) -> tuple[str, str] | None:
+    """Two different keys whose tensors are the same object or overlap in memory (tied by
+    assignment, or views of one tensor), or None."""
+    found = []
+    for key in dict.fromkeys(keys):
+        tensor = get_tensor(root, key)
+        if tensor.numel():
+            found.append((*_extent(tensor), key))
+    found.sort()
+    for (base, _, end, key), (base2, start2, _, key2) in zip(found, found[1:]):
+        if base == base2 and start2 < end:
+            return key, key2
+    return None
 
 
 def twin_key(ops: Iterable[Any]) -> tuple:
