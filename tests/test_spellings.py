@@ -256,3 +256,19 @@ def test_frozen_rows_stay_frozen():
 def test_dtype_across_spellings(make, dtype):
     model = make().to(dtype)
     check(model, (model.example(dtype=dtype),), 1)
+
+
+def test_escaping_row_does_not_alias_the_fused_result():
+    """``(stack(outs, 1), outs[0])``: the row returned on its own is its own tensor, so an
+    in-place change to one output leaves the other as the original does."""
+    torch.manual_seed(0)
+    model = M.EscapingRow()
+    x = model.example()
+    result = check(model, (x,), 1)
+    stacked, row = result.model(x)
+    before = stacked.clone()
+    row.add_(1.0)
+    torch.testing.assert_close(stacked, before, rtol=0, atol=0)
+    ref_stacked, ref_row = model(x)
+    ref_row.add_(1.0)
+    torch.testing.assert_close(row, ref_row, rtol=1e-5, atol=1e-5)

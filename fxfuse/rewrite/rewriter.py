@@ -202,7 +202,11 @@ def _redirect(graph: fx.Graph, site: RowSite, nodes: dict[str, fx.Node],
     for h, out in enumerate(outs):
         if out.name in site.row_exports:
             with graph.inserting_after(stacked):
-                row = graph.call_method("select", (stacked, 1, h))
+                view = graph.call_method("select", (stacked, 1, h))
+            with graph.inserting_after(view):
+                # A copy: the row escapes, and must not alias the fused result (an
+                # in-place change to one output would show in the other).
+                row = graph.call_method("clone", (view,))
             row.meta.update({k: v for k, v in out.meta.items() if k != "fxfuse_value"})
             row.meta[REPLACES_KEY] = out.meta.get(REPLACES_KEY, out.name)
             out.replace_all_uses_with(row, delete_user_cb=lambda u: u not in region)
