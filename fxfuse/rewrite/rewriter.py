@@ -55,31 +55,13 @@ def rewrite_site(gm: fx.GraphModule, site: RowSite, lowering: str = "grouped", *
     Raises:
         RewriteError: the site is not fusable or does not belong to ``gm``.
     """
-    if lowering not in LOWERINGS:
-        raise RewriteError(f"unknown lowering {lowering!r}; use one of {', '.join(LOWERINGS)}")
-    if not site.fusable:
-        raise RewriteError(f"{site.name} cannot be rewritten: {site.reason}")
-    nodes = node_index(gm.graph)
-    missing = [n for n in (site.source, site.combine, *site.convs) if n not in nodes]
-    if missing:
-        raise RewriteError(f"{site.name} does not match this graph (no node `{missing[0]}`); "
-                           "find sites again after changing the graph")
+    nodes, chains = _resolve(gm, site, lowering)
     graph = gm.graph
-    chains = [[row_op(nodes[n], gm) for n in chain] for chain in site.chains]
-    if any(op is None for chain in chains for op in chain):
-        raise RewriteError(f"{site.name}: a per-row op changed since the site was found")
     everything = [op.node for chain in chains for op in chain]
     before = set(graph.nodes)
     with graph.inserting_before(_first(everything)):
         rows = make_rows_input(graph, nodes[site.source], site)
-        if site.shared_module:
-            stacked, wmap = batched_chain(graph, rows, tuple(chains[0]), site.rows), WeightMap()
-        elif site.reduce:
-            stacked, entries = dense_sum(gm, rows, chains, _prefix(site.targets) + "_fused",
-                                         site.reduce)
-            wmap = WeightMap(tuple(entries))
-        else:
-            stacked, wmap = _make_groups(gm, rows, chains, site, lowering)
+        stacked, wmap = _fused_rows(gm, rows, chains, site, lowering)
         result = make_output(graph, stacked, site)
     _redirect(graph, site, nodes, [c[-1].node for c in chains], everything, stacked, result)
     for node in graph.nodes:
@@ -90,6 +72,43 @@ def rewrite_site(gm: fx.GraphModule, site: RowSite, lowering: str = "grouped", *
     if finalize:
         finalize_graph(gm)
     return wmap
+
+
+def lowerings_for(site: RowSite, candidates: tuple[str, ...] = LOWERINGS) -> tuple[str, ...]:
+    """The lowerings worth trying for ``site`` among ``candidates`` (rows folded into the
+    batch, summed rows and Linear heads have one rewrite each, whatever the lowering)."""
+    single = site.shared_module or site.reduce or site.family == "linear"
+    return ("grouped",) if single else candidates
+
+
+def _resolve(gm: fx.GraphModule, site: RowSite, lowering: str
+             ) -> tuple[dict[str, fx.Node], list[list[RowOp]]]:
+    """The graph's nodes by name and the site's rows as row ops; RewriteError when the
+    site cannot be applied to ``gm``."""
+    if lowering not in LOWERINGS:
+        raise RewriteError(f"unknown lowering {lowering!r}; use one of {', '.join(LOWERINGS)}")
+    if not site.fusable:
+        raise RewriteError(f"{site.name} cannot be rewritten: {site.reason}")
+    nodes = node_index(gm.graph)
+    missing = [n for n in (site.source, site.combine, *site.convs) if n not in nodes]
+    if missing:
+        raise RewriteError(f"{site.name} does not match this graph (no node `{missing[0]}`); "
+                           "find sites again after changing the graph")
+    chains = [[row_op(nodes[n], gm) for n in chain] for chain in site.chains]
+    if any(op is None for chain in chains for op in chain):
+        raise RewriteError(f"{site.name}: a per-row op changed since the site was found")
+    return nodes, chains
+
+
+def _fused_rows(gm: fx.GraphModule, rows: fx.Node, chains: list[list[RowOp]], site: RowSite,
+                lowering: str) -> tuple[fx.Node, WeightMap]:
+    """(N, H, C', L') from the (N, H, C, L) rows: batched, summed, or fused group by group."""
+    if site.shared_module:
+        return batched_chain(gm.graph, rows, tuple(chains[0]), site.rows), WeightMap()
+    if site.reduce:
+        out, entries = dense_sum(gm, rows, chains, _prefix(site.targets) + "_fused", site.reduce)
+        return out, WeightMap(tuple(entries))
+    return _make_groups(gm, rows, chains, site, lowering)
 
 
 def finalize_graph(gm: fx.GraphModule) -> None:
