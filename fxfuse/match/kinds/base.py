@@ -117,6 +117,22 @@ class Lane:
             self.graph.call_method("flatten", (node, 1, 2))
 
 
+def called_module(node: fx.Node, root: nn.Module, types: tuple[type, ...]) -> nn.Module | None:
+    """The module ``node`` calls, when its type is exactly one of ``types`` (a subclass may
+    compute something else) and it is called on one tensor; else None."""
+    if node.op != "call_module":
+        return None
+    mod = root.get_submodule(str(node.target))
+    if type(mod) not in types or len(node.args) != 1 or not isinstance(node.args[0], fx.Node):
+        return None
+    return mod
+
+
+def roles(**keys: str | None) -> tuple[tuple[str, str], ...]:
+    """``RowOp.params`` from role=key pairs, leaving out absent tensors."""
+    return tuple((role, key) for role, key in keys.items() if key)
+
+
 class RowKind:
     """One kind of per-row op. Subclasses set the class attributes and ``recognise``."""
 

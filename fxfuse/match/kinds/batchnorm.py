@@ -12,7 +12,7 @@ from torch import fx, nn
 from ...rewrite.emit import fused_module
 from ..ops import BATCH_NORM, get_attr_args
 from ..params import get_tensor
-from .base import Lane, RowKind, RowOp, register
+from .base import Lane, RowKind, RowOp, called_module, register
 
 _BUFFERS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -64,10 +64,8 @@ class BatchNormKind(RowKind):
     def recognise(self, node: fx.Node, root: nn.Module) -> RowOp | None:
         if BATCH_NORM.calls_function(node):
             return _aten_batchnorm(node, root, self.name)
-        if node.op != "call_module":
-            return None
-        mod = root.get_submodule(str(node.target))
-        if type(mod) is not nn.BatchNorm1d or len(node.args) != 1:
+        mod = called_module(node, root, (nn.BatchNorm1d,))
+        if mod is None:
             return None
         key = BatchNormKey(mod.num_features, mod.eps, mod.momentum, mod.affine,
                            mod.track_running_stats, mod.training,

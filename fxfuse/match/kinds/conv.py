@@ -15,7 +15,7 @@ from ...rewrite.emit import fused_module
 from ..ops import CONV1D, aten, packet
 from ..params import get_tensor
 from ..sites import ConvSpec
-from .base import Lane, RowKind, RowOp, register
+from .base import Lane, RowKind, RowOp, register, roles
 
 _ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
@@ -99,8 +99,10 @@ def conv_spec(root: nn.Module, call: ConvCall) -> ConvSpec:
 
 @register("conv")
 class ConvKind(RowKind):
-    title = "Conv1d"
-    loop_title = "Conv1d"
+    """Per-row ``Conv1d``: rows fuse when their :class:`ConvSpec` agree; one grouped conv
+    (``groups = rows * conv groups``) computes them all."""
+
+    title = loop_title = "Conv1d"
     families = frozenset(("conv",))
     heavy = True
     module_base = nn.Conv1d
@@ -110,8 +112,7 @@ class ConvKind(RowKind):
         if call is None:
             return None
         spec = conv_spec(root, call)
-        params = (("weight", call.weight_key),) + \
-            ((("bias", call.bias_key),) if call.bias_key else ())
+        params = roles(weight=call.weight_key, bias=call.bias_key)
         return RowOp(node, self.name, spec, params, call.module_target, call.input,
                      f"conv {spec.describe()}")
 

@@ -11,7 +11,7 @@ from torch import fx, nn
 from ...rewrite.emit import fused_module
 from ..ops import GROUP_NORM, get_attr_args
 from ..params import get_tensor
-from .base import Lane, RowKind, RowOp, register
+from .base import Lane, RowKind, RowOp, called_module, register, roles
 
 
 @dataclass(frozen=True)
@@ -45,22 +45,17 @@ class GroupNormKind(RowKind):
     module_base = nn.GroupNorm
 
     def recognise(self, node: fx.Node, root: nn.Module) -> RowOp | None:
-        if node.op == "call_module":
-            mod = root.get_submodule(str(node.target))
-            if type(mod) is not nn.GroupNorm or len(node.args) != 1 or \
-                    not isinstance(node.args[0], fx.Node):
-                return None
+        mod = called_module(node, root, (nn.GroupNorm,))
+        if mod is not None:
             w, b = (f"{node.target}.{r}" if mod.affine else None for r in ("weight", "bias"))
             found = (node.args[0], mod.num_groups, mod.num_channels, float(mod.eps), w, b,
                      mod.weight.dtype if mod.affine else None)
-        elif GROUP_NORM.calls_function(node):
-            found = _functional(node, root)
         else:
-            return None
+            found = _functional(node, root) if GROUP_NORM.calls_function(node) else None
         if found is None:
             return None
         inp, groups, channels, eps, w, b, dtype = found
-        params = tuple((role, key) for role, key in (("weight", w), ("bias", b)) if key)
+        params = roles(weight=w, bias=b)
         return RowOp(node, self.name, GroupNormKey(groups, channels, eps, w is not None, dtype),
                      params, str(node.target) if node.op == "call_module" else None, inp,
                      f"groupnorm {groups}x{channels}")

@@ -15,7 +15,7 @@ from torch import fx, nn
 
 from ...rewrite.emit import fused_module, stacked_holder
 from ..ops import LAYER_NORM, get_attr_args
-from .base import Lane, RowKind, RowOp, register
+from .base import Lane, RowKind, RowOp, called_module, register, roles
 
 
 @dataclass(frozen=True)
@@ -47,22 +47,17 @@ class LayerNormKind(RowKind):
     module_base = nn.LayerNorm
 
     def recognise(self, node: fx.Node, root: nn.Module) -> RowOp | None:
-        if node.op == "call_module":
-            mod = root.get_submodule(str(node.target))
-            if type(mod) is not nn.LayerNorm or len(node.args) != 1 or \
-                    not isinstance(node.args[0], fx.Node):
-                return None
+        mod = called_module(node, root, (nn.LayerNorm,))
+        if mod is not None:
             w = f"{node.target}.weight" if mod.weight is not None else None
             b = f"{node.target}.bias" if mod.bias is not None else None
             found = (node.args[0], tuple(mod.normalized_shape), w, b, float(mod.eps))
-        elif LAYER_NORM.calls_function(node):
-            found = _functional(node)
         else:
-            return None
+            found = _functional(node) if LAYER_NORM.calls_function(node) else None
         if found is None or len(found[1]) != 1:
             return None          # only the last dim: several dims would mix a row's axes
         inp, shape, w, b, eps = found
-        params = tuple((role, key) for role, key in (("weight", w), ("bias", b)) if key)
+        params = roles(weight=w, bias=b)
         return RowOp(node, self.name, LayerNormKey(shape, eps, w is not None, b is not None),
                      params, str(node.target) if node.op == "call_module" else None, inp,
                      f"layernorm {shape[0]}")

@@ -12,7 +12,7 @@ from torch import fx, nn
 from ...rewrite.emit import fused_module, stacked_holder
 from ..ops import LINEAR, get_attr_args
 from ..params import get_tensor
-from .base import Lane, RowKind, RowOp, register
+from .base import Lane, RowKind, RowOp, register, roles
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,8 @@ def _operands(node: fx.Node, root: nn.Module) -> tuple[fx.Node, str, str | None]
 
 @register("linear")
 class LinearKind(RowKind):
+    """Per-row ``Linear`` heads, fused as one batched matmul."""
+
     title = "Linear"
     loop_title = "Linear heads"
     families = frozenset(("linear",))
@@ -52,13 +54,12 @@ class LinearKind(RowKind):
     module_base = nn.Linear
 
     def recognise(self, node: fx.Node, root: nn.Module) -> RowOp | None:
-        found = _operands(node, root)
-        if found is None:
+        if (found := _operands(node, root)) is None:
             return None
         inp, w, b = found
         weight = get_tensor(root, w)
         key = LinearKey(tuple(weight.shape), b is not None, weight.dtype, str(weight.device))
-        params = (("weight", w),) + ((("bias", b),) if b else ())
+        params = roles(weight=w, bias=b)
         return RowOp(node, self.name, key, params,
                      str(node.target) if node.op == "call_module" else None, inp,
                      f"linear {weight.shape[1]}→{weight.shape[0]}")

@@ -9,7 +9,7 @@ from torch import fx, nn
 
 from ..ops import POINTWISE, POINTWISE_MODULES, const_key, hooks_of, op_name, \
     tensor_args_only_first
-from .base import RowKind, RowOp, register
+from .base import RowKind, RowOp, called_module, register
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,8 @@ class PointwiseKind(RowKind):
 
     def recognise(self, node: fx.Node, root: nn.Module) -> RowOp | None:
         if node.op == "call_module":
-            mod = root.get_submodule(str(node.target))
-            if type(mod) not in POINTWISE_MODULES or hooks_of(mod) or len(node.args) != 1:
+            mod = called_module(node, root, POINTWISE_MODULES)
+            if mod is None or hooks_of(mod):
                 return None
             key = PointwiseKey("module", type(mod), mod.extra_repr(), mod.training)
             name = type(mod).__name__.lower()
