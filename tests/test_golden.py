@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import fxfuse
-import models as M
+from zoo import spellings, whole
 from helpers import call_sequence
 from zoo import heads, norms, towers
 
@@ -33,15 +33,15 @@ class Golden:
 LAYOUT_OUT = ("unflatten", "permute", "contiguous")   # (N, H*C, L) back to the loop's layout
 
 GOLDEN = {
-    "grouped-conv": Golden(M.Seed, (2, 3, 4, 8), "grouped", "grouped",
+    "grouped-conv": Golden(spellings.Seed, (2, 3, 4, 8), "grouped", "grouped",
                            ("permute", "flatten", "Conv1d") + LAYOUT_OUT),
-    "grouped2d-conv": Golden(M.Seed, (2, 3, 4, 8), "grouped2d", "grouped2d",
+    "grouped2d-conv": Golden(spellings.Seed, (2, 3, 4, 8), "grouped2d", "grouped2d",
                              ("permute", "flatten", "unsqueeze", "permute", "Conv2d", "squeeze")
                              + LAYOUT_OUT),
     "bmm-linear-heads": Golden(lambda: heads.Heads(v=3, length=8, p=4), (2, 3, 8), "grouped",
                                "bmm", ("transpose", "transpose", "unsqueeze", "baddbmm",
                                        "transpose")),
-    "batched-shared-conv": Golden(M.Shared, (2, 3, 4, 8), "grouped", "batched",
+    "batched-shared-conv": Golden(whole.Shared, (2, 3, 4, 8), "grouped", "batched",
                                   ("permute", "flatten", "Conv1d") + LAYOUT_OUT),
     "dense-sum": Golden(towers.Summed, (2, 3, 4, 16), "grouped", "dense",
                         ("permute", "flatten", "Conv1d", "sum", "unsqueeze", "add")),
@@ -77,7 +77,7 @@ def test_golden_graph(case):
 def test_golden_grouped_conv_code():
     """The whole ``forward`` of the seed, as text: one grouped conv, groups = rows."""
     torch.manual_seed(0)
-    model = M.Seed()
+    model = spellings.Seed()
     result = fxfuse.fuse(model, (model.example(),), lowering="grouped", benchmark=False)
     conv = result.model.get_submodule("layers_fused")
     assert (conv.in_channels, conv.out_channels, conv.groups) == (4 * 3, 4 * 5, 4)
