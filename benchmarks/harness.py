@@ -19,6 +19,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.benchmark import Timer
 
+from fxfuse.check import bench
+
 Fn = Callable[[torch.Tensor], Any]
 
 
@@ -27,7 +29,7 @@ class Timing:
     """Per-round seconds per call of one candidate."""
 
     name: str
-    number: int
+    number: int                  # calls per round (0: chosen by the timer per round)
     rounds_s: list[float] = field(default_factory=list)
 
     @property
@@ -43,10 +45,8 @@ class Timing:
 
 def quartiles(values: list[float]) -> tuple[float, float]:
     """First and third quartile (inclusive method); both equal the value for one sample."""
-    if len(values) < 2:
-        return values[0], values[0]
-    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, q3
+    timing = bench.timing_of(values)
+    return timing.q1_s, timing.q3_s
 
 
 def setup_device(device: str) -> list[str]:
@@ -59,19 +59,10 @@ def setup_device(device: str) -> list[str]:
     return [f"{torch.get_num_threads()} intra-op threads"]
 
 
-def _timer(fn: Fn, x: torch.Tensor) -> Timer:
-    return Timer(stmt="fn(x)", globals={"fn": fn, "x": x}, num_threads=torch.get_num_threads())
-
-
-def _calibrate(timer: Timer, target_round_s: float) -> int:
-    """Calls per round so that one round takes about ``target_round_s``."""
-    per_call = min(timer.timeit(1).mean for _ in range(3))
-    return max(1, min(100_000, round(target_round_s / max(per_call, 1e-9))))
-
-
 def time_interleaved(fns: dict[str, Fn], x: torch.Tensor, *, rounds: int = 15,
                      warmup: int = 3, target_round_s: float = 0.03) -> dict[str, Timing]:
-    """Time every callable on ``x`` in interleaved rounds, under ``torch.inference_mode``.
+    """Time every callable on ``x`` in interleaved rounds, under ``torch.inference_mode``
+    (:func:`fxfuse.check.bench.time_interleaved`, the pass's own timer).
 
     Args:
         fns: candidate name -> callable taking the input tensor.
@@ -83,16 +74,15 @@ def time_interleaved(fns: dict[str, Fn], x: torch.Tensor, *, rounds: int = 15,
     Returns:
         Candidate name -> :class:`Timing` (seconds per call, one entry per round).
     """
-    with torch.inference_mode():
-        timers = {name: _timer(fn, x) for name, fn in fns.items()}
-        for fn in fns.values():
-            for _ in range(warmup):
-                fn(x)
-        result = {name: Timing(name, _calibrate(t, target_round_s)) for name, t in timers.items()}
-        for _ in range(rounds):
-            for name, timer in timers.items():
-                result[name].rounds_s.append(timer.timeit(result[name].number).mean)
-    return result
+    def bound(fn: Fn) -> Callable[[], Any]:
+        def call() -> Any:
+            with torch.inference_mode():
+                return fn(x)
+        return call
+
+    samples = bench.time_interleaved({name: bound(fn) for name, fn in fns.items()},
+                                     rounds=rounds, round_s=target_round_s, warmup=warmup)
+    return {name: Timing(name, 0, list(values)) for name, values in samples.items()}
 
 
 def paired_speedup(base: Timing, other: Timing) -> tuple[float, float, float]:

@@ -19,7 +19,7 @@ from .check.auto import choose_lowering
 from .check.report import format_report
 from .rewrite.rewriter import finalize_graph, rewrite_site
 from .rewrite.simplify import simplify_layout
-from .match.sites import RowSite
+from .match.sites import RowSite, twin_of
 from .trace.realtensor import RENAMES_KEY
 from .trace.prepare import copy_model, weight_norm_modules
 from .trace.tracing import NOTES_KEY, TRACER_KEY, distinct_inputs, trace_model, trace_general
@@ -238,7 +238,7 @@ def apply_sites(gm: fx.GraphModule, sites: Sequence[RowSite],
         if not site.fusable:
             done.append(site)
             continue
-        twin = (site.targets, site.steps)      # a loop module applied again: same choice,
+        twin = twin_of(site)                   # a loop module applied again: same choice,
         if lowering == "auto" and twin in chosen_for:   # so the fused weights stay shared
             chosen, timings = chosen_for[twin], ()
         elif lowering == "auto":

@@ -38,3 +38,9 @@ class VerificationError(FxFuseError):
         self.max_abs = max_abs
         self.max_rel = max_rel
         self.check = check
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

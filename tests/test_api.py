@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fxfuse
-import models as M
+from zoo import base, spellings, refused, whole
 from conftest import check, fresh_inputs
 
 
@@ -19,7 +19,7 @@ def _fuse(model, *inputs, **options):
     return fxfuse.fuse(model, inputs, **options)
 
 
-class WithBatchNorm(M.Seed):
+class WithBatchNorm(spellings.Seed):
     """The seed loop, then a BatchNorm2d left in train mode (its forward updates buffers)."""
 
     def __init__(self) -> None:
@@ -33,7 +33,7 @@ class WithBatchNorm(M.Seed):
 # ------------------------------------------------------------------ the input model
 
 @pytest.mark.parametrize("timed", [False, True], ids=["verify", "verify+benchmark"])
-@pytest.mark.parametrize("make", [M.Seed, WithBatchNorm, M.BufferWrite],
+@pytest.mark.parametrize("make", [spellings.Seed, WithBatchNorm, spellings.BufferWrite],
                          ids=["seed", "batchnorm-train-mode", "export-traced"])
 def test_input_model_untouched(make, timed):
     model = make()
@@ -50,7 +50,7 @@ def test_input_model_untouched(make, timed):
     torch.testing.assert_close(copy.deepcopy(model)(x), ref, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("make", [M.Seed, WithBatchNorm], ids=["seed", "batchnorm-train-mode"])
+@pytest.mark.parametrize("make", [spellings.Seed, WithBatchNorm], ids=["seed", "batchnorm-train-mode"])
 def test_fused_model_state_maps_back_exactly(make):
     """Verification and timing must not move the fused model's buffers either."""
     model = make()
@@ -63,7 +63,7 @@ def test_fused_model_state_maps_back_exactly(make):
 
 
 def test_inplace_reuses_the_model():
-    model = M.Seed()
+    model = spellings.Seed()
     x = model.example()
     ref = model(x)
     result = _fuse(model, x, inplace=True)
@@ -72,7 +72,7 @@ def test_inplace_reuses_the_model():
 
 
 def test_fused_parameters_are_new_tensors():
-    model = M.Seed()
+    model = spellings.Seed()
     result = _fuse(model, model.example())
     with torch.no_grad():
         result.model.layers_fused.weight.zero_()
@@ -93,7 +93,7 @@ def test_fused_parameters_are_new_tensors():
 ], ids=["unknown-option", "bad-lowering", "loop-lowering", "bad-tracer", "min-rows-0",
         "min-rows-bool", "bench-rounds-0", "negative-rtol"])
 def test_config_errors(options, match):
-    model = M.Seed()
+    model = spellings.Seed()
     with pytest.raises(fxfuse.ConfigError, match=match) as info:
         fxfuse.fuse(model, (model.example(),), benchmark=False, **options)
     assert "\n" not in str(info.value)
@@ -106,7 +106,7 @@ def test_not_a_module():
 
 
 def test_config_object_and_override():
-    model = M.Seed()
+    model = spellings.Seed()
     config = fxfuse.FuseConfig(lowering="grouped2d", benchmark=False, min_rows=10)
     result = fxfuse.fuse(model, (model.example(),), config=config, lowering="grouped2d",
                          benchmark=False, min_rows=2)
@@ -114,7 +114,7 @@ def test_config_object_and_override():
 
 
 def test_one_tensor_as_inputs():
-    model = M.Seed()
+    model = spellings.Seed()
     result = fxfuse.fuse(model, model.example(), lowering="grouped", benchmark=False)
     assert result.changed
 
@@ -122,7 +122,7 @@ def test_one_tensor_as_inputs():
 class DataDependent(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.layers = M.make_convs(3, 3, 3, 3)
+        self.layers = base.make_convs(3, 3, 3, 3)
 
     def forward(self, x):
         if x.sum() > 0:
@@ -143,14 +143,14 @@ def test_untraceable_model(tracer):
 
 
 def test_wrong_inputs_trace_error():
-    model = M.Seed()
+    model = spellings.Seed()
     with pytest.raises(fxfuse.TraceError, match="example inputs") as info:
         fxfuse.fuse(model, (torch.randn(2, 7, 4, 8),), tracer="symbolic", benchmark=False)
     assert "\n" not in str(info.value)
 
 
 def test_concrete_args_make_it_traceable():
-    class Flag(M.Seed):
+    class Flag(spellings.Seed):
         def forward(self, x, flip):
             return super().forward(-x if flip else x)
 
@@ -172,7 +172,7 @@ def _break(result: fxfuse.FuseResult) -> nn.Module:
 
 
 def test_verification_error_on_broken_numbers():
-    model = M.Seed()
+    model = spellings.Seed()
     x = model.example()
     result = _fuse(model, x)
     with pytest.raises(fxfuse.VerificationError) as info:
@@ -193,14 +193,14 @@ def test_verification_error_raised_by_fuse(monkeypatch):
         return wmap
 
     monkeypatch.setattr(fxfuse.api, "rewrite_site", wrong_rewrite)
-    model = M.Seed()
+    model = spellings.Seed()
     with pytest.raises(fxfuse.VerificationError) as info:
         _fuse(model, model.example())
     assert info.value.max_abs > 0
 
 
 def test_verification_report():
-    model = M.Seed()
+    model = spellings.Seed()
     result = _fuse(model, model.example())
     report = result.verification
     assert report.max_abs < 1e-4 and report.max_rel < 1e-4
@@ -211,7 +211,7 @@ def test_verification_report():
 
 
 def test_verify_models_on_identical_models():
-    model = M.Seed()
+    model = spellings.Seed()
     report = fxfuse.verify_models(model, copy.deepcopy(model), (model.example(),))
     assert report.max_abs == 0
 
@@ -219,7 +219,7 @@ def test_verify_models_on_identical_models():
 # ------------------------------------------------------------------ weight map
 
 @pytest.mark.parametrize("lowering", ["grouped", "grouped2d"])
-@pytest.mark.parametrize("make", [M.Seed, M.Functional, M.TwoSites, M.BufferWrite],
+@pytest.mark.parametrize("make", [spellings.Seed, spellings.Functional, whole.TwoSites, spellings.BufferWrite],
                          ids=["seed", "functional", "two-sites", "export-traced"])
 def test_weight_map_round_trip(make, lowering, tmp_path):
     model = make()
@@ -242,10 +242,10 @@ def test_weight_map_round_trip(make, lowering, tmp_path):
 
 def test_weight_map_loads_trained_weights():
     """Weights trained in the original layout load into the fused model and match."""
-    model = M.Seed()
+    model = spellings.Seed()
     x = model.example()
     result = _fuse(model, x)
-    trained = M.Seed()
+    trained = spellings.Seed()
     result.model.load_state_dict(result.weight_map.to_fused(trained.state_dict()))
     other = fresh_inputs((x,), 5)[0]
     torch.testing.assert_close(result.model(other), trained(other))
@@ -267,7 +267,7 @@ def test_weight_map_missing_file(tmp_path):
 
 
 def test_weight_map_wrong_state_dict():
-    model = M.Seed()
+    model = spellings.Seed()
     result = _fuse(model, model.example())
     with pytest.raises(fxfuse.ConfigError, match="layers.0.weight"):
         result.weight_map.to_fused({})
@@ -278,7 +278,7 @@ def test_weight_map_wrong_state_dict():
 # ------------------------------------------------------------------ report and dict
 
 def test_report_with_benchmark():
-    model = M.Seed()
+    model = spellings.Seed()
     result = _fuse(model, model.example(), benchmark=True, bench_rounds=2)
     text = result.report()
     assert "site0" in text and "layers.0..layers.3" in text and "speedup" in text
@@ -287,8 +287,8 @@ def test_report_with_benchmark():
 
 
 @pytest.mark.parametrize("make,lowering", [
-    (M.Seed, "grouped"), (M.KernelSizes, "grouped"), (M.Shared, "grouped"),
-    (M.Seed, "auto"), (M.BufferWrite, "grouped2d"),
+    (spellings.Seed, "grouped"), (refused.KernelSizes, "grouped"), (whole.Shared, "grouped"),
+    (spellings.Seed, "auto"), (spellings.BufferWrite, "grouped2d"),
 ], ids=["fused", "left-alone", "batched", "auto", "export-grouped2d"])
 def test_to_dict_is_json(make, lowering):
     model = make()
@@ -310,7 +310,7 @@ def test_report_without_sites():
 
 
 def test_code_before_and_after():
-    model = M.Seed()
+    model = spellings.Seed()
     result = _fuse(model, model.example())
     assert "layers_3" in result.code_before and "layers_fused" in result.code_after
 
@@ -318,7 +318,7 @@ def test_code_before_and_after():
 # ------------------------------------------------------------------ the steps, one by one
 
 def test_steps_compose():
-    model = M.Seed()
+    model = spellings.Seed()
     x = model.example()
     gm = fxfuse.trace_model(copy.deepcopy(model), (x,))
     sites = fxfuse.find_row_sites(gm)
@@ -333,7 +333,7 @@ def test_steps_compose():
 
 
 def test_rewrite_refuses_unfusable_site():
-    model = M.KernelSizes()
+    model = refused.KernelSizes()
     gm = fxfuse.trace_model(copy.deepcopy(model), (model.example(),))
     site = fxfuse.find_row_sites(gm)[0]
     with pytest.raises(fxfuse.RewriteError, match="cannot be rewritten"):
@@ -343,7 +343,7 @@ def test_rewrite_refuses_unfusable_site():
 
 
 def test_fused_model_trains():
-    model = M.Seed(padding=1)
+    model = spellings.Seed(padding=1)
     result = check(model, (model.example(),), 1)
     fused = result.model.train()
     opt = torch.optim.SGD(fused.parameters(), lr=0.1)

@@ -11,158 +11,14 @@ import operator
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
 import fxfuse
-
-
-def _convs(n, c_in, c_out, k=3, **kw):
-    return nn.ModuleList(nn.Conv1d(c_in, c_out, k, padding=k // 2, **kw) for _ in range(n))
-
-
-class Tower(nn.Module):
-    """Sequential(Conv1d, BatchNorm1d, ReLU, Dropout, Conv1d) per row."""
-
-    def __init__(self, h=4, c=3):
-        super().__init__()
-        self.rows = nn.ModuleList(nn.Sequential(
-            nn.Conv1d(c, 8, 3, padding=1), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.3),
-            nn.Conv1d(8, 5, 3)) for _ in range(h))
-
-    def forward(self, x):
-        return torch.stack([row(x[:, :, h]) for h, row in enumerate(self.rows)], dim=2)
-
-
-class FunctionalChain(nn.Module):
-    """``F.gelu(conv_h(x_h).contiguous()) * 0.5 + 1.0`` per row, then ``cat`` on channels."""
-
-    def __init__(self, h=5):
-        super().__init__()
-        self.convs = _convs(h, 3, 4)
-
-    def forward(self, x):
-        return torch.cat([F.gelu(c(x[:, :, i]).contiguous()) * 0.5 + 1.0
-                          for i, c in enumerate(self.convs)], 1)
-
-
-class Heads(nn.Module):
-    """Per-variable ``Linear(L, P)`` heads on ``x[:, i, :]``, stacked (forecasting style)."""
-
-    def __init__(self, v=6, length=16, p=4, bias=True):
-        super().__init__()
-        self.heads = nn.ModuleList(nn.Linear(length, p, bias=bias) for _ in range(v))
-
-    def forward(self, x):
-        return torch.stack([head(x[:, i, :]) for i, head in enumerate(self.heads)], dim=1)
-
-
-class HeadsIntoBuffer(Heads):
-    """``out = torch.zeros(...); out[:, i, :] = heads[i](x[:, i, :])`` with a shape-bound loop."""
-
-    def forward(self, x):
-        out = torch.zeros(x.shape[0], x.shape[1], self.heads[0].out_features)
-        for i in range(x.shape[1]):
-            out[:, i, :] = self.heads[i](x[:, i, :])
-        return out
-
-
-class ScalarHeads(nn.Module):
-    """``Linear(1, h)`` per variable: a broadcast multiply-add."""
-
-    def __init__(self, v=5, h=7):
-        super().__init__()
-        self.embed = nn.ModuleList(nn.Linear(1, h) for _ in range(v))
-
-    def forward(self, x):
-        return torch.stack([F.relu(e(x[:, i].unsqueeze(-1))) for i, e in enumerate(self.embed)], 1)
-
-
-class TwoKernels(nn.Module):
-    """Rows alternate two kernel sizes ('same' padding): fused as two groups."""
-
-    def __init__(self, h=6):
-        super().__init__()
-        self.rows = nn.ModuleList(nn.Conv1d(3, 4, 3 if i % 2 else 5, padding="same")
-                                  for i in range(h))
-
-    def forward(self, x):
-        return torch.stack([r(x[:, :, h]) for h, r in enumerate(self.rows)], dim=2)
-
-
-class Subset(nn.Module):
-    """Rows 4, 1, 3 only, in that order: gathered."""
-
-    def __init__(self):
-        super().__init__()
-        self.convs = _convs(3, 3, 4)
-
-    def forward(self, x):
-        return torch.stack([c(x[:, :, r]) for c, r in zip(self.convs, (4, 1, 3))], dim=2)
-
-
-class Summed(nn.Module):
-    def __init__(self, how="stack-sum"):
-        super().__init__()
-        self.how = how
-        self.convs = _convs(4, 3, 6)
-
-    def forward(self, x):
-        outs = [c(x[:, :, h]) for h, c in enumerate(self.convs)]
-        if self.how == "builtin-sum":
-            return sum(outs)
-        if self.how == "stack-mean":
-            return torch.stack(outs, -1).mean(-1)
-        return torch.stack(outs, 0).sum(0)
-
-
-class SummedHeads(Heads):
-    def forward(self, x):
-        return torch.stack([head(x[:, i]) for i, head in enumerate(self.heads)], 0).sum(0)
-
-
-class TwoSites(nn.Module):
-    """Site 2 reads site 1's result through a ReLU: the layout flows through."""
-
-    def __init__(self, h=4, c=6):
-        super().__init__()
-        self.a, self.b, self.h = _convs(h, c, c), _convs(h, c, c), h
-
-    def forward(self, x):
-        y = torch.stack([self.a[i](x[:, :, i]) for i in range(self.h)], 2).relu()
-        return torch.stack([self.b[i](y[:, :, i]) for i in range(self.h)], 2)
-
-
-def _fuse(model, x, lowering="grouped"):
-    return fxfuse.fuse(model, (x,), lowering=lowering, benchmark=False)
-
-
-def _assert_same(model, result, x, train):
-    """Outputs, gradients and buffers after one step agree with the original's."""
-    ref, new = copy.deepcopy(model).train(train), copy.deepcopy(result.model).train(train)
-    for m in (ref, new):
-        for mod in m.modules():
-            if isinstance(mod, nn.Dropout):
-                mod.eval()
-    xs = [x.clone().requires_grad_() for _ in range(2)]
-    outs = [ref(xs[0]), new(xs[1])]
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
-    g = torch.randn_like(outs[0])
-    for out in outs:
-        out.backward(g)
-    torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-4, atol=1e-5)
-    grads = result.weight_map.to_original({k: p.grad for k, p in new.named_parameters()},
-                                          strict=False)
-    for key, p in ref.named_parameters():
-        torch.testing.assert_close(grads[key], p.grad, rtol=1e-4, atol=1e-4)
-    state = result.weight_map.to_original(new.state_dict())
-    for key, value in ref.state_dict().items():
-        torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6)
-
-
-def _module_types(gm: fx.GraphModule) -> list[str]:
-    return [type(gm.get_submodule(str(n.target))).__name__ for n in gm.graph.nodes
-            if n.op == "call_module" and n.target != "_guards_fn"]   # torch.export's own
+from helpers import assert_same as _assert_same, fuse as _fuse, module_types as _module_types
+from zoo.heads import Heads, HeadsIntoBuffer, ScalarHeads, SummedHeads
+from zoo.towers import (AppliedTwice, CarriedDependency, FunctionalChain, PadBetweenSites,
+                        ShapeBoundTower, SharedBatchNorm, SoftmaxRows, SourceReassigned, Subset,
+                        Summed, Tower, TwoKernels, TwoSites, convs)
 
 
 CASES = [
@@ -226,50 +82,6 @@ def test_consecutive_sites_share_layout():
     torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
 
 
-class CarriedDependency(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.convs = _convs(4, 3, 3)
-
-    def forward(self, x):
-        prev, outs = 0, []
-        for h, conv in enumerate(self.convs):
-            prev = conv(x[:, :, h] + prev)
-            outs.append(prev)
-        return torch.stack(outs, 2)
-
-
-class SourceReassigned(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.convs = _convs(4, 3, 3)
-
-    def forward(self, x):
-        outs = []
-        for h, conv in enumerate(self.convs):
-            outs.append(conv(x[:, :, h]))
-            x = x * 2
-        return torch.stack(outs, 2)
-
-
-class SoftmaxRows(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.convs = _convs(4, 3, 3)
-
-    def forward(self, x):
-        return torch.stack([c(x[:, :, h]).softmax(-1) for h, c in enumerate(self.convs)], 2)
-
-
-class SharedBatchNorm(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv, self.bn = nn.Conv1d(3, 3, 3, padding=1), nn.BatchNorm1d(3)
-
-    def forward(self, x):
-        return torch.stack([self.bn(self.conv(x[:, :, h])) for h in range(4)], 2)
-
-
 @pytest.mark.parametrize("factory,words", [
     (CarriedDependency, ["rows", "different"]),
     (SourceReassigned, ["different tensors"]),
@@ -291,7 +103,7 @@ def test_data_dependent_control_flow_is_a_trace_error():
     class Branchy(nn.Module):
         def __init__(self):
             super().__init__()
-            self.convs = _convs(3, 3, 3)
+            self.convs = convs(3, 3, 3)
 
         def forward(self, x):
             outs = [c(x[:, :, h]) if x[:, :, h].sum() > 0 else x[:, :, h]
@@ -320,7 +132,7 @@ def test_pointwise_with_tensor_operand_is_not_a_row_op():
     class Gated(nn.Module):
         def __init__(self):
             super().__init__()
-            self.convs = _convs(3, 3, 3)
+            self.convs = convs(3, 3, 3)
 
         def forward(self, x, gate):
             return torch.stack([c(x[:, :, h]) * gate for h, c in enumerate(self.convs)], 2)
@@ -332,20 +144,6 @@ def test_pointwise_with_tensor_operand_is_not_a_row_op():
     assert operator.mul in {n.target for n in result.model.graph.nodes}
 
 
-class PadBetweenSites(nn.Module):
-    """Site 1's result is padded on its row dim before site 2 reads rows from it: the pad
-    must stay where it is, not be moved across the permutes between the sites."""
-
-    def __init__(self, h=4, c=6):
-        super().__init__()
-        self.a, self.b, self.h = _convs(h, c, c), _convs(h + 3, c, c), h
-
-    def forward(self, x):
-        y = torch.stack([self.a[i](x[..., i]) for i in range(self.h)], -1)
-        y = F.pad(y, (2, 1), value=0.5)
-        return torch.stack([self.b[i](y[..., i]) for i in range(self.h + 3)], -1)
-
-
 @pytest.mark.parametrize("tracer", ["symbolic", "export"])
 def test_pad_between_sites_stays_exact(tracer):
     model = PadBetweenSites().eval()
@@ -354,28 +152,6 @@ def test_pad_between_sites_stays_exact(tracer):
     assert [s.lowering for s in result.sites] == ["grouped", "grouped"]
     other = torch.randn(3, 6, 12, 4)
     torch.testing.assert_close(result.model(other), model(other), rtol=1e-4, atol=1e-5)
-
-
-class ShapeBoundTower(nn.Module):
-    """A Conv1d → BatchNorm1d → ReLU → Conv1d tower per row, loop bound from the input's
-    shape, written into a buffer: only torch.export can trace it (``aten.batch_norm``)."""
-
-    def __init__(self, h=3):
-        super().__init__()
-        self.rows = nn.ModuleList(nn.Sequential(
-            nn.Conv1d(3, 4, 3, padding=1), nn.BatchNorm1d(4), nn.ReLU(), nn.Conv1d(4, 2, 3))
-            for _ in range(h))
-        with torch.no_grad():
-            for row in self.rows:
-                row[1].running_mean.uniform_(-1, 1)
-                row[1].running_var.uniform_(0.5, 2)
-                row[1].num_batches_tracked.fill_(7)
-
-    def forward(self, x):
-        out = x.new_zeros(x.shape[0], 2, x.shape[2], x.shape[3] - 2)
-        for h in range(x.shape[2]):
-            out[:, :, h] = self.rows[h](x[:, :, h])
-        return out
 
 
 def test_exported_tower_with_batchnorm_fuses_in_eval():
@@ -396,28 +172,6 @@ def test_exported_tower_in_train_mode_is_left_alone_with_a_reason():
     model = ShapeBoundTower().train()
     result = _fuse(model, torch.randn(2, 3, 3, 8))
     assert not result.changed and "batch_norm" in result.sites[0].reason
-
-
-class RowBlock(nn.Module):
-    def __init__(self, c=4, h=3):
-        super().__init__()
-        self.h = h
-        self.rows = nn.ModuleList(nn.Sequential(nn.Conv1d(c, c, 3, padding=1), nn.BatchNorm1d(c),
-                                                nn.ReLU()) for _ in range(h))
-
-    def forward(self, x):
-        return torch.stack([self.rows[i](x[:, :, i]) for i in range(self.h)], 2)
-
-
-class AppliedTwice(nn.Module):
-    """One loop module applied twice: both loops fuse into the same fused modules."""
-
-    def __init__(self):
-        super().__init__()
-        self.block = RowBlock()
-
-    def forward(self, x):
-        return self.block(self.block(x) + 1.0)
 
 
 @pytest.mark.parametrize("lowering", ["grouped", "grouped2d", "auto"])

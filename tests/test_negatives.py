@@ -6,30 +6,32 @@ import pytest
 import torch
 
 import fxfuse
-import models as M
+from zoo import spellings, refused, whole
 from conftest import assert_left_alone, check
 
 NEGATIVES = {
-    "every-row-another-kernel-size": (M.KernelSizes, {}, ("rows differ", "kernel_size")),
-    "different-out-channels": (M.OutChannels, {}, ("rows differ", "out_channels")),
-    "some-rows-share-a-module": (M.PartlyShared, {}, ("share", "untie")),
-    "unsqueezed-row-also-returned": (M.RowAlsoReturned, {}, ("also used by",)),
-    "row-reads-previous-row-plus-input": (M.Recurrent, {}, ("depend",)),
-    "row-reads-previous-row": (M.Feedback, {}, ("depend",)),
-    "buffer-row-reads-previous-row": (M.BufferFeedback, {}, ("depend",)),
-    "fewer-rows-than-min-rows": (M.Seed, {"min_rows": 5}, ("4 rows", "min_rows=5")),
-    "forward-hook": (M.Hooked, {}, ("layers.1", "forward hooks")),
+    "every-row-another-kernel-size": (refused.KernelSizes, {}, ("rows differ", "kernel_size")),
+    "different-out-channels": (refused.OutChannels, {}, ("rows differ", "out_channels")),
+    "some-rows-share-a-module": (refused.PartlyShared, {}, ("share", "untie")),
+    "unsqueezed-row-also-returned": (refused.RowAlsoReturned, {}, ("also used by",)),
+    "row-reads-previous-row-plus-input": (refused.Recurrent, {}, ("depend",)),
+    "row-reads-previous-row": (refused.Feedback, {}, ("depend",)),
+    "buffer-row-reads-previous-row": (refused.BufferFeedback, {}, ("depend",)),
+    "fewer-rows-than-min-rows": (spellings.Seed, {"min_rows": 5}, ("4 rows", "min_rows=5")),
+    "forward-hook": (refused.Hooked, {}, ("layers.1", "forward hooks")),
     # Tracing inlines the subclass's forward: the reason names the op it adds.
-    "conv1d-subclass-custom-forward": (M.CustomForward, {}, ("different steps", "mul")),
+    "conv1d-subclass-custom-forward": (refused.CustomForward, {}, ("different steps", "mul")),
     # relu (pointwise) after the conv is a per-row tower, which fuses (see test_spellings).
-    "per-row-cumsum": (lambda: M.PerRowOp("cumsum"), {}, ("per-row op", "cumsum")),
-    "per-row-softmax": (lambda: M.PerRowOp("softmax"), {}, ("per-row op", "softmax")),
-    "cat-joins-a-non-conv-tensor": (M.CatWithInput, {}, ("not per-row conv outputs",)),
-    "weight-tied-outside-the-loop": (M.TiedOutside, {}, ("layers.0.weight", "outside the loop")),
-    "buffer-partly-written": (M.PartialBuffer, {}, ("unwritten",)),
-    "some-rows-frozen": (M.PartlyFrozen, {}, ("frozen", "requires_grad=False")),
-    "weight-norm-parametrization": (M.WeightNormed, {}, ("layers.1", "parametrizations")),
-    "buffer-of-another-dtype": (M.DtypeChange, {}, ("float64",)),
+    "per-row-cumsum": (lambda: refused.PerRowOp("cumsum"), {}, ("per-row op", "cumsum")),
+    "per-row-softmax": (lambda: refused.PerRowOp("softmax"), {}, ("per-row op", "softmax")),
+    "cat-joins-a-non-conv-tensor": (refused.CatWithInput, {}, ("not per-row conv outputs",)),
+    "weight-tied-outside-the-loop": (refused.TiedOutside, {}, ("layers.0.weight", "outside the loop")),
+    "buffer-partly-written": (refused.PartialBuffer, {}, ("unwritten",)),
+    "some-rows-frozen": (refused.PartlyFrozen, {}, ("frozen", "requires_grad=False")),
+    "weight-norm-parametrization": (refused.WeightNormed, {}, ("layers.1", "parametrizations")),
+    "buffer-of-another-dtype": (refused.DtypeChange, {}, ("float64",)),
+    "rows-with-tied-weights": (refused.TiedRows, {"check_grads": False},
+                               ("layers.1.weight", "tied to layers.0.weight")),
 }
 
 
@@ -40,14 +42,14 @@ def test_left_alone(make, options, words):
 
 
 def test_left_alone_in_every_lowering():
-    model = M.KernelSizes()
+    model = refused.KernelSizes()
     for lowering in ("grouped", "grouped2d", "auto"):
         site = assert_left_alone(model, (model.example(),), "kernel_size", lowering=lowering)
         assert site.lowering == ""
 
 
 def test_refused_site_reported_in_report_and_dict():
-    model = M.Hooked()
+    model = refused.Hooked()
     result = fxfuse.fuse(model, (model.example(),), lowering="grouped", benchmark=False)
     assert "left alone" in result.report() and "forward hooks" in result.report()
     site = result.to_dict()["sites"][0]
@@ -56,7 +58,7 @@ def test_refused_site_reported_in_report_and_dict():
 
 
 def test_hook_still_runs_after_fuse():
-    model = M.Hooked()
+    model = refused.Hooked()
     x = model.example()
     result = fxfuse.fuse(model, (x,), lowering="grouped", benchmark=False)
     torch.testing.assert_close(result.model(x), model(x), rtol=0, atol=0)
@@ -66,7 +68,7 @@ def test_refused_site_next_to_a_fused_one():
     class Both(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.good, self.bad = M.Seed(padding=1), M.KernelSizes()
+            self.good, self.bad = spellings.Seed(padding=1), refused.KernelSizes()
 
         def forward(self, x):
             return self.good(x) + self.bad(x)
@@ -77,19 +79,19 @@ def test_refused_site_next_to_a_fused_one():
     assert "kernel_size" in left.reason and left.targets[0].startswith("bad.")
 
 
-@pytest.mark.parametrize("make", [M.DenseSkip, M.CatOfSites], ids=["dense-skip-cat",
+@pytest.mark.parametrize("make", [whole.DenseSkip, whole.CatOfSites], ids=["dense-skip-cat",
                                                                    "cat-of-two-loops"])
 def test_no_spurious_site(make):
     """A cat that joins whole results or one conv branch is not reported as a loop."""
     model = make()
-    sites = 2 if make is M.CatOfSites else 0
+    sites = 2 if make is whole.CatOfSites else 0
     result = check(model, (torch.randn(2, *model.in_shape),), expect_fused=sites)
     assert len(result.sites) == sites
 
 
 def test_loop_module_called_twice_shares_one_fused_conv():
     """Not a refusal any more: both loops call one fused conv, so no weight is untied."""
-    model = M.CalledTwice()
+    model = whole.CalledTwice()
     result = fxfuse.fuse(model, (torch.randn(2, *model.in_shape),), lowering="grouped",
                          benchmark=False)
     assert [s.lowering for s in result.sites] == ["grouped", "grouped"]
@@ -97,3 +99,26 @@ def test_loop_module_called_twice_shares_one_fused_conv():
     assert len(calls) == 2 and len(set(calls)) == 1
     x = torch.randn(5, *model.in_shape)
     torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_tied_rows_stay_tied_after_a_step():
+    """With the tie detected nothing is fused, so one optimiser step changes both rows'
+    weight together, as in the original."""
+    torch.manual_seed(0)
+    model = refused.TiedRows()
+    result = fxfuse.fuse(model, (model.example(),), benchmark=False, check_grads=False)
+    assert not result.changed
+    fused = result.model
+    opt = torch.optim.SGD(fused.parameters(), lr=0.1)
+    fused(model.example()).sum().backward()
+    opt.step()
+    assert fused.get_submodule("layers.1").weight is fused.get_submodule("layers.0").weight
+
+
+def test_rows_sharing_weight_storage_are_found_tied():
+    """Views of one tensor under different names: the matcher compares storage, not names.
+    (``fuse`` deep-copies first; the matcher is run on the model itself here.)"""
+    model = refused.StorageTiedRows()
+    gm = fxfuse.trace_model(model, (model.example(),))
+    site, = fxfuse.find_row_sites(gm)
+    assert "layers.2.weight is tied to layers.1.weight" in site.reason

@@ -6,7 +6,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import models as M
+from zoo import spellings, generated, refused
 from conftest import check
 
 SETTINGS = settings(max_examples=25, deadline=None, database=None,
@@ -67,7 +67,7 @@ def test_random_loop_fuses(data, H, conv, layout, negative, read, join, lowering
                            tracer):
     # export turns a padding mode into a per-row pad op (see test_export_padding_mode)
     order = data.draw(row_orders(H))
-    model = M.Generated(layout, negative, read, join, order, H=H, **conv)
+    model = generated.Generated(layout, negative, read, join, order, H=H, **conv)
     traced, other = batch
     result = check(model, (model.example(traced),), 1, lowering=lowering, batch=other,
                    tracer=tracer)
@@ -81,7 +81,7 @@ def test_random_loop_fuses(data, H, conv, layout, negative, read, join, lowering
        k=st.integers(1, 3), bias=st.booleans(), W=st.integers(3, 7), batch=batches,
        shared=st.booleans())
 def test_random_channel_chunks_fuse(G, C, C_out, k, bias, W, batch, shared):
-    model = M.ChannelChunks(H=G, C=C, C_out=C_out, k=k, W=W, bias=bias)
+    model = spellings.ChannelChunks(H=G, C=C, C_out=C_out, k=k, W=W, bias=bias)
     if shared:
         for g in range(1, G):
             model.layers[g] = model.layers[0]
@@ -95,7 +95,7 @@ def test_random_channel_chunks_fuse(G, C, C_out, k, bias, W, batch, shared):
        batch=batches)
 def test_random_mixed_kernels(kernels, batch):
     """Rows with differing kernel sizes: fused in groups when some rows agree, else left."""
-    model = M.KernelSizes(tuple(kernels))
+    model = refused.KernelSizes(tuple(kernels))
     traced, other = batch
     distinct = len(set(kernels))
     fused = distinct < len(kernels)

@@ -4,57 +4,57 @@ from __future__ import annotations
 import pytest
 import torch
 
-import models as M
+from zoo import spellings, refused, whole
 from conftest import check, leaves
 
 SPELLINGS = {
-    "seed-append-unsqueeze-cat": lambda: M.Seed(),
-    "stack-dim0": lambda: M.Stack(dim=0),
-    "stack-dim1": lambda: M.Stack(dim=1),
-    "stack-dim2": lambda: M.Stack(dim=2),
-    "stack-dim3": lambda: M.Stack(dim=3),
-    "stack-dim-1": lambda: M.Stack(dim=-1),
-    "stack-dim-3": lambda: M.Stack(dim=-3),
-    "cat-channels-no-unsqueeze": lambda: M.CatNoUnsqueeze(dim=1),
-    "cat-length-no-unsqueeze": lambda: M.CatNoUnsqueeze(dim=-1),
-    "rows-BCHW-dim2": lambda: M.SelectDim("BCHW", 2),
-    "rows-BCHW-dim-2": lambda: M.SelectDim("BCHW", -2),
-    "rows-BHCW-dim1": lambda: M.SelectDim("BHCW", 1),
-    "rows-BHCW-dim-3": lambda: M.SelectDim("BHCW", -3),
-    "rows-BCWH-dim3": lambda: M.SelectDim("BCWH", 3),
-    "rows-BCWH-dim-1": lambda: M.SelectDim("BCWH", -1),
-    "rows-BWHC-dim2-transposed": lambda: M.SelectDim("BWHC", 2),
-    "rows-BHWC-dim1-transposed": lambda: M.SelectDim("BHWC", 1),
-    "getitem-x[:,:,h]": lambda: M.Getitem(),
-    "getitem-x[...,h,:]": lambda: M.GetitemEllipsis(),
-    "getitem-negative-index": lambda: M.GetitemNegative(),
-    "unbind": lambda: M.Unbind(),
-    "split-squeeze": lambda: M.SplitSqueeze(),
-    "chunk-squeeze": lambda: M.ChunkSqueeze(),
-    "narrow-squeeze": lambda: M.Narrow(),
-    "keepdim-slice-squeeze": lambda: M.KeepDimSlice(),
-    "reversed-rows": lambda: M.Reversed(),
-    "channel-one-rows-x[:,h].unsqueeze(1)": lambda: M.ChannelOneRows(),
-    "channel-one-slices-x[:,h:h+1]": lambda: M.ChannelOneSlices(),
-    "channel-chunks-hand-grouped": lambda: M.ChannelChunks(),
-    "module-dict": lambda: M.ModuleDictRows(),
-    "attributes": lambda: M.Attributes(),
-    "nested-blocks": lambda: M.NestedBlocks(),
-    "enumerate": lambda: M.Enumerate(),
-    "zip-unbind": lambda: M.ZipUnbind(),
-    "zip-range": lambda: M.ZipRange(),
-    "functional-parameterlist": lambda: M.Functional(padding=1),
-    "buffer-write-shape-bound": lambda: M.BufferWrite(),
-    "cat-shape-bound": lambda: M.ShapeBound(),
-    "buffer-select-copy_": lambda: M.BufferCopy(),
-    "strided-rows-x[:,:,2h]": lambda: M.StridedRows(),
-    "permuted-computed-source": lambda: M.PermutedSource(),
-    "per-row-relu-after-conv": lambda: M.PerRowOp("relu"),
-    "torch.select-concatenate-axis": lambda: M.FunctionForms("select"),
-    "torch.unbind-cat-tensors-kw": lambda: M.FunctionForms("unbind"),
-    "torch.narrow-squeeze-dim-kw": lambda: M.FunctionForms("narrow"),
-    "tensor_split-concat": lambda: M.TensorSplitRows(),
-    "transposed-rows-BWHC": lambda: M.TransposedRows(),
+    "seed-append-unsqueeze-cat": lambda: spellings.Seed(),
+    "stack-dim0": lambda: spellings.Stack(dim=0),
+    "stack-dim1": lambda: spellings.Stack(dim=1),
+    "stack-dim2": lambda: spellings.Stack(dim=2),
+    "stack-dim3": lambda: spellings.Stack(dim=3),
+    "stack-dim-1": lambda: spellings.Stack(dim=-1),
+    "stack-dim-3": lambda: spellings.Stack(dim=-3),
+    "cat-channels-no-unsqueeze": lambda: spellings.CatNoUnsqueeze(dim=1),
+    "cat-length-no-unsqueeze": lambda: spellings.CatNoUnsqueeze(dim=-1),
+    "rows-BCHW-dim2": lambda: spellings.SelectDim("BCHW", 2),
+    "rows-BCHW-dim-2": lambda: spellings.SelectDim("BCHW", -2),
+    "rows-BHCW-dim1": lambda: spellings.SelectDim("BHCW", 1),
+    "rows-BHCW-dim-3": lambda: spellings.SelectDim("BHCW", -3),
+    "rows-BCWH-dim3": lambda: spellings.SelectDim("BCWH", 3),
+    "rows-BCWH-dim-1": lambda: spellings.SelectDim("BCWH", -1),
+    "rows-BWHC-dim2-transposed": lambda: spellings.SelectDim("BWHC", 2),
+    "rows-BHWC-dim1-transposed": lambda: spellings.SelectDim("BHWC", 1),
+    "getitem-x[:,:,h]": lambda: spellings.Getitem(),
+    "getitem-x[...,h,:]": lambda: spellings.GetitemEllipsis(),
+    "getitem-negative-index": lambda: spellings.GetitemNegative(),
+    "unbind": lambda: spellings.Unbind(),
+    "split-squeeze": lambda: spellings.SplitSqueeze(),
+    "chunk-squeeze": lambda: spellings.ChunkSqueeze(),
+    "narrow-squeeze": lambda: spellings.Narrow(),
+    "keepdim-slice-squeeze": lambda: spellings.KeepDimSlice(),
+    "reversed-rows": lambda: spellings.Reversed(),
+    "channel-one-rows-x[:,h].unsqueeze(1)": lambda: spellings.ChannelOneRows(),
+    "channel-one-slices-x[:,h:h+1]": lambda: spellings.ChannelOneSlices(),
+    "channel-chunks-hand-grouped": lambda: spellings.ChannelChunks(),
+    "module-dict": lambda: spellings.ModuleDictRows(),
+    "attributes": lambda: spellings.Attributes(),
+    "nested-blocks": lambda: spellings.NestedBlocks(),
+    "enumerate": lambda: spellings.Enumerate(),
+    "zip-unbind": lambda: spellings.ZipUnbind(),
+    "zip-range": lambda: spellings.ZipRange(),
+    "functional-parameterlist": lambda: spellings.Functional(padding=1),
+    "buffer-write-shape-bound": lambda: spellings.BufferWrite(),
+    "cat-shape-bound": lambda: spellings.ShapeBound(),
+    "buffer-select-copy_": lambda: whole.BufferCopy(),
+    "strided-rows-x[:,:,2h]": lambda: whole.StridedRows(),
+    "permuted-computed-source": lambda: whole.PermutedSource(),
+    "per-row-relu-after-conv": lambda: refused.PerRowOp("relu"),
+    "torch.select-concatenate-axis": lambda: spellings.FunctionForms("select"),
+    "torch.unbind-cat-tensors-kw": lambda: spellings.FunctionForms("unbind"),
+    "torch.narrow-squeeze-dim-kw": lambda: spellings.FunctionForms("narrow"),
+    "tensor_split-concat": lambda: spellings.TensorSplitRows(),
+    "transposed-rows-BWHC": lambda: spellings.TransposedRows(),
 }
 
 
@@ -66,29 +66,29 @@ def test_spelling_fuses(make):
 
 
 @pytest.mark.parametrize("make,tracer", [
-    (M.BufferWrite, "export"), (M.ShapeBound, "export"), (M.Seed, "symbolic"),
+    (spellings.BufferWrite, "export"), (spellings.ShapeBound, "export"), (spellings.Seed, "symbolic"),
 ], ids=["buffer-write", "shape-bound", "seed"])
 def test_tracer_used(make, tracer):
     model = make()
     assert check(model, (model.example(),), 1).tracer == tracer
 
 
-@pytest.mark.parametrize("make", [M.Seed, M.Stack, M.Functional], ids=["seed", "stack",
+@pytest.mark.parametrize("make", [spellings.Seed, spellings.Stack, spellings.Functional], ids=["seed", "stack",
                                                                        "functional"])
 def test_export_tracer(make):
-    model = make(padding=1) if make is M.Functional else make()
+    model = make(padding=1) if make is spellings.Functional else make()
     assert check(model, (model.example(),), 1, tracer="export").tracer == "export"
 
 
 # ------------------------------------------------------------------ whole models
 
 WHOLE = {
-    "two-sites": (M.TwoSites, 2),
-    "chained-sites": (M.Chained, 2),
-    "poster-net-joint-conv2d-plus-loop": (M.PosterNet, 1),
-    "row-export": (M.RowExport, 1),
-    "site-on-a-row-export": (M.SiteOnRowExport, 2),
-    "cat-of-two-loops": (M.CatOfSites, 2),
+    "two-sites": (whole.TwoSites, 2),
+    "chained-sites": (whole.Chained, 2),
+    "poster-net-joint-conv2d-plus-loop": (whole.PosterNet, 1),
+    "row-export": (whole.RowExport, 1),
+    "site-on-a-row-export": (whole.SiteOnRowExport, 2),
+    "cat-of-two-loops": (whole.CatOfSites, 2),
 }
 
 
@@ -102,19 +102,19 @@ def test_whole_model(make, sites, lowering, tracer):
 
 
 def test_row_export_kept_as_a_slice():
-    model = M.RowExport()
+    model = whole.RowExport()
     result = check(model, (model.example(),), 1)
     assert result.sites[0].row_exports == (result.sites[0].convs[1],)
 
 
 def test_poster_net_keeps_joint_conv():
-    model = M.PosterNet()
+    model = whole.PosterNet()
     result = check(model, (torch.randn(2, *model.in_shape),), 1)
     calls = [n.target for n in result.model.graph.nodes if n.op == "call_module"]
     assert "joint" in calls and "head" in calls
 
 
-@pytest.mark.parametrize("make", [M.BufferWrite, M.ShapeBound, M.Seed],
+@pytest.mark.parametrize("make", [spellings.BufferWrite, spellings.ShapeBound, spellings.Seed],
                          ids=["buffer-write", "shape-bound", "seed"])
 def test_traced_with_batch_one(make):
     """Export specialises a size-1 batch; the fused model must still take any batch."""
@@ -125,30 +125,30 @@ def test_traced_with_batch_one(make):
 @pytest.mark.parametrize("dim", [0, 1, -1], ids=["batch", "channels", "length"])
 def test_traced_with_batch_one_cat(dim):
     """With one sample, ``cat(dim=0)`` looks like a plain flatten; another batch must not."""
-    model = M.CatNoUnsqueeze(dim=dim)
+    model = spellings.CatNoUnsqueeze(dim=dim)
     check(model, (model.example(1),), 1)
 
 
 def test_every_dim_size_one():
-    model = M.Stack(dim=0, H=2, C=1, C_out=1, k=1, W=1)
+    model = spellings.Stack(dim=0, H=2, C=1, C_out=1, k=1, W=1)
     check(model, (model.example(1),), 1)
 
 
 @pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
 def test_export_padding_mode(mode):
     """torch.export turns padding_mode into a per-row ``aten.pad`` before the conv."""
-    model = M.Seed(padding=1, padding_mode=mode)
+    model = spellings.Seed(padding=1, padding_mode=mode)
     result = check(model, (model.example(),), 1, tracer="export")
     assert "pad" in result.sites[0].steps
 
 
 def test_two_inputs():
-    model = M.TwoInputs()
+    model = whole.TwoInputs()
     bias = torch.randn(2, model.C_out, model.H, model.W_out)
     check(model, (model.example(), bias), 1)
 
 
-@pytest.mark.parametrize("make", [M.Shared, M.SharedFunctional, M.SharedUsedOutside],
+@pytest.mark.parametrize("make", [whole.Shared, whole.SharedFunctional, whole.SharedUsedOutside],
                          ids=["module", "functional", "also-used-outside"])
 def test_shared_module_is_batched(make):
     model = make()
@@ -167,7 +167,7 @@ def test_shared_module_is_batched(make):
     ((3, 3, 3, 5), ((0, 1, 2), (3,))),
 ], ids=["two-pairs", "interleaved", "one-odd-row"])
 def test_mixed_kernel_sizes_fused_in_groups(kernels, groups):
-    model = M.KernelSizes(kernels)
+    model = refused.KernelSizes(kernels)
     result = check(model, (model.example(),), 1)
     assert result.sites[0].groups == groups
 
@@ -200,7 +200,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("settings", SETTINGS.values(), ids=SETTINGS.keys())
 def test_conv_settings(settings, dtype):
-    model = M.Seed(**settings).to(dtype)
+    model = spellings.Seed(**settings).to(dtype)
     result = check(model, (model.example(dtype=dtype),), 1)
     spec = result.sites[0].spec
     assert spec.dtype == dtype
@@ -211,7 +211,7 @@ def test_conv_settings(settings, dtype):
                                       "depthwise-groups=C", "no-bias", "reflect", "circular",
                                       "everything"])
 def test_conv_settings_grouped2d(settings):
-    model = M.Seed(**SETTINGS[settings])
+    model = spellings.Seed(**SETTINGS[settings])
     result = check(model, (model.example(),), 1, lowering="grouped2d")
     assert result.sites[0].lowering == "grouped2d"
 
@@ -219,7 +219,7 @@ def test_conv_settings_grouped2d(settings):
 @pytest.mark.parametrize("settings", ["padding1", "everything"])
 def test_conv_settings_functional(settings):
     kw = {k: v for k, v in SETTINGS[settings].items() if k != "padding_mode"}
-    model = M.Functional(**kw)
+    model = spellings.Functional(**kw)
     check(model, (model.example(),), 1)
 
 
@@ -228,12 +228,12 @@ def test_conv_settings_functional(settings):
 def test_rows_count(H, lowering):
     if H == 1024 and lowering == "auto":
         pytest.skip("timing 1024 rows is slow; auto is covered with few rows")
-    model = M.Stack(H=H, C=2, C_out=2, W=4, padding=1)
+    model = spellings.Stack(H=H, C=2, C_out=2, W=4, padding=1)
     result = check(model, (model.example(),), 1, lowering=lowering)
     assert result.sites[0].rows == H
 
 
-@pytest.mark.parametrize("make", [M.Seed, M.Shared, M.ChannelChunks],
+@pytest.mark.parametrize("make", [spellings.Seed, whole.Shared, spellings.ChannelChunks],
                          ids=["seed", "shared", "channel-chunks"])
 def test_auto_lowering(make):
     model = make()
@@ -244,15 +244,31 @@ def test_auto_lowering(make):
 
 
 def test_frozen_rows_stay_frozen():
-    model = M.Frozen()
+    model = spellings.Frozen()
     result = check(model, (model.example(),), 1)
     assert not any(p.requires_grad for p in result.model.parameters())
 
 
 @pytest.mark.parametrize("dtype", [*DTYPES.values(), torch.float64],
                          ids=[*DTYPES.keys(), "float64"])
-@pytest.mark.parametrize("make", [M.BufferWrite, M.ChannelChunks, M.Functional, M.Shared],
+@pytest.mark.parametrize("make", [spellings.BufferWrite, spellings.ChannelChunks, spellings.Functional, whole.Shared],
                          ids=["buffer-write", "channel-chunks", "functional", "shared"])
 def test_dtype_across_spellings(make, dtype):
     model = make().to(dtype)
     check(model, (model.example(dtype=dtype),), 1)
+
+
+def test_escaping_row_does_not_alias_the_fused_result():
+    """``(stack(outs, 1), outs[0])``: the row returned on its own is its own tensor, so an
+    in-place change to one output leaves the other as the original does."""
+    torch.manual_seed(0)
+    model = spellings.EscapingRow()
+    x = model.example()
+    result = check(model, (x,), 1)
+    stacked, row = result.model(x)
+    before = stacked.clone()
+    row.add_(1.0)
+    torch.testing.assert_close(stacked, before, rtol=0, atol=0)
+    ref_stacked, ref_row = model(x)
+    ref_row.add_(1.0)
+    torch.testing.assert_close(row, ref_row, rtol=1e-5, atol=1e-5)

@@ -12,7 +12,7 @@ from torch import nn
 import fxfuse
 from fxfuse.check.verify import compare
 
-import models as M
+from zoo import spellings as M
 
 
 def _fuse(model, *inputs, **kw):

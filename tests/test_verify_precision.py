@@ -19,7 +19,7 @@ from fxfuse.check import precision
 from fxfuse.check.precision import PrecisionMode, detect_precision, emulate_tf32, round_to_tf32
 from fxfuse.check.verify import permitted_error
 
-import models as M
+from zoo import spellings as M
 
 TF32 = PrecisionMode("cuda", conv_tf32=True)
 FULL = PrecisionMode("cuda")

@@ -14,7 +14,7 @@ import torch
 from torch import fx
 
 from .bench import time_interleaved, timing_of
-from ..rewrite.rewriter import LOWERINGS, node_index, rewrite_site
+from ..rewrite.rewriter import LOWERINGS, lowerings_for, node_index, rewrite_site
 from ..match.sites import RowSite
 from ..trace.tracing import VALUE_KEY, tensor_dtype, tensor_shape
 
@@ -72,8 +72,7 @@ def choose_lowering(gm: fx.GraphModule, site: RowSite, *, rounds: int = 9,
         return "grouped", ()
     x = _random_source(gm, site)
     fns = {"loop": loop}
-    single = site.shared_module or site.reduce or site.family == "linear"
-    for lowering in (("grouped",) if single else candidates):
+    for lowering in lowerings_for(site, candidates):
         fused = copy.deepcopy(loop)
         rewrite_site(fused, site, lowering)
         fns[lowering] = fused

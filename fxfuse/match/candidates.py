@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
-from .ops import combine_kind, combine_members, data_input, is_buffer_alloc, is_copy_into, \
+from .ops import ADD, combine_kind, combine_members, data_input, is_buffer_alloc, is_copy_into, \
     is_index_op
 
 
@@ -106,13 +106,9 @@ def _write_value(node: fx.Node) -> object:
     return node.args[1] if len(node.args) > 1 else node.kwargs.get("src")
 
 
-def buffer_candidate(alloc: fx.Node, convs: set[fx.Node],
-                     order: dict[fx.Node, int]) -> Candidate | None:
-    """A preallocated tensor written row by row (``out[:, :, h] = conv_h(...)``), or None."""
-    if not is_buffer_alloc(alloc):
-        return None
-    cand = Candidate(alloc, "buffer")
-    views, writes, pending = {alloc}, [], [alloc]
+def _buffer_uses(alloc: fx.Node) -> tuple[set[fx.Node], list[fx.Node], list[fx.Node]]:
+    """The buffer's views (itself included), the writes into them, and every other reader."""
+    views, writes, readers, pending = {alloc}, [], [], [alloc]
     while pending:
         for user in pending.pop().users:
             if is_copy_into(user) and user.args and user.args[0] in views:
@@ -121,29 +117,87 @@ def buffer_candidate(alloc: fx.Node, convs: set[fx.Node],
                 views.add(user)
                 pending.append(user)
             else:
-                cand.readers.append(user)
+                readers.append(user)
+    return views, writes, readers
+
+
+def _buffer_reason(cand: Candidate, alloc: fx.Node, last_write: int,
+                   order: dict[fx.Node, int]) -> str:
+    early = [r for r in cand.readers if order[r] < last_write]
+    viewed = [r for r in cand.readers if r not in alloc.users]
+    if early:
+        return (f"the buffer is read by {_describe(early[0])} before every row is "
+                "written (rows may depend on each other)")
+    if viewed:
+        return f"a view of the buffer is also read elsewhere ({_describe(viewed[0])})"
+    return ""
+
+
+def buffer_candidate(alloc: fx.Node, convs: set[fx.Node],
+                     order: dict[fx.Node, int]) -> Candidate | None:
+    """A preallocated tensor written row by row (``out[:, :, h] = conv_h(...)``), or None."""
+    if not is_buffer_alloc(alloc):
+        return None
+    views, writes, readers = _buffer_uses(alloc)
     if not writes:
         return None
+    cand = Candidate(alloc, "buffer", readers=readers)
     writes.sort(key=order.__getitem__)
     cand.output_nodes.update(views - {alloc})
     cand.output_nodes.update(writes)
     _gather_rows([_write_value(w) for w in writes], convs, cand)
     if not cand.convs and not cand.reason:
         return None
-    last_write = order[writes[-1]]
-    early = [r for r in cand.readers if order[r] < last_write]
-    viewed = [r for r in cand.readers if r not in alloc.users]
-    if not cand.reason and early:
-        cand.reason = (f"the buffer is read by {_describe(early[0])} before every row is "
-                       "written (rows may depend on each other)")
-    elif not cand.reason and viewed:
-        cand.reason = f"a view of the buffer is also read elsewhere ({_describe(viewed[0])})"
+    cand.reason = cand.reason or _buffer_reason(cand, alloc, order[writes[-1]], order)
+    return cand
+
+
+def _is_add(node: fx.Node) -> bool:
+    return ADD.calls_function(node)
+
+
+def _sum_terms(node: fx.Node) -> tuple[list[object], list[fx.Node]] | None:
+    """The terms of ``((0 + r0) + r1) + ...`` ending at ``node`` (in order) and the adds,
+    or None when an intermediate sum is used elsewhere."""
+    terms, adds, cur = [], [], node
+    while isinstance(cur, fx.Node) and _is_add(cur) and len(cur.args) == 2 and not cur.kwargs:
+        adds.append(cur)
+        left, right = cur.args
+        terms.append(right)
+        if isinstance(left, (int, float)) and left == 0:
+            break
+        if not isinstance(left, fx.Node) or (cur is not node and len(cur.users) != 1):
+            return None
+        if not _is_add(left) or len(left.users) != 1:
+            terms.append(left)
+            break
+        cur = left
+    terms.reverse()
+    return terms, adds
+
+
+def sum_candidate(node: fx.Node, row_ops: set[fx.Node]) -> Candidate | None:
+    """The last ``add`` of a chain ``((0 + r0) + r1) + ...`` over per-row results, or None."""
+    if not _is_add(node) or any(_is_add(u) for u in node.users) or node.kwargs:
+        return None
+    found = _sum_terms(node)
+    if found is None:
+        return None
+    terms, adds = found
+    cand = Candidate(node, "sum")
+    for term in terms:
+        path, base = walk_back(term, row_ops) if isinstance(term, fx.Node) else ([], None)
+        if base not in row_ops or path:
+            return None
+        cand.convs.append(base)
+    if len(cand.convs) < 2:
+        return None
+    cand.output_nodes.update(a for a in adds if a is not node)
     return cand
 
 
 def find_candidates(graph: fx.Graph, convs: set[fx.Node]) -> list[Candidate]:
     """Every cat/stack/buffer/sum in ``graph`` that joins per-row results, in graph order."""
-    from .reduce import sum_candidate
     order = {n: i for i, n in enumerate(graph.nodes)}
     found: list[Candidate] = []
     for node in graph.nodes:

@@ -11,9 +11,7 @@ from dataclasses import dataclass
 
 from torch import fx, nn
 
-from .rowops import RowOp, row_op
-
-HEAVY = ("conv", "linear")          # ops that carry per-row weights worth fusing
+from .kinds import RowOp, row_op
 
 
 @dataclass(frozen=True)
@@ -38,7 +36,7 @@ class RowChain:
     @property
     def head(self) -> RowOp | None:
         """The first conv or linear op (it names the row in reports)."""
-        return next((op for op in self.ops if op.kind in HEAVY), None)
+        return next((op for op in self.ops if op.row_kind.heavy), None)
 
     def describe(self) -> str:
         """``conv→batchnorm→relu→conv``."""
@@ -66,17 +64,20 @@ def row_chain(out: fx.Node, root: nn.Module) -> RowChain | None:
 
 def family_problem(chain: RowChain) -> str:
     """Why a chain mixes ops that cannot share one fused layout, or ``""``."""
-    kinds = set(chain.kinds)
-    if "conv" in kinds and "linear" in kinds:
-        return "a row mixes Conv1d and Linear; only one of them per loop fuses"
-    if "linear" in kinds and "batchnorm" in kinds:
-        return "a row mixes Linear and BatchNorm1d; only conv towers keep BatchNorm"
+    kinds = [op.row_kind for op in chain.ops]
+    for i, a in enumerate(kinds):
+        other = next((b for b in kinds[i + 1:] if not a.families & b.families), None)
+        if other is not None:
+            return (f"a row mixes {a.title} and {other.title}, which fuse in different "
+                    "layouts; only one of them per loop fuses")
     return ""
 
 
 def family(chain: RowChain) -> str:
-    """``"linear"`` for per-row Linear heads, ``"conv"`` for conv towers."""
-    return "linear" if "linear" in chain.kinds else "conv"
+    """``"linear"`` for per-row Linear heads, ``"conv"`` for conv towers: the one layout
+    every step of the chain works in (conv when both do)."""
+    common = frozenset(("conv", "linear")).intersection(*(op.row_kind.families for op in chain.ops))
+    return "conv" if "conv" in common else "linear"
 
 
 def group_rows(chains: list[RowChain]) -> tuple[tuple[int, ...], ...]:

@@ -1,9 +1,9 @@
-"""What a graph node *is*: an index-only op, a combine op, a buffer, or a Conv1d call.
+"""The operator tables: what a graph node *is*, in every spelling fxfuse reads.
 
 Both graphs fxfuse sees are covered: ``torch.fx.symbolic_trace`` output (``torch.*``
 functions, ``Tensor`` methods, ``call_module``) and ``torch.export`` output (ATen ops,
-``get_attr`` weights). The matcher asks these predicates and never looks at targets
-itself.
+``get_attr`` weights). Each family of ops is one :class:`OpTable` holding all three
+spellings; the rest of the package asks these tables and never looks at targets itself.
 """
 from __future__ import annotations
 
@@ -13,55 +13,104 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import fx
+from torch import fx, nn
 
 aten = torch.ops.aten
 
+
+def packet(target: Any) -> Any:
+    """The ATen overload packet of ``target`` (``aten.add`` for ``aten.add.Tensor``), or None."""
+    return getattr(target, "overloadpacket", None)
+
+
+@dataclass(frozen=True)
+class OpTable:
+    """One op family in its three spellings: ``torch`` functions, ``Tensor`` methods and
+    ATen overload packets."""
+
+    functions: frozenset = frozenset()
+    methods: frozenset = frozenset()
+    aten: frozenset = frozenset()
+
+    def __init__(self, functions=(), methods=(), aten=()) -> None:
+        object.__setattr__(self, "functions", frozenset(functions))
+        object.__setattr__(self, "methods", frozenset(methods))
+        object.__setattr__(self, "aten", frozenset(aten))
+
+    def matches(self, node: fx.Node) -> bool:
+        """True when ``node`` calls one of the table's ops (functions, methods or ATen)."""
+        if node.op == "call_function":
+            return node.target in self.functions or packet(node.target) in self.aten
+        return node.op == "call_method" and node.target in self.methods
+
+    def calls_function(self, node: fx.Node) -> bool:
+        """True for a ``call_function`` of the table (methods not included)."""
+        return node.op == "call_function" and (node.target in self.functions
+                                               or packet(node.target) in self.aten)
+
+
 # Ops that only move, drop or regroup elements. Evaluated on an index tensor they tell
 # exactly which source element lands where, whatever the spelling.
-_INDEX_FUNCTIONS: set[Any] = {
-    operator.getitem, torch.select, torch.narrow, torch.squeeze, torch.unsqueeze,
-    torch.unbind, torch.split, torch.chunk, torch.tensor_split, torch.movedim,
-    torch.moveaxis, torch.permute, torch.transpose, torch.swapaxes, torch.swapdims,
-    torch.flatten, torch.unflatten, torch.reshape, torch.t,
-}
-_INDEX_METHODS = {
-    "select", "narrow", "squeeze", "unsqueeze", "unbind", "split", "chunk",
-    "tensor_split", "movedim", "moveaxis", "permute", "transpose", "swapaxes",
-    "swapdims", "flatten", "unflatten", "view", "reshape", "contiguous", "t",
-    "__getitem__",
-}
-_INDEX_ATEN_PACKETS = {
-    aten.select, aten.slice, aten.narrow, aten.squeeze, aten.unsqueeze, aten.unbind,
-    aten.split, aten.split_with_sizes, aten.chunk, aten.tensor_split, aten.permute,
-    aten.transpose, aten.movedim, aten.view, aten.reshape, aten._unsafe_view,
-    aten.flatten, aten.unflatten, aten.contiguous, aten.clone, aten.alias,
-    aten.t, aten.alias_copy, aten.select_copy, aten.slice_copy, aten.view_copy,
-    aten.unsqueeze_copy, aten.squeeze_copy, aten.permute_copy, aten.transpose_copy,
-}
-_CAT = {torch.cat, torch.concat, torch.concatenate}
-_STACK = {torch.stack}
-_CAT_ATEN = {aten.cat, aten.concat}
-_STACK_ATEN = {aten.stack}
-_BUFFER_FUNCTIONS = {torch.zeros, torch.empty, torch.full, torch.zeros_like, torch.empty_like,
-                     torch.full_like}
-_BUFFER_METHODS = {"new_zeros", "new_empty", "new_full"}
-_BUFFER_ATEN = {aten.zeros, aten.empty, aten.full, aten.new_zeros, aten.new_empty,
-                aten.new_full, aten.zeros_like, aten.empty_like, aten.full_like}
-_COPY_ATEN = {aten.copy_, aten.copy}
+INDEX = OpTable(
+    functions=(operator.getitem, torch.select, torch.narrow, torch.squeeze, torch.unsqueeze,
+               torch.unbind, torch.split, torch.chunk, torch.tensor_split, torch.movedim,
+               torch.moveaxis, torch.permute, torch.transpose, torch.swapaxes, torch.swapdims,
+               torch.flatten, torch.unflatten, torch.reshape, torch.t),
+    methods=("select", "narrow", "squeeze", "unsqueeze", "unbind", "split", "chunk",
+             "tensor_split", "movedim", "moveaxis", "permute", "transpose", "swapaxes",
+             "swapdims", "flatten", "unflatten", "view", "reshape", "contiguous", "t",
+             "__getitem__"),
+    aten=(aten.select, aten.slice, aten.narrow, aten.squeeze, aten.unsqueeze, aten.unbind,
+          aten.split, aten.split_with_sizes, aten.chunk, aten.tensor_split, aten.permute,
+          aten.transpose, aten.movedim, aten.view, aten.reshape, aten._unsafe_view,
+          aten.flatten, aten.unflatten, aten.contiguous, aten.clone, aten.alias,
+          aten.t, aten.alias_copy, aten.select_copy, aten.slice_copy, aten.view_copy,
+          aten.unsqueeze_copy, aten.squeeze_copy, aten.permute_copy, aten.transpose_copy))
+CAT = OpTable(functions=(torch.cat, torch.concat, torch.concatenate), aten=(aten.cat, aten.concat))
+STACK = OpTable(functions=(torch.stack,), aten=(aten.stack,))
+BUFFER = OpTable(
+    functions=(torch.zeros, torch.empty, torch.full, torch.zeros_like, torch.empty_like,
+               torch.full_like),
+    methods=("new_zeros", "new_empty", "new_full"),
+    aten=(aten.zeros, aten.empty, aten.full, aten.new_zeros, aten.new_empty, aten.new_full,
+          aten.zeros_like, aten.empty_like, aten.full_like))
+COPY = OpTable(functions=(operator.setitem,), methods=("copy_",), aten=(aten.copy_, aten.copy))
+ADD = OpTable(functions=(operator.add, torch.add), aten=(aten.add,))
+SUM = OpTable(functions=(torch.sum,), methods=("sum",), aten=(aten.sum,))
+MEAN = OpTable(functions=(torch.mean,), methods=("mean",), aten=(aten.mean,))
+SIZE_QUERY = OpTable(aten=(aten.sym_size,))
 
-
-def _packet(target: Any) -> Any:
-    return getattr(target, "overloadpacket", None)
+# Elementwise ops: applying them to all rows at once equals applying them row by row.
+POINTWISE = OpTable(
+    functions=(F.relu, F.relu6, F.gelu, F.silu, F.elu, F.selu, F.celu, F.leaky_relu, F.hardtanh,
+               F.hardswish, F.hardsigmoid, F.mish, F.softplus, F.tanh, F.sigmoid, F.dropout,
+               torch.relu, torch.tanh, torch.sigmoid, torch.dropout, torch.abs, torch.exp,
+               torch.neg, operator.mul, operator.add, operator.sub, operator.truediv,
+               operator.neg, torch.mul, torch.add, torch.sub, torch.div, torch.clamp,
+               torch.square, torch.clone),
+    methods=("relu", "tanh", "sigmoid", "abs", "exp", "neg", "mul", "add", "sub", "div",
+             "clamp", "square", "__mul__", "__add__", "__sub__", "__truediv__", "contiguous",
+             "clone"),
+    aten=(aten.relu, aten.gelu, aten.silu, aten.elu, aten.leaky_relu, aten.hardtanh, aten.tanh,
+          aten.sigmoid, aten.mul, aten.add, aten.sub, aten.div, aten.clamp, aten.abs, aten.exp,
+          aten.neg, aten.dropout, aten.relu6, aten.hardswish, aten.mish, aten.softplus,
+          aten.square))
+POINTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.ELU, nn.SELU, nn.CELU,
+                     nn.LeakyReLU, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Mish,
+                     nn.Softplus, nn.Tanh, nn.Sigmoid, nn.Dropout, nn.Identity)
+PAD = OpTable(functions=(F.pad, torch.constant_pad_nd),
+              aten=(aten.pad, aten.constant_pad_nd, aten.reflection_pad1d,
+                    aten.replication_pad1d))
+CONV1D = OpTable(functions=(F.conv1d, torch.conv1d), aten=(aten.conv1d, aten.convolution))
+LINEAR = OpTable(functions=(F.linear,), aten=(aten.linear,))
+BATCH_NORM = OpTable(aten=(aten.batch_norm,))
+LAYER_NORM = OpTable(functions=(F.layer_norm, torch.layer_norm), aten=(aten.layer_norm,))
+GROUP_NORM = OpTable(functions=(F.group_norm, torch.group_norm), aten=(aten.group_norm,))
 
 
 def is_index_op(node: fx.Node) -> bool:
     """True when ``node`` only rearranges the elements of its first argument."""
-    if node.op == "call_function":
-        return node.target in _INDEX_FUNCTIONS or _packet(node.target) in _INDEX_ATEN_PACKETS
-    if node.op == "call_method":
-        return node.target in _INDEX_METHODS
-    return False
+    return INDEX.matches(node)
 
 
 def data_input(node: fx.Node) -> fx.Node | None:
@@ -74,11 +123,9 @@ def data_input(node: fx.Node) -> fx.Node | None:
 
 def combine_kind(node: fx.Node) -> str | None:
     """``"cat"`` or ``"stack"`` when ``node`` joins a list of tensors, else None."""
-    if node.op != "call_function":
-        return None
-    if node.target in _CAT or _packet(node.target) in _CAT_ATEN:
+    if CAT.calls_function(node):
         return "cat"
-    if node.target in _STACK or _packet(node.target) in _STACK_ATEN:
+    if STACK.calls_function(node):
         return "stack"
     return None
 
@@ -91,90 +138,40 @@ def combine_members(node: fx.Node) -> list[Any]:
 
 def is_buffer_alloc(node: fx.Node) -> bool:
     """True for a fresh tensor allocation (``zeros``, ``new_empty``, ...)."""
-    if node.op == "call_function":
-        return node.target in _BUFFER_FUNCTIONS or _packet(node.target) in _BUFFER_ATEN
-    return node.op == "call_method" and node.target in _BUFFER_METHODS
+    return BUFFER.matches(node)
 
 
 def is_copy_into(node: fx.Node) -> bool:
     """True for an in-place write ``dst.copy_(src)`` (ATen) or ``dst[idx] = src`` (fx)."""
-    if node.op == "call_function":
-        return node.target is operator.setitem or _packet(node.target) in _COPY_ATEN
-    return node.op == "call_method" and node.target == "copy_"
+    return COPY.matches(node)
 
 
-@dataclass(frozen=True)
-class ConvCall:
-    """A recognised Conv1d call: the row input node, where its weights live, its settings."""
-
-    input: fx.Node
-    weight_key: str            # state_dict key of the weight (module path + ".weight" or attr)
-    bias_key: str | None
-    module_target: str | None  # call_module target, when the conv is a module call
-    stride: int
-    padding: int | str
-    dilation: int
-    groups: int
-    padding_mode: str
+def tensor_args_only_first(node: fx.Node) -> bool:
+    """True when the first argument is the only tensor ``node`` reads (``x * 2``, not
+    ``x * y``)."""
+    nodes = node.all_input_nodes
+    return bool(nodes and node.args and node.args[0] is nodes[0]
+                and all(n is nodes[0] for n in nodes))
 
 
-def _one(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        if len(value) != 1:
-            raise ValueError(f"expected one value, got {value!r}")
-        return value[0]
-    return value
+def const_key(node: fx.Node) -> tuple:
+    """What must agree between two calls of the same op for one call to do both: the
+    target and every argument after the tensor."""
+    return (node.op, node.target, repr(node.args[1:]), repr(sorted(node.kwargs.items())))
 
 
-_CONV_FUNCTIONS = {F.conv1d, torch.conv1d}
-_CONV_ATEN = {aten.conv1d, aten.convolution}
-_CONV_ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+def op_name(node: fx.Node) -> str:
+    """A short name of what ``node`` calls (``relu``, ``add``)."""
+    if node.op == "call_method":
+        return str(node.target).strip("_")
+    return getattr(packet(node.target) or node.target, "__name__", str(node.target))
 
 
-def _functional_args(node: fx.Node) -> dict[str, Any]:
-    args = dict(zip(_CONV_ARG_NAMES, node.args))
-    args.update({k: v for k, v in node.kwargs.items() if k in _CONV_ARG_NAMES})
-    return args
-
-
-def conv_call(node: fx.Node, root: torch.nn.Module) -> ConvCall | None:
-    """Describe ``node`` if it is a 1-D convolution fxfuse can read, else None."""
-    if node.op == "call_module":
-        mod = root.get_submodule(str(node.target))
-        if not isinstance(mod, torch.nn.Conv1d):
-            return None
-        if not node.args or not isinstance(node.args[0], fx.Node):
-            return None
-        return ConvCall(node.args[0], f"{node.target}.weight",
-                        f"{node.target}.bias" if mod.bias is not None else None, str(node.target),
-                        mod.stride[0], mod.padding if isinstance(mod.padding, str) else mod.padding[0],
-                        mod.dilation[0], mod.groups, mod.padding_mode)
-    if node.op != "call_function":
-        return None
-    is_aten_conv = _packet(node.target) in _CONV_ATEN
-    if node.target not in _CONV_FUNCTIONS and not is_aten_conv:
-        return None
-    if _packet(node.target) is aten.convolution:
-        # (input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
-        a = list(node.args) + [None] * 9
-        if a[6] or any(a[7] or ()) or len(a[3] or ()) != 1:
-            return None
-        args = dict(zip(_CONV_ARG_NAMES, a[:6]), groups=a[8])
-    else:
-        args = _functional_args(node)
-    weight, bias, inp = args.get("weight"), args.get("bias"), args.get("input")
-    if not isinstance(inp, fx.Node) or not isinstance(weight, fx.Node) or weight.op != "get_attr":
-        return None
-    if bias is not None and (not isinstance(bias, fx.Node) or bias.op != "get_attr"):
-        return None
-    try:
-        padding = args.get("padding", 0)
-        padding = padding if isinstance(padding, str) else int(_one(padding))
-        return ConvCall(inp, str(weight.target), None if bias is None else str(bias.target), None,
-                        int(_one(args.get("stride", 1))), padding,
-                        int(_one(args.get("dilation", 1))), int(args.get("groups", 1) or 1), "zeros")
-    except (TypeError, ValueError):
-        return None
+def get_attr_args(*args: Any) -> bool:
+    """True when every argument is None or a ``get_attr`` node (weights of a functional
+    or exported op), and at least one is not None."""
+    present = [a for a in args if a is not None]
+    return bool(present) and all(isinstance(a, fx.Node) and a.op == "get_attr" for a in present)
 
 
 def hooks_of(mod: torch.nn.Module) -> list[str]:
@@ -186,3 +183,10 @@ def hooks_of(mod: torch.nn.Module) -> list[str]:
     if getattr(mod, "parametrizations", None):
         names.append("parametrizations")
     return names
+
+
+def reemit(graph: fx.Graph, node: fx.Node, old: fx.Node, new: fx.Node) -> fx.Node:
+    """A copy of ``node`` (at the graph's insert point) reading ``new`` where it read ``old``."""
+    args = tuple(new if a is old else a for a in node.args)
+    kwargs = {k: (new if v is old else v) for k, v in node.kwargs.items()}
+    return graph.create_node(node.op, node.target, args, kwargs)

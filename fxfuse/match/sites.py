@@ -8,12 +8,15 @@ rewriter reads them and changes the graph.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
-RowKind = Literal["select", "block"]
+SliceKind = Literal["select", "block"]
+Family = Literal["conv", "linear"]
+Reduce = Literal["", "sum", "mean"]
+Lowering = Literal["", "loop", "grouped", "grouped2d", "batched", "bmm", "dense"]
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,7 @@ class InputPlan:
     rows split into blocks; the hand-written grouped conv).
     """
 
-    kind: RowKind
+    kind: SliceKind
     axes: tuple[int, ...]
     rows: tuple[int, ...]          # row index (select) or first channel (block), in combine order
     width: int                      # channels per row
@@ -100,23 +103,24 @@ class OutputPlan:
 
 
 @dataclass(frozen=True)
-class RowSite:
-    """One loop of per-row convolutions, fusable or not.
+class RowMatch:
+    """What the matcher found: one loop of per-row ops, fusable or not (immutable).
 
     Attributes:
         name: a stable label (``site0``, ``site1``, ...), in graph order.
         combine: name of the node that joins the rows (``cat``/``stack`` node or buffer).
-        combine_kind: ``"cat"``, ``"stack"`` or ``"buffer"``.
+        combine_kind: ``"cat"``, ``"stack"``, ``"buffer"`` or ``"sum"`` (``"stack+sum"``
+            when a stack is then reduced over the rows).
         source: name of the tensor the rows are read from (``""`` when unknown).
-        convs: the per-row conv nodes, in combine order.
-        targets: per row, the module path or weight attribute of its conv.
-        spec: the shared conv settings (``None`` when rows disagree or none found).
+        convs: per row, the op that names the row (its first conv or Linear), in combine order.
+        targets: per row, the module path or weight attribute of that op.
+        spec: the shared conv settings (``None`` for Linear heads or when none found).
         input_plan / output_plan: the layout facts the rewrite needs.
-        row_exports: conv nodes whose outputs are also used outside the loop; the
-            rewrite feeds those users a slice of the fused output.
-        input_nodes: the indexing nodes between the source and the convs (erased when
+        row_exports: row outputs also used outside the loop; the rewrite feeds those
+            users a copy of their slice of the fused output.
+        input_nodes: the indexing nodes between the source and the rows (erased when
             nothing else uses them).
-        output_nodes: the nodes between the convs and the combined result (unsqueezes,
+        output_nodes: the nodes between the rows and the combined result (unsqueezes,
             buffer views and writes), erased by the rewrite.
         chains: per row, the per-row op nodes from input to output (one conv, or a
             tower such as conv → batchnorm → relu → conv, or Linear heads).
@@ -129,9 +133,9 @@ class RowSite:
             site is then one dense op, ``output_plan`` the layout of the reduced result.
         shared_module: all rows call the same module (rewritten by folding rows into batch).
         reason: why the site is not fusable (``""`` when it is).
-        lowering: what the pass did: ``"grouped"``, ``"batched"``, ``"loop"`` (kept), or ``""``.
-        notes: facts worth telling the user (e.g. weights duplicated for inference).
-        timings: per candidate lowering, median seconds, when the choice was measured.
+        twin: the weights the loop reads, row by row and step by step
+            (:func:`fxfuse.match.params.twin_key`): sites with equal ``twin`` run the very
+            same layers (a loop module applied twice).
     """
 
     name: str
@@ -149,15 +153,31 @@ class RowSite:
     chains: tuple[tuple[str, ...], ...] = ()
     steps: tuple[str, ...] = ()
     groups: tuple[tuple[int, ...], ...] = ()
-    family: str = "conv"
+    family: Family = "conv"
     loop_kind: str = ""
-    reduce: str = ""
+    reduce: Reduce = ""
     shared_module: bool = False
     reason: str = ""
-    lowering: str = ""
+    twin: tuple = ()
+
+
+@dataclass(frozen=True)
+class RowSite:
+    """One loop: what the matcher found (:class:`RowMatch`, every field readable on the
+    site itself: ``site.reason``, ``site.convs``...) and what the pass did with it.
+
+    Attributes:
+        match: the loop as found.
+        lowering: what the pass did: ``"grouped"``, ``"grouped2d"``, ``"batched"``,
+            ``"bmm"``, ``"dense"``, ``"loop"`` (kept), or ``""`` (not fusable / not applied).
+        notes: facts worth telling the user (e.g. rows fused in groups).
+        timings: per candidate lowering, median seconds, when the choice was measured.
+    """
+
+    match: RowMatch
+    lowering: Lowering = ""
     notes: tuple[str, ...] = ()
     timings: tuple[tuple[str, float], ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def rows(self) -> int:
@@ -206,3 +226,16 @@ class RowSite:
             "notes": list(self.notes),
             "timings_s": dict(self.timings),
         }
+
+
+for _field in dataclasses.fields(RowMatch):    # site.reason, site.convs, ... read the match
+    setattr(RowSite, _field.name, property(
+        lambda self, _n=_field.name: getattr(self.match, _n),
+        doc=f"``match.{_field.name}``"))
+del _field
+
+
+def twin_of(site: RowSite) -> tuple:
+    """The key under which sites that run the very same layers (one loop module applied
+    twice) must get the same lowering and share one fused module."""
+    return ("twin", site.twin) if site.twin else ("site", site.name)

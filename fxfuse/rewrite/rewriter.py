@@ -25,9 +25,9 @@ import torch
 from torch import fx
 
 from ..errors import RewriteError
-from .emit import (batched_chain, batchnorm_step, conv_step, dense_sum, linear_step,
-                   pointwise_step)
-from ..match.rowops import RowOp, row_op
+from .emit import batched_chain, dense_sum
+from ..match.kinds import Lane, RowOp, row_op
+from ..match.ops import SIZE_QUERY
 from ..match.sites import RowSite
 from .weights import WeightMap
 
@@ -55,31 +55,13 @@ def rewrite_site(gm: fx.GraphModule, site: RowSite, lowering: str = "grouped", *
     Raises:
         RewriteError: the site is not fusable or does not belong to ``gm``.
     """
-    if lowering not in LOWERINGS:
-        raise RewriteError(f"unknown lowering {lowering!r}; use one of {', '.join(LOWERINGS)}")
-    if not site.fusable:
-        raise RewriteError(f"{site.name} cannot be rewritten: {site.reason}")
-    nodes = node_index(gm.graph)
-    missing = [n for n in (site.source, site.combine, *site.convs) if n not in nodes]
-    if missing:
-        raise RewriteError(f"{site.name} does not match this graph (no node `{missing[0]}`); "
-                           "find sites again after changing the graph")
+    nodes, chains = _resolve(gm, site, lowering)
     graph = gm.graph
-    chains = [[row_op(nodes[n], gm) for n in chain] for chain in site.chains]
-    if any(op is None for chain in chains for op in chain):
-        raise RewriteError(f"{site.name}: a per-row op changed since the site was found")
     everything = [op.node for chain in chains for op in chain]
     before = set(graph.nodes)
     with graph.inserting_before(_first(everything)):
         rows = make_rows_input(graph, nodes[site.source], site)
-        if site.shared_module:
-            stacked, wmap = batched_chain(graph, rows, tuple(chains[0]), site.rows), WeightMap()
-        elif site.reduce:
-            stacked, entries = dense_sum(gm, rows, chains, _prefix(site.targets) + "_fused",
-                                         site.reduce)
-            wmap = WeightMap(tuple(entries))
-        else:
-            stacked, wmap = _make_groups(gm, rows, chains, site, lowering)
+        stacked, wmap = _fused_rows(gm, rows, chains, site, lowering)
         result = make_output(graph, stacked, site)
     _redirect(graph, site, nodes, [c[-1].node for c in chains], everything, stacked, result)
     for node in graph.nodes:
@@ -90,6 +72,43 @@ def rewrite_site(gm: fx.GraphModule, site: RowSite, lowering: str = "grouped", *
     if finalize:
         finalize_graph(gm)
     return wmap
+
+
+def lowerings_for(site: RowSite, candidates: tuple[str, ...] = LOWERINGS) -> tuple[str, ...]:
+    """The lowerings worth trying for ``site`` among ``candidates`` (rows folded into the
+    batch, summed rows and Linear heads have one rewrite each, whatever the lowering)."""
+    single = site.shared_module or site.reduce or site.family == "linear"
+    return ("grouped",) if single else candidates
+
+
+def _resolve(gm: fx.GraphModule, site: RowSite, lowering: str
+             ) -> tuple[dict[str, fx.Node], list[list[RowOp]]]:
+    """The graph's nodes by name and the site's rows as row ops; RewriteError when the
+    site cannot be applied to ``gm``."""
+    if lowering not in LOWERINGS:
+        raise RewriteError(f"unknown lowering {lowering!r}; use one of {', '.join(LOWERINGS)}")
+    if not site.fusable:
+        raise RewriteError(f"{site.name} cannot be rewritten: {site.reason}")
+    nodes = node_index(gm.graph)
+    missing = [n for n in (site.source, site.combine, *site.convs) if n not in nodes]
+    if missing:
+        raise RewriteError(f"{site.name} does not match this graph (no node `{missing[0]}`); "
+                           "find sites again after changing the graph")
+    chains = [[row_op(nodes[n], gm) for n in chain] for chain in site.chains]
+    if any(op is None for chain in chains for op in chain):
+        raise RewriteError(f"{site.name}: a per-row op changed since the site was found")
+    return nodes, chains
+
+
+def _fused_rows(gm: fx.GraphModule, rows: fx.Node, chains: list[list[RowOp]], site: RowSite,
+                lowering: str) -> tuple[fx.Node, WeightMap]:
+    """(N, H, C', L') from the (N, H, C, L) rows: batched, summed, or fused group by group."""
+    if site.shared_module:
+        return batched_chain(gm.graph, rows, tuple(chains[0]), site.rows), WeightMap()
+    if site.reduce:
+        out, entries = dense_sum(gm, rows, chains, _prefix(site.targets) + "_fused", site.reduce)
+        return out, WeightMap(tuple(entries))
+    return _make_groups(gm, rows, chains, site, lowering)
 
 
 def finalize_graph(gm: fx.GraphModule) -> None:
@@ -155,38 +174,20 @@ def _make_groups(gm: fx.GraphModule, rows: fx.Node, chains: list[list[RowOp]],
 
 def _make_chain(gm: fx.GraphModule, rows: fx.Node, chains: list[list[RowOp]], prefix: str,
                 lowering: str, site: RowSite) -> tuple[fx.Node, list]:
-    """The fused steps of one group: (N, G, C, L) in, (N, G, C', L') out."""
-    graph, count, entries = gm.graph, len(chains), []
-    steps = list(zip(*chains))
+    """The fused steps of one group: (N, G, C, L) in, (N, G, C', L') out. Each step is
+    emitted by its row-op kind."""
+    graph, count, plan = gm.graph, len(chains), site.input_plan
     if site.family == "linear":
-        cur = rows
-        ndim = len(site.input_plan.axes) - (1 if site.input_plan.kind == "select" else 0)
-        for ops in steps:
-            if ops[0].kind == "linear":
-                cur, new = linear_step(gm, cur, list(ops), prefix, ndim)
-                entries += new
-            else:
-                cur = pointwise_step(graph, cur, ops[0])
-        return cur, entries
-    two_d = lowering == "grouped2d"
-    cur = _channels_last_input(graph, rows) if two_d else \
-        graph.call_method("flatten", (rows, 1, 2))
-    channels, first = count * site.input_plan.width, True
-    for ops in steps:
-        kind = ops[0].kind
-        if kind == "conv":
-            cur, new, channels = conv_step(gm, cur, list(ops), prefix, lowering, first)
-            first = False
-        elif kind == "batchnorm":
-            if first and two_d:
-                cur, first = graph.call_method("squeeze", (cur, 2)), False
-            cur, new = batchnorm_step(gm, cur, list(ops), prefix)
-        else:
-            if first and two_d:
-                cur, first = graph.call_method("squeeze", (cur, 2)), False
-            cur, new = pointwise_step(graph, cur, ops[0]), []
-        entries += new
-    return graph.call_method("unflatten", (cur, 1, (count, channels // count))), entries
+        lane = Lane(gm, rows, "linear", count, prefix, lowering,
+                    row_ndim=len(plan.axes) - (1 if plan.kind == "select" else 0))
+    else:
+        two_d = lowering == "grouped2d"
+        start = _channels_last_input(graph, rows) if two_d else \
+            graph.call_method("flatten", (rows, 1, 2))
+        lane = Lane(gm, start, "conv", count, prefix, lowering, channels=plan.width, two_d=two_d)
+    for ops in zip(*chains):
+        ops[0].row_kind.emit(lane, list(ops))
+    return lane.per_row(), lane.entries
 
 
 def _channels_last_input(graph: fx.Graph, rows: fx.Node) -> fx.Node:
@@ -220,7 +221,11 @@ def _redirect(graph: fx.Graph, site: RowSite, nodes: dict[str, fx.Node],
     for h, out in enumerate(outs):
         if out.name in site.row_exports:
             with graph.inserting_after(stacked):
-                row = graph.call_method("select", (stacked, 1, h))
+                view = graph.call_method("select", (stacked, 1, h))
+            with graph.inserting_after(view):
+                # A copy: the row escapes, and must not alias the fused result (an
+                # in-place change to one output would show in the other).
+                row = graph.call_method("clone", (view,))
             row.meta.update({k: v for k, v in out.meta.items() if k != "fxfuse_value"})
             if _escapes(out, region):          # the original row was its own tensor
                 with graph.inserting_after(row):
@@ -260,8 +265,7 @@ def _erase_dead(graph: fx.Graph, candidates: list[fx.Node]) -> None:
 
 
 def _is_size_query(node: fx.Node) -> bool:
-    packet = getattr(node.target, "overloadpacket", None)
-    return node.op == "call_function" and packet in (torch.ops.aten.sym_size,)
+    return SIZE_QUERY.calls_function(node)
 
 
 def _drop_unused_attrs(gm: fx.GraphModule, keys: list[str]) -> None:

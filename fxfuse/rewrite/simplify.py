@@ -11,7 +11,8 @@ from __future__ import annotations
 from torch import fx
 
 from .rewriter import INSERTED_KEY
-from ..match.rowops import row_op
+from ..match.kinds import row_op
+from ..match.ops import reemit
 
 _LAYOUT_METHODS = {"permute", "flatten", "unflatten", "contiguous", "select"}
 
@@ -83,8 +84,7 @@ def _hoist_pointwise(gm: fx.GraphModule) -> int:
             continue
         base = chain[-1].args[0]
         with graph.inserting_after(base):
-            early = graph.create_node(node.op, node.target, (base, *node.args[1:]),
-                                      dict(node.kwargs))
+            early = reemit(graph, node, op.input, base)
         early.meta[INSERTED_KEY] = chain[-1].meta[INSERTED_KEY]
         chain[-1].replace_input_with(base, early)
         node.replace_all_uses_with(op.input)

@@ -1,0 +1,57 @@
+"""Helpers for the pass's tests (imported by the tests themselves, not from conftest)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx, nn
+
+import fxfuse
+
+
+def fuse(model: nn.Module, x: torch.Tensor, lowering: str = "grouped") -> fxfuse.FuseResult:
+    """``fxfuse.fuse`` on one input, no timing."""
+    return fxfuse.fuse(model, (x,), lowering=lowering, benchmark=False)
+
+
+def assert_same(model: nn.Module, result: fxfuse.FuseResult, x: torch.Tensor, train: bool) -> None:
+    """Outputs, gradients and buffers after one step agree with the original's."""
+    ref, new = copy.deepcopy(model).train(train), copy.deepcopy(result.model).train(train)
+    for m in (ref, new):
+        for mod in m.modules():
+            if isinstance(mod, nn.Dropout):
+                mod.eval()
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    outs = [ref(xs[0]), new(xs[1])]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    g = torch.randn_like(outs[0])
+    for out in outs:
+        out.backward(g)
+    torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-4, atol=1e-5)
+    grads = result.weight_map.to_original({k: p.grad for k, p in new.named_parameters()},
+                                          strict=False)
+    for key, p in ref.named_parameters():
+        torch.testing.assert_close(grads[key], p.grad, rtol=1e-4, atol=1e-4)
+    state = result.weight_map.to_original(new.state_dict())
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6)
+
+
+def module_types(gm: fx.GraphModule) -> list[str]:
+    """The types of the modules ``gm`` calls, in graph order."""
+    return [type(gm.get_submodule(str(n.target))).__name__ for n in gm.graph.nodes
+            if n.op == "call_module" and n.target != "_guards_fn"]   # torch.export's own
+
+
+def call_sequence(gm: fx.GraphModule) -> list[str]:
+    """The graph as a list of what each node calls: method names, function names, module
+    types (``permute``, ``layer_norm``, ``Conv1d``)."""
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            out.append(type(gm.get_submodule(str(n.target))).__name__)
+        elif n.op == "call_method":
+            out.append(str(n.target))
+        elif n.op == "call_function":
+            out.append(getattr(n.target, "__name__", str(n.target)))
+    return out
