@@ -216,11 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {meta['torch']} on {args.device}, {torch.get_num_threads()} threads; "
           f"matmul peak {meta['matmul_peak_gflops']:.1f} GFLOP/s; {len(shapes)} shapes", flush=True)
     records = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    names = list(CANDIDATES)
     for i, shape in enumerate(shapes, 1):
         records.append(measure_shape(shape, args, meta["matmul_peak_gflops"]))
         print(_progress(i, len(shapes), records[-1]), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    names = list(CANDIDATES)
+        # Written as the sweep goes, so a run stopped early still leaves its results.
+        report.write_markdown(args.out / "bench.md", meta, records, names)
+        report.write_json(args.out / "bench.json", meta, records)
     report.write_markdown(args.out / "bench.md", meta, records, names)
     report.write_json(args.out / "bench.json", meta, records)
     report.plot_speedups(args.out / "bench.png", records, names)
