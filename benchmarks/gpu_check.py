@@ -197,7 +197,7 @@ def run_sweep(out: Path, device: str, args: list[str], stem: str, timeout_s: flo
 
 def sweep_summary(data: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
-    for rec in data.get("records", []):
+    for rec in data.get("shapes", data.get("records", [])):
         cands = rec.get("candidates", {})
         row = {"label": rec.get("label"), "loop_ms": None}
         if cands.get("loop", {}).get("status") == "ok":
