@@ -12,12 +12,13 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from .check.bench import BenchResult, benchmark_models
-from .config import FuseConfig
+from .config import FuseConfig, merge_config
 from .errors import ConfigError
 from .match.find import find_row_sites
-from .check.auto import choose_lowering
+from .check.auto import Choice, choose_lowering
 from .check.report import format_report
-from .rewrite.rewriter import finalize_graph, rewrite_site
+from .rewrite.rewriter import LOWERINGS, finalize_graph, rewrite_site
+from .rewrite.copies import drop_needless_copies, restore_output_layout
 from .rewrite.simplify import simplify_layout
 from .match.sites import RowSite, twin_of
 from .trace.realtensor import RENAMES_KEY
@@ -98,9 +99,19 @@ class FuseResult:
         }
 
 
+class _Unset:
+    """The default of :func:`fuse`'s keywords: "not given", so ``config`` decides."""
+
+    def __repr__(self) -> str:
+        return "<from config>"
+
+
+_UNSET: Any = _Unset()
+
+
 def fuse(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *,
-         lowering: str = "auto", verify: bool = True, benchmark: bool = True,
-         inplace: bool = False, min_rows: int = 2, config: FuseConfig | None = None,
+         lowering: str = _UNSET, verify: bool = _UNSET, benchmark: bool = _UNSET,
+         inplace: bool = _UNSET, min_rows: int = _UNSET, config: FuseConfig | None = None,
          **options: Any) -> FuseResult:
     """Rewrite every per-row ``Conv1d`` loop of ``model`` into one convolution.
 
@@ -113,9 +124,11 @@ def fuse(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *
         benchmark: time original vs rewritten, interleaved.
         inplace: do not deep-copy ``model`` first (its submodules are reused and changed).
         min_rows: leave loops with fewer rows alone.
-        config: a :class:`FuseConfig`; keyword options override its fields.
+        config: a :class:`FuseConfig`; keywords given explicitly override its fields,
+            keywords not given leave them as they are (defaults: ``lowering="auto"``,
+            ``verify=True``, ``benchmark=True``, ``inplace=False``, ``min_rows=2``).
         **options: other :class:`FuseConfig` fields (``tracer``, ``concrete_args``,
-            ``check_grads``, ``rtol``, ``atol``, ``bench_rounds``).
+            ``check_grads``, ``rtol``, ``atol``, ``bench_rounds``, ``auto_rounds``).
 
     Returns:
         A :class:`FuseResult`. Nothing half-done is ever returned: any failure raises.
@@ -125,14 +138,9 @@ def fuse(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *
         VerificationError: the rewritten model's numbers differ; nothing is returned.
         ConfigError: an option has a bad value.
     """
-    fields = {f.name for f in dataclasses.fields(FuseConfig)}
-    unknown = sorted(set(options) - fields)
-    if unknown:
-        raise ConfigError(f"unknown option {unknown[0]!r}; options are {', '.join(sorted(fields))}")
-    if config is not None and not isinstance(config, FuseConfig):
-        raise ConfigError(f"config must be a FuseConfig, got {type(config).__name__}")
-    cfg = dataclasses.replace(config or FuseConfig(), lowering=lowering, verify=verify,
-                              benchmark=benchmark, inplace=inplace, min_rows=min_rows, **options)
+    given = dict(lowering=lowering, verify=verify, benchmark=benchmark, inplace=inplace,
+                 min_rows=min_rows)
+    cfg = merge_config(config, **{k: v for k, v in given.items() if v is not _UNSET}, **options)
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs, alias_notes = _example_inputs(example_inputs)
@@ -193,7 +201,8 @@ def _fuse(model: torch.nn.Module, inputs: tuple[Any, ...], cfg: FuseConfig,
     notes += getattr(gm, NOTES_KEY, ())
     trace_check = _check_trace(model, gm, inputs, notes, cfg)
     code_before = gm.code
-    sites, wmap = apply_sites(gm, find_row_sites(gm, min_rows=cfg.min_rows), cfg.lowering)
+    sites, wmap = apply_sites(gm, find_row_sites(gm, min_rows=cfg.min_rows), cfg.lowering,
+                              auto_rounds=cfg.auto_rounds)
     wmap = renames + getattr(gm, RENAMES_KEY, WeightMap()) + wmap
     if not any(s.fused for s in sites) and getattr(gm, TRACER_KEY, "symbolic") != "symbolic":
         gm, more = trace_general(work, gm, inputs, cfg.concrete_args)
@@ -220,39 +229,48 @@ def _check_trace(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any, 
 
 
 def apply_sites(gm: fx.GraphModule, sites: Sequence[RowSite],
-                lowering: str = "grouped") -> tuple[tuple[RowSite, ...], WeightMap]:
+                lowering: str = "grouped", *, auto_rounds: int = 9
+                ) -> tuple[tuple[RowSite, ...], WeightMap]:
     """Rewrite every fusable site of ``gm`` in turn (in place).
 
     Args:
         gm: the traced module the sites were found in.
         sites: from :func:`find_row_sites`.
         lowering: ``"grouped"``, ``"grouped2d"`` or ``"auto"`` (measure per site).
+        auto_rounds: timing rounds per site for ``"auto"``.
 
     Returns:
         The sites with ``lowering`` (and, for ``"auto"``, ``timings``) filled in, and the
-        combined weight map.
+        combined weight map. Under ``"auto"`` a site that could not be timed is kept as
+        a loop, with the reason in its ``notes``.
     """
+    lowering = merge_config(lowering=lowering, auto_rounds=auto_rounds).lowering
     done, wmap = [], WeightMap()
-    chosen_for: dict[tuple, str] = {}
+    chosen_for: dict[tuple, Choice] = {}
     for site in sites:
         if not site.fusable:
             done.append(site)
             continue
         twin = twin_of(site)                   # a loop module applied again: same choice,
         if lowering == "auto" and twin in chosen_for:   # so the fused weights stay shared
-            chosen, timings = chosen_for[twin], ()
+            choice = chosen_for[twin]
         elif lowering == "auto":
-            chosen, timings = choose_lowering(gm, site)
+            choice = choose_lowering(gm, site, rounds=auto_rounds)
         else:
-            chosen, timings = lowering, ()
-        chosen_for[twin] = chosen
-        if chosen == "loop":
-            done.append(dataclasses.replace(site, lowering="loop", timings=timings))
+            choice = Choice(lowering)
+        chosen_for[twin] = choice
+        timings = tuple((_label(site, k) if k in LOWERINGS else k, v) for k, v in choice.timings)
+        notes = site.notes + ((choice.note,) if choice.note else ())
+        if choice.lowering == "loop":
+            done.append(dataclasses.replace(site, lowering="loop", timings=timings,
+                                            notes=notes))
             continue
-        wmap = wmap + rewrite_site(gm, site, chosen, finalize=False)
+        wmap = wmap + rewrite_site(gm, site, choice.lowering, finalize=False)
         done.append(dataclasses.replace(
-            site, lowering=_label(site, chosen), timings=timings))
+            site, lowering=_label(site, choice.lowering), timings=timings, notes=notes))
     simplify_layout(gm)
+    drop_needless_copies(gm)
+    restore_output_layout(gm)
     finalize_graph(gm)
     return tuple(done), wmap
 

@@ -1,8 +1,9 @@
 """The pass's options, validated once."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 from .errors import ConfigError
 
@@ -28,6 +29,8 @@ class FuseConfig:
         check_grads: in verification, also compare gradients in train mode.
         rtol, atol: override the per-dtype verification tolerances.
         bench_rounds: interleaved rounds for the timing.
+        auto_rounds: interleaved rounds for each site's timing under ``lowering="auto"``
+            (more are run when the first rounds are too close to call).
     """
 
     lowering: str = "auto"
@@ -41,6 +44,7 @@ class FuseConfig:
     rtol: float | None = None
     atol: float | None = None
     bench_rounds: int = 15
+    auto_rounds: int = 9
 
     def __post_init__(self) -> None:
         if self.lowering not in LOWERING_CHOICES:
@@ -51,9 +55,42 @@ class FuseConfig:
         if isinstance(self.min_rows, bool) or not isinstance(self.min_rows, int) \
                 or self.min_rows < 1:
             raise ConfigError(f"min_rows must be an int >= 1, got {self.min_rows!r}")
-        if not isinstance(self.bench_rounds, int) or self.bench_rounds < 1:
-            raise ConfigError(f"bench_rounds must be an int >= 1, got {self.bench_rounds!r}")
+        for name in ("bench_rounds", "auto_rounds"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+        for name in ("verify", "benchmark", "inplace", "check_grads"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.concrete_args is not None and not isinstance(self.concrete_args, Mapping):
+            raise ConfigError("concrete_args must be a dict of argument name to value, got "
+                              f"{type(self.concrete_args).__name__}")
         for name in ("rtol", "atol"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value >= 0):
                 raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
+
+
+def merge_config(config: FuseConfig | None = None, **overrides: Any) -> FuseConfig:
+    """``config`` (or the defaults) with ``overrides`` applied, validated once.
+
+    Args:
+        config: a :class:`FuseConfig`, or None for the defaults.
+        **overrides: field values given explicitly; they win over ``config``'s.
+
+    Returns:
+        The merged, validated :class:`FuseConfig`.
+
+    Raises:
+        ConfigError: ``config`` is not a FuseConfig, an override names no field, or a
+            value is bad.
+    """
+    if config is None:
+        config = FuseConfig()
+    elif not isinstance(config, FuseConfig):
+        raise ConfigError(f"config must be a fxfuse.FuseConfig, got {type(config).__name__}")
+    fields = {f.name for f in dataclasses.fields(FuseConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ConfigError(f"unknown option {unknown[0]!r}; options are {', '.join(sorted(fields))}")
+    return dataclasses.replace(config, **overrides) if overrides else config

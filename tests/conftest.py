@@ -60,13 +60,27 @@ def set_mode(model: nn.Module, train: bool) -> nn.Module:
     return model
 
 
+# Auto's per-site timing in the tests: the real timing code, few rounds.
+AUTO_ROUNDS = 2
+
+
 def check(model: nn.Module, inputs: Sequence[Any], expect_fused: int, expect_left: int = 0,
-          lowering: str = "grouped", *, batch: int | None = None, grads: bool = True,
+          lowering: str | None = None, *, batch: int | None = None, grads: bool = True,
           **options: Any) -> fxfuse.FuseResult:
-    """Fuse ``model`` and check counts, structure and numerics (see the module doc)."""
+    """Fuse ``model`` and check counts, structure and numerics (see the module doc).
+
+    With no ``lowering`` the model goes through the default path (``lowering="auto"``,
+    whose choice is not asserted, only exactness). When auto keeps a loop, the structure
+    is checked on a forced ``"grouped"`` run as well, so it is always checked.
+    """
     inputs = tuple(inputs)
     options.setdefault("benchmark", False)
-    result = fxfuse.fuse(model, inputs, lowering=lowering, **options)
+    if lowering is None or lowering == "auto":
+        options.setdefault("auto_rounds", AUTO_ROUNDS)
+        result = fxfuse.fuse(model, inputs, **options)
+        lowering = "auto"
+    else:
+        result = fxfuse.fuse(model, inputs, lowering=lowering, **options)
     check_counts(result, expect_fused, expect_left, lowering)
     check_structure(result, model, inputs)
     traced_batch = inputs[0].shape[0]
@@ -75,6 +89,10 @@ def check(model: nn.Module, inputs: Sequence[Any], expect_fused: int, expect_lef
     check_outputs(model, result.model, other)
     if grads:
         check_grads(model, result.model, other, result.weight_map)
+    if lowering == "auto" and any(s.lowering == "loop" for s in result.sites):
+        options.pop("auto_rounds")
+        check(model, inputs, expect_fused, expect_left, "grouped", batch=batch, grads=grads,
+              **options)
     return result
 
 
@@ -169,6 +187,18 @@ def check_outputs(original: nn.Module, fused: nn.Module, inputs: Sequence[Any]) 
         ref, got = ref_model(*inputs), new_model(*inputs)
     for r, g in zip(leaves(ref), leaves(got), strict=True):
         torch.testing.assert_close(g, r, **tolerance(r.dtype))
+        check_layout(g, r)
+
+
+def check_layout(got: torch.Tensor, want: torch.Tensor) -> None:
+    """``got`` is exactly as contiguous as ``want``; a contiguous ``want``'s strides are
+    ``got``'s too (on every dim of size > 1). A non-contiguous original output's strides
+    are the model's own business (a ``movedim`` view, say) and not compared."""
+    assert got.is_contiguous() == want.is_contiguous(), (got.stride(), want.stride())
+    if not want.is_contiguous():
+        return
+    strides = [(g, w) for g, w, n in zip(got.stride(), want.stride(), want.shape) if n > 1]
+    assert all(g == w for g, w in strides), (got.stride(), want.stride())
 
 
 def check_grads(original: nn.Module, fused: nn.Module, inputs: Sequence[Any],

@@ -90,8 +90,12 @@ def test_fused_parameters_are_new_tensors():
     ({"min_rows": True}, "min_rows"),
     ({"bench_rounds": 0}, "bench_rounds"),
     ({"rtol": -1.0}, "rtol"),
+    ({"auto_rounds": 0}, "auto_rounds"),
+    ({"verify": "yes"}, "verify"),
+    ({"config": {"lowering": "grouped"}}, "FuseConfig"),
 ], ids=["unknown-option", "bad-lowering", "loop-lowering", "bad-tracer", "min-rows-0",
-        "min-rows-bool", "bench-rounds-0", "negative-rtol"])
+        "min-rows-bool", "bench-rounds-0", "negative-rtol", "auto-rounds-0", "verify-str",
+        "config-dict"])
 def test_config_errors(options, match):
     model = spellings.Seed()
     with pytest.raises(fxfuse.ConfigError, match=match) as info:
@@ -111,6 +115,33 @@ def test_config_object_and_override():
     result = fxfuse.fuse(model, (model.example(),), config=config, lowering="grouped2d",
                          benchmark=False, min_rows=2)
     assert result.sites[0].lowering == "grouped2d"
+
+
+def test_config_fields_hold_when_keywords_are_not_given():
+    model = M.Seed()
+    config = fxfuse.FuseConfig(lowering="grouped2d", verify=False, benchmark=False)
+    result = fxfuse.fuse(model, (model.example(),), config=config)
+    assert result.sites[0].lowering == "grouped2d"
+    assert result.verification is None and result.timing is None
+    result = fxfuse.fuse(model, (model.example(),), config=config, lowering="grouped")
+    assert result.sites[0].lowering == "grouped" and result.verification is None
+    left = fxfuse.fuse(model, (model.example(),), config=fxfuse.FuseConfig(
+        min_rows=10, benchmark=False))
+    assert not left.changed and "min_rows" in left.sites[0].reason
+
+
+def test_explicit_default_value_overrides_config():
+    model = M.Seed()
+    config = fxfuse.FuseConfig(lowering="grouped2d", verify=False, benchmark=False)
+    result = fxfuse.fuse(model, (model.example(),), config=config, verify=True)
+    assert result.verification is not None
+
+
+def test_bad_lowering_for_apply_sites_is_a_config_error():
+    model = M.Seed()
+    gm = fxfuse.trace_model(model, (model.example(),))
+    with pytest.raises(fxfuse.ConfigError, match="lowering='fast'"):
+        fxfuse.apply_sites(gm, fxfuse.find_row_sites(gm), "fast")
 
 
 def test_one_tensor_as_inputs():

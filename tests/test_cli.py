@@ -6,6 +6,7 @@ loads and computes the user's model. Failures are in ``test_cli_errors.py``.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pty
@@ -14,6 +15,7 @@ import select
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -28,6 +30,7 @@ BARE_TORCH_CHILD = """
 import json, sys
 sys.modules["fxfuse"] = None
 sys.modules["mypkg"] = None
+import pytest
 import torch
 extra = {"%s": ""}
 program = torch.export.load(sys.argv[1], extra_files=extra)
@@ -197,3 +200,62 @@ def test_progress_only_on_a_terminal(project):
         os.close(controller)
     assert "fxfuse: loading mypkg.model:build..." in shown
     assert "fxfuse:" not in result.stdout
+
+
+# ------------------------------------------------------------------ the default lowering
+
+HEADS_SOURCE = '''
+import pytest
+import torch
+from torch import nn
+
+
+class Heads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Linear(16, 4) for _ in range(6))
+
+    def forward(self, x):
+        return torch.stack([h(x[:, i]) for i, h in enumerate(self.heads)], 1)
+
+
+def build():
+    torch.manual_seed(0)
+    return Heads()
+'''
+
+
+@pytest.mark.parametrize("out", ["fused.pt"])
+def test_fuse_with_default_lowering(project, user_code, out):
+    result = run_cli(project, "fuse", "mypkg.model:build", "--input-shape", SHAPE,
+                     "--weights", "weights.safetensors", "-o", out, "--no-bench")
+    assert_ok(result)
+    assert re.search(r"sites fused\s+[01] of 1", result.stdout), result.stdout
+    if out.endswith(".pt2"):
+        fused = torch.export.load(str(project / out)).module()
+    else:
+        fused = torch.load(str(project / out), weights_only=False)
+    x = _batch(3)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), reference(user_code)(x), rtol=1e-4, atol=1e-5)
+
+
+def test_linear_heads_with_default_lowering(project):
+    (project / "heads.py").write_text(HEADS_SOURCE)
+    result = run_cli(project, "fuse", "heads.py:build", "--input-shape", "4,6,16",
+                     "-o", "heads.pt2", "--no-bench")
+    assert_ok(result)
+    assert "candidate times" in result.stdout and "loop" in result.stdout
+    fused = torch.export.load(str(project / "heads.pt2")).module()
+    spec = importlib.util.spec_from_file_location("heads_ref", project / "heads.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    x = torch.randn(5, 6, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), module.build()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_demo_with_default_lowering(tmp_path):
+    result = run_cli(tmp_path, "demo", "--no-bench", "--out-dir", "demo")
+    assert_ok(result)
+    assert "matches the original" in result.stdout

@@ -1,14 +1,19 @@
 """Pick a site's lowering by measurement (``lowering="auto"``).
 
-The site's loop is cut out of the graph into a small GraphModule of its own (source in,
-combined result out, the same modules), each candidate rewrite is applied to a copy of
-it, and all are timed side by side on a random input with the source's real shape,
-dtype and device. The loop is kept unless a rewrite beats it.
+The site's whole loop (indexing, every per-row op of every row, the combine) is cut out
+of the graph into a small GraphModule of its own: the source and any other tensor the
+loop reads become its inputs, the combined result its output, the modules are the same.
+Each candidate rewrite is applied to a copy of it, and all are timed side by side on
+random inputs with the traced shapes, strides, dtypes and the weights' device. The loop
+is kept unless a rewrite beats it; a site that cannot be timed is kept too, with the
+reason.
 """
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import fx
@@ -16,74 +21,166 @@ from torch import fx
 from .bench import time_interleaved, timing_of
 from ..rewrite.rewriter import LOWERINGS, lowerings_for, node_index, rewrite_site
 from ..match.sites import RowSite
-from ..trace.tracing import VALUE_KEY, tensor_dtype, tensor_shape
+from ..trace.tracing import VALUE_KEY
 
 log = logging.getLogger("fxfuse")
 
 
-def extract_loop(gm: fx.GraphModule, site: RowSite) -> fx.GraphModule:
-    """The site's loop alone: ``forward(source) -> combined``, sharing ``gm``'s modules."""
+class CannotTime(Exception):
+    """The site's loop cannot be run on its own (the message says why)."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What ``auto`` decided for one site.
+
+    Attributes:
+        lowering: ``"loop"`` (keep it) or a lowering name.
+        timings: (candidate, median seconds) for the loop and each rewrite tried.
+        note: why the loop was kept without timing (``""`` when it was timed).
+    """
+
+    lowering: str
+    timings: tuple[tuple[str, float], ...] = ()
+    note: str = ""
+
+
+def _site_nodes(gm: fx.GraphModule, site: RowSite) -> set[fx.Node]:
     nodes = node_index(gm.graph)
-    keep = {nodes[n] for n in (*site.input_nodes, *site.convs, *site.output_nodes, site.combine)}
+    names = (*site.input_nodes, *site.convs, *(n for c in site.chains for n in c),
+             *site.output_nodes, site.combine)
+    missing = [n for n in names if n not in nodes]
+    if missing:
+        raise CannotTime(f"node `{missing[0]}` is not in the graph")
+    return {nodes[n] for n in names}
+
+
+def _is_size_query(node: fx.Node, source: fx.Node) -> bool:
+    """``source.size(d)``, ``source.shape`` and the like: recomputed in the cut-out."""
+    if not node.args or node.args[0] is not source:
+        return False
+    if node.op == "call_method":
+        return node.target in ("size", "dim")
+    return node.op == "call_function" and (node.target is getattr
+                                           or "sym_size" in str(node.target))
+
+
+def extract_loop(gm: fx.GraphModule, site: RowSite) -> fx.GraphModule:
+    """The site's loop alone: ``forward(source, *outside_tensors) -> combined``.
+
+    Every node of the loop is copied (all rows, all per-row ops); a tensor the loop reads
+    from elsewhere in the graph becomes an extra input (its ``meta`` kept, so timing
+    inputs can be made from its traced shape); ``get_attr`` nodes and recorded small
+    values (sizes, ints) come along. Modules are shared with ``gm``.
+
+    Raises:
+        CannotTime: the loop reads something that is neither a tensor with a traced
+            shape nor a recorded value.
+    """
+    keep = _site_nodes(gm, site)
+    source = node_index(gm.graph)[site.source] if site.source else None
+    if source is None:
+        raise CannotTime("the loop's source tensor is unknown")
+    outside: list[fx.Node] = [source]
+    for node in gm.graph.nodes:
+        if node not in keep:
+            continue
+        for inp in node.all_input_nodes:
+            if inp in keep or inp in outside or inp.op == "get_attr" or VALUE_KEY in inp.meta \
+                    or _is_size_query(inp, source):
+                continue
+            if "tensor_meta" not in inp.meta:
+                raise CannotTime(f"the loop reads `{inp.name}`, which has no traced shape")
+            outside.append(inp)
     graph = fx.Graph()
-    source = nodes[site.source]
-    env: dict[fx.Node, fx.Node] = {source: graph.placeholder(source.name)}
-    env[source].meta = dict(source.meta)
+    env: dict[fx.Node, fx.Node] = {}
+    for node in outside:
+        env[node] = graph.placeholder(node.name)
+        env[node].meta = dict(node.meta)
 
     def arg(node: fx.Node) -> object:
         if node in env:
             return env[node]
-        if node.op == "get_attr":
-            env[node] = graph.node_copy(node)
-            return env[node]
         if VALUE_KEY in node.meta:
             return node.meta[VALUE_KEY]
-        if node.op == "call_function" and node.args and node.args[0] is source:
-            env[node] = graph.node_copy(node, arg)   # e.g. a size query on the source
+        if node.op == "get_attr" or _is_size_query(node, source):
+            env[node] = graph.node_copy(node, arg)
             return env[node]
-        raise ValueError(f"the loop reads `{node.name}` from outside")
+        raise CannotTime(f"the loop reads `{node.name}` from outside")
 
     for node in gm.graph.nodes:
         if node in keep:
             env[node] = graph.node_copy(node, arg)
-    graph.output(env[nodes[site.combine]])
+    graph.output(env[node_index(gm.graph)[site.combine]])
     return fx.GraphModule(gm, graph, class_name="Loop")
 
 
-def _random_source(gm: fx.GraphModule, site: RowSite) -> torch.Tensor:
-    node = node_index(gm.graph)[site.source]
-    dtype = tensor_dtype(node) or torch.float32
-    return torch.randn(tensor_shape(node), device=site.spec.device).to(dtype)
+def _device_of(module: torch.nn.Module) -> torch.device:
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        return t.device
+    return torch.device("cpu")
 
 
-def choose_lowering(gm: fx.GraphModule, site: RowSite, *, rounds: int = 9,
-                    candidates: tuple[str, ...] = LOWERINGS
-                    ) -> tuple[str, tuple[tuple[str, float], ...]]:
-    """Time the loop and each candidate lowering for ``site``; return the fastest.
+def timing_inputs(loop: fx.GraphModule, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Random tensors for ``loop``'s inputs: the traced shape, strides and dtype."""
+    gen = torch.Generator().manual_seed(0)
+    inputs = []
+    for node in loop.graph.find_nodes(op="placeholder"):
+        meta = node.meta.get("tensor_meta")
+        if meta is None or not hasattr(meta, "shape"):
+            raise CannotTime(f"input `{node.name}` has no traced shape")
+        shape, dtype = tuple(meta.shape), meta.dtype
+        if dtype.is_floating_point or dtype.is_complex:
+            value = torch.randn(shape, generator=gen).to(dtype)
+        elif dtype == torch.bool:
+            value = torch.rand(shape, generator=gen) > 0.5
+        else:
+            value = torch.zeros(shape, dtype=dtype)
+        stride = tuple(getattr(meta, "stride", ()) or ())
+        if len(stride) == len(shape):
+            strided = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+            inputs.append(strided.copy_(value))
+        else:
+            inputs.append(value.to(device))
+    return tuple(inputs)
 
-    Returns:
-        (``"loop"`` or a lowering name, ((candidate, median seconds), ...)). The loop is
-        chosen unless a rewrite's median per-round speedup over it is above 1.
-    """
-    try:
-        loop = copy.deepcopy(extract_loop(gm, site))   # timing must not touch gm's buffers
-    except (ValueError, KeyError) as exc:
-        log.info("%s: cannot time the loop alone (%s); using 'grouped'", site.name, exc)
-        return "grouped", ()
-    x = _random_source(gm, site)
+
+def _candidates(loop: fx.GraphModule, site: RowSite,
+                lowerings: tuple[str, ...]) -> dict[str, fx.GraphModule]:
     fns = {"loop": loop}
-    for lowering in lowerings_for(site, candidates):
+    for lowering in lowerings_for(site, lowerings):
         fused = copy.deepcopy(loop)
         rewrite_site(fused, site, lowering)
         fns[lowering] = fused
+    return fns
 
-    def call(fn):
-        def run():
-            with torch.inference_mode():
-                return fn(x)
-        return run
 
-    calls = {k: call(f) for k, f in fns.items()}
+def choose_lowering(gm: fx.GraphModule, site: RowSite, *, rounds: int = 9,
+                    candidates: tuple[str, ...] = LOWERINGS) -> Choice:
+    """Time the loop and each candidate lowering for ``site``; return the fastest.
+
+    Args:
+        gm: the traced module the site was found in (not changed).
+        site: a fusable site of ``gm``.
+        rounds: interleaved timing rounds (more when the first result is too close).
+        candidates: the lowerings tried for a site with per-row weights.
+
+    Returns:
+        A :class:`Choice`: the loop unless a rewrite's median per-round speedup over it is
+        above :data:`MARGIN`; the loop, with a note, when the site cannot be timed.
+    """
+    try:
+        loop = copy.deepcopy(extract_loop(gm, site))   # timing must not touch gm's buffers
+        inputs = timing_inputs(loop, _device_of(loop))
+        fns = _candidates(loop, site, candidates)
+        calls = {k: _call(f, inputs) for k, f in fns.items()}
+        for fn in calls.values():
+            fn()
+    except Exception as exc:  # noqa: BLE001 - any failure means "not measured": keep the loop
+        text = str(exc).strip().splitlines()
+        reason = f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
+        log.info("%s: cannot time the loop alone (%s); keeping the loop", site.name, reason)
+        return Choice("loop", (), f"kept as a loop: auto could not time it ({reason})")
     samples = time_interleaved(calls, rounds=rounds, round_s=0.01)
     top, (q1, med) = _top_rewrite(samples)
     if 0.9 < med < 1.2 or (med > MARGIN and q1 <= 1.0):
@@ -95,7 +192,14 @@ def choose_lowering(gm: fx.GraphModule, site: RowSite, *, rounds: int = 9,
     medians = {k: timing_of(v).median_s for k, v in samples.items()}
     log.info("%s: %s -> %s", site.name,
              ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in medians.items()), best)
-    return best, tuple(medians.items())
+    return Choice(best, tuple(medians.items()))
+
+
+def _call(fn: fx.GraphModule, inputs: tuple[torch.Tensor, ...]):
+    def run():
+        with torch.inference_mode():
+            return fn(*inputs)
+    return run
 
 
 # A rewrite must beat the loop by this factor in the median round, and in its lower

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -37,6 +37,33 @@ class BenchResult:
     speedup: float
     speedup_q1: float
     speedup_q3: float
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def timing_settings(device: torch.device | str | None = None) -> dict[str, Any]:
+    """The backend settings a timing ran under (they change which kernels run).
+
+    fxfuse times under the caller's settings, never its own: on CUDA the choice of
+    convolution algorithm follows ``torch.backends.cudnn.benchmark`` (autotuned on the
+    first calls when True, which the warm-up calls absorb), and TF32 decides which
+    kernels run in float32; both are recorded so a figure can be read in context.
+    """
+    settings: dict[str, Any] = {"threads": torch.get_num_threads()}
+    if device is not None and torch.device(device).type == "cuda":
+        settings.update({
+            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+            "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+            "matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        })
+    return settings
+
+
+def _device_of(inputs: Sequence[Any]) -> torch.device | None:
+    for x in inputs:
+        if isinstance(x, torch.Tensor):
+            return x.device
+    return None
 
 
 def _quartiles(values: Sequence[float]) -> tuple[float, float, float]:
@@ -101,7 +128,8 @@ def benchmark_models(original: Callable, fused: Callable, example_inputs: Sequen
                                rounds=rounds, round_s=round_s)
     ratios = [a / b for a, b in zip(samples["original"], samples["fused"])]
     q1, med, q3 = _quartiles(ratios)
-    result = BenchResult(timing_of(samples["original"]), timing_of(samples["fused"]), med, q1, q3)
+    result = BenchResult(timing_of(samples["original"]), timing_of(samples["fused"]), med, q1, q3,
+                         timing_settings(_device_of(inputs)))
     log.info("original %.3g ms, fused %.3g ms, speedup %.2fx", result.original.median_s * 1e3,
              result.fused.median_s * 1e3, result.speedup)
     return result

@@ -23,7 +23,7 @@ def site_table(sites: Sequence[RowSite]) -> str:
         if s.fused:
             outcome = s.lowering
         elif s.lowering == "loop":
-            outcome = "kept loop (fastest)"
+            outcome = "kept loop (fastest)" if s.timings else "kept loop (not timed)"
         elif s.fusable:
             outcome = "would fuse"
         else:
