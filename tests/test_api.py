@@ -118,7 +118,7 @@ def test_config_object_and_override():
 
 
 def test_config_fields_hold_when_keywords_are_not_given():
-    model = M.Seed()
+    model = spellings.Seed()
     config = fxfuse.FuseConfig(lowering="grouped2d", verify=False, benchmark=False)
     result = fxfuse.fuse(model, (model.example(),), config=config)
     assert result.sites[0].lowering == "grouped2d"
@@ -131,14 +131,14 @@ def test_config_fields_hold_when_keywords_are_not_given():
 
 
 def test_explicit_default_value_overrides_config():
-    model = M.Seed()
+    model = spellings.Seed()
     config = fxfuse.FuseConfig(lowering="grouped2d", verify=False, benchmark=False)
     result = fxfuse.fuse(model, (model.example(),), config=config, verify=True)
     assert result.verification is not None
 
 
 def test_bad_lowering_for_apply_sites_is_a_config_error():
-    model = M.Seed()
+    model = spellings.Seed()
     gm = fxfuse.trace_model(model, (model.example(),))
     with pytest.raises(fxfuse.ConfigError, match="lowering='fast'"):
         fxfuse.apply_sites(gm, fxfuse.find_row_sites(gm), "fast")
