@@ -17,6 +17,7 @@ from zoo import spellings, whole
 import test_beyond_conv as B
 from conftest import AUTO_ROUNDS, check, check_layout, fresh_inputs, leaves
 from test_spellings import WHOLE
+from zoo.towers import convs
 
 M = SimpleNamespace(**{**vars(spellings), **vars(whole)})
 
@@ -140,7 +141,7 @@ class SiteThenHead(nn.Module):
     def __init__(self, then="conv"):
         super().__init__()
         self.then = then
-        self.layers = B._convs(4, 3, 5)
+        self.layers = convs(4, 3, 5)
         self.head = nn.Conv2d(5, 2, 1)
 
     def forward(self, x):
@@ -182,7 +183,7 @@ def test_copy_kept_before_inplace_use_of_an_exported_row():
     class InPlace(nn.Module):
         def __init__(self):
             super().__init__()
-            self.layers = B._convs(3, 2, 2)
+            self.layers = convs(3, 2, 2)
 
         def forward(self, x):
             y = torch.stack([c(x[:, :, h]) for h, c in enumerate(self.layers)], 2)
