@@ -114,9 +114,9 @@ def fuse(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *
     reference = model
     if cfg.inplace:
         work = model
-        reference = copy.deepcopy(model) if cfg.verify else model
+        reference = _copy(model) if cfg.verify else model
     else:
-        work = copy.deepcopy(model)
+        work = _copy(model)
     gm = trace_model(work, inputs, concrete_args=cfg.concrete_args, tracer=cfg.tracer)
     code_before = gm.code
     sites, wmap = apply_sites(gm, find_row_sites(gm, min_rows=cfg.min_rows), cfg.lowering)
@@ -130,6 +130,16 @@ def fuse(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *
                               rounds=cfg.bench_rounds) if cfg.benchmark else None
     return FuseResult(gm, sites, wmap, verification, timing, code_before,
                       getattr(gm, TRACER_KEY, "symbolic"))
+
+
+def _copy(model: torch.nn.Module) -> torch.nn.Module:
+    """``copy.deepcopy(model)``; a model nested too deeply to copy is a ConfigError."""
+    try:
+        return copy.deepcopy(model)
+    except RecursionError:
+        raise ConfigError(f"cannot copy the {type(model).__name__}: it is nested too deeply "
+                          "for Python's recursion limit; flatten its module tree, or pass "
+                          "inplace=True with verify=False") from None
 
 
 def apply_sites(gm: fx.GraphModule, sites: Sequence[RowSite],

@@ -193,7 +193,13 @@ def load_export(path: Path, allow_pickle: bool = False,
             a zip bomb, truncated, corrupt or from an incompatible torch.
     """
     from .archive import inspect_archive
-    report = _read(path, "torch.export archive", lambda: inspect_archive(path, allow_pickle))
+    try:
+        report = inspect_archive(path, allow_pickle)
+    except ConfigError:
+        raise
+    except _UNREADABLE as exc:
+        _read(path, "torch.export archive", lambda: (_ for _ in ()).throw(exc))
+        raise
     if report.runs:  # said before torch runs any of it
         (announce or log.warning)(f"--allow-pickle: loading {str(path)!r} will unpickle or run "
                                   f"code from the file: {'; '.join(report.runs)}")
