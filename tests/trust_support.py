@@ -113,6 +113,16 @@ def run_with_fault(cwd: Path, fault: str, arg: object, *args: object) -> subproc
                           cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
+def run_inprocess(cwd: Path, monkeypatch, capfd, *args: object) -> subprocess.CompletedProcess:
+    """Run ``fxfuse ARGS`` in this process (so a fault can be patched in), in ``cwd``."""
+    from fxfuse.cli.main import main
+    monkeypatch.chdir(cwd)
+    capfd.readouterr()
+    code = main([str(a) for a in args])
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out, err)
+
+
 def ours(root: Path) -> list[str]:
     """Every temp, backup, journal or lock file of fxfuse under ``root``."""
     return sorted(p.name for p in root.rglob(".fxfuse-*"))

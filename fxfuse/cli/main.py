@@ -242,6 +242,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("fxfuse: interrupted; nothing was written (any previous output is unchanged)",
               file=sys.stderr)
         return 128 + int(sig)
+    except OSError as exc:  # the file system refused something: the user's to fix
+        from ..io.transaction import os_problem
+        where = exc.filename if exc.filename is not None else "a file"
+        return _fail(args, os_problem(exc, Path(str(where)), "use"),
+                     EXIT_USAGE)
     except RecursionError as exc:
         return _fail(args, ConfigError("RecursionError: the model is nested too deeply for "
                                        "Python's recursion limit; flatten its module tree"),

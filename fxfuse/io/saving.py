@@ -22,7 +22,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from .checkpoints import first_line
-from .transaction import OutputSet, probe_writable
+from .transaction import OutputSet, os_problem, probe_writable
 from ..errors import ConfigError, TraceError
 
 log = logging.getLogger("fxfuse")
@@ -95,6 +95,13 @@ def check_output_path(out: str | Path, inputs: Iterable[str | Path] = ()) -> Pat
         ConfigError: one line naming the problem and the fix.
     """
     out = Path(out).expanduser()
+    try:
+        return _check_output_path(out, inputs)
+    except OSError as exc:  # a name too long, a loop of links, ...
+        raise os_problem(exc, out, "write") from exc
+
+
+def _check_output_path(out: Path, inputs: Iterable[str | Path]) -> Path:
     for source in inputs:
         if _is_same_file(out, Path(source)):
             raise ConfigError(f"output {str(out)!r} is the input file {str(source)!r}; fxfuse "

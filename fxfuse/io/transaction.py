@@ -69,7 +69,7 @@ def _is_stale(path: Path, pid: int) -> bool:
     return not _pid_alive(pid) or age > STALE_AFTER_S
 
 
-def _os_problem(exc: OSError, path: Path, action: str) -> ConfigError:
+def os_problem(exc: OSError, path: Path, action: str) -> ConfigError:
     """One line for an OSError on ``path``, with the way out."""
     fixes = {errno.ENAMETOOLONG: "use a shorter file name",
              errno.ENOSPC: "free some disk space or write elsewhere",
@@ -82,6 +82,8 @@ def _os_problem(exc: OSError, path: Path, action: str) -> ConfigError:
              errno.EISDIR: "give a file name, not a directory",
              errno.EINVAL: "use a plain file name"}
     fix = fixes.get(exc.errno or 0, "choose another output path")
+    if exc.errno == errno.ENOENT and path.parent.is_dir():
+        fix = "that directory does not accept new files: write elsewhere"
     reason = exc.strerror or type(exc).__name__
     return ConfigError(f"cannot {action} {str(path)!r} ({reason}); {fix}")
 
@@ -93,7 +95,7 @@ def probe_writable(target: Path) -> None:
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
-        raise _os_problem(exc, target, "write") from exc
+        raise os_problem(exc, target, "write") from exc
     except ValueError as exc:  # an embedded NUL byte
         raise ConfigError(f"cannot write {str(target)!r} ({exc}); use a plain file name") from exc
     os.close(fd)
@@ -115,6 +117,11 @@ def recover_directories(directories: Sequence[Path]) -> None:
             m = _OURS.fullmatch(name)
             if m and _is_stale(directory / name, int(m.group(1))):
                 stale.append((directory / name, m))
+            elif _LOCK.fullmatch(name):
+                holder = _lock_holder(directory / name)
+                if holder is not None and _is_stale(directory / name, holder):
+                    with contextlib.suppress(OSError):
+                        (directory / name).unlink()
     for path, m in stale:
         if m.group(3) == "journal":
             _roll_back_journal(path, m.group(1), m.group(2))
@@ -192,7 +199,7 @@ class OutputSet:
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as exc:
-            raise _os_problem(exc, target, "write") from exc
+            raise os_problem(exc, target, "write") from exc
         except ValueError as exc:  # an embedded NUL byte
             raise ConfigError(f"cannot write {str(target)!r} ({exc}); use a plain file "
                               "name") from exc
@@ -214,7 +221,7 @@ class OutputSet:
                                   f"{str(target)!r}; wait for it to finish, or remove "
                                   f"{str(lock)!r} if no such run exists") from None
             except OSError as exc:
-                raise _os_problem(exc, target, "write") from exc
+                raise os_problem(exc, target, "write") from exc
             os.write(fd, str(os.getpid()).encode())
             os.close(fd)
             self.lock = lock
@@ -235,7 +242,7 @@ class OutputSet:
                 os.fsync(handle.fileno())
             os.chmod(temp, _new_file_mode(target) if mode is None else mode)
         except OSError as exc:
-            raise _os_problem(exc, target, "write") from exc
+            raise os_problem(exc, target, "write") from exc
 
     def commit(self) -> list[int]:
         """Move every temp into place together, signals deferred.
@@ -273,7 +280,7 @@ class OutputSet:
                      f"rolling back failed too: the previous files are under "
                      f"{PREFIX}{self.token}.bak.*")
             if isinstance(exc, OSError):
-                raise CommitError(f"{_os_problem(exc, Path(exc.filename or self.paths[0]), 'write')}"
+                raise CommitError(f"{os_problem(exc, Path(exc.filename or self.paths[0]), 'write')}"
                                   f"; {state}", rolled_back) from exc
             raise CommitError(f"writing the outputs failed ({type(exc).__name__}); {state}",
                               rolled_back) from exc
