@@ -303,7 +303,7 @@ def render_model(gm: fx.GraphModule | torch.nn.Module, out: str | Path,
         program = _export(gm, tuple(example_inputs))
         try:
             program.example_inputs = None  # user data must not end up in the file
-        except AttributeError:
+        except (AttributeError, TypeError, ValueError):  # older torch: no setter
             program._example_inputs = None
         torch.export.save(program, buffer, extra_files=texts)
         return buffer.getvalue(), SavedModel(out, fmt, _has_dynamic_batch(program), program)
