@@ -122,16 +122,14 @@ def _run_fuse(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple, o
         print("no loop was rewritten; writing the traced model unchanged")
     _progress(f"writing {out}")
     with user_code("saving the model"):
-        saved = _write_outputs(result, inputs, out, report_json, outputs,
-                               non_persistent_keys(model))
+        saved, checked = _write_outputs(result, model, inputs, out, report_json, outputs)
     signals = outputs.commit()
     also = f" and the report {shown(report_json)}" if report_json is not None else ""
-    checked = _batch_claim(model, saved, result, inputs) if saved.format == "export" else []
     print(f"\nwrote {shown(out)} ({_describe(saved, checked)}), its weight map "
           f"{shown(_map_path(out))}{also}")
     if signals:
         warn(f"interrupted while the outputs were being moved into place; the move was "
-             f"finished: {out} and its weight map{also} are all the new files")
+             f"finished: {shown(out)} and its weight map{also} are all the new files")
         return 128 + signals[0]
     return EXIT_OK
 
@@ -144,20 +142,27 @@ def _render_out(result: FuseResult, inputs: tuple, out: Path, map_text: str,
                         non_persistent=non_persistent)
 
 
-def _write_outputs(result: FuseResult, inputs: tuple, out: Path, report_json: Path | None,
-                   outputs: OutputSet, non_persistent: frozenset[str]) -> SavedModel:
+def _write_outputs(result: FuseResult, model: torch.nn.Module, inputs: tuple, out: Path,
+                   report_json: Path | None, outputs: OutputSet) -> tuple[SavedModel, list[int]]:
     """Write OUT, OUT.map.json and the report to their temps (committed by the caller).
-    The map is bound to the fused weights (content hash, shapes, dtypes)."""
+    The map is bound to the fused weights (content hash, shapes, dtypes).
+
+    Returns:
+        What OUT holds, and the batch sizes a dynamic ``.pt2`` was checked at.
+    """
+    non_persistent = non_persistent_keys(model)
     fused_state = {k: v for k, v in result.model.state_dict().items() if k not in non_persistent}
     text = result.weight_map.bind(fused_state).to_json()
     data, saved = _render_out(result, inputs, out, text, non_persistent)
+    checked = (_batch_claim(model, saved, result, inputs) if saved.format == "export"
+               else _checked_batches(result, inputs))
     outputs.write(out, data)
     outputs.write(_map_path(out), text.encode("utf-8"))
     if report_json is not None:
         report = dict(result.to_dict(), output=str(out), weight_map=str(_map_path(out)),
-                      batch_sizes_checked=_checked_batches(result, inputs))
+                      batch_sizes_checked=checked)
         outputs.write(report_json, dump_json(report).encode("utf-8"))
-    return saved
+    return saved, checked
 
 
 def _checked_batches(result: FuseResult, inputs: tuple) -> list[int]:
