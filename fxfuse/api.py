@@ -192,9 +192,9 @@ def _fuse(model: torch.nn.Module, inputs: tuple[Any, ...], cfg: FuseConfig,
             raise ConfigError("inplace=True cannot fold torch.nn.utils.weight_norm without "
                               "changing your model; use inplace=False")
         work, renames = model, WeightMap()
-        reference = copy.deepcopy(model) if cfg.verify else model
+        reference = _copy(model) if cfg.verify else model
     else:
-        work, copy_notes, renames = copy_model(model)
+        work, copy_notes, renames = _copy(model, copy_model)
         reference = copy.deepcopy(work) if copy_notes else model   # weight norm folded
         notes += copy_notes
     gm = trace_model(work, inputs, concrete_args=cfg.concrete_args, tracer=cfg.tracer)
@@ -226,6 +226,16 @@ def _check_trace(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any, 
     if not cfg.verify:
         return None
     return check_trace(model, gm, inputs, notes=notes, rtol=cfg.rtol, atol=cfg.atol)
+
+
+def _copy(model: torch.nn.Module, how: Any = copy.deepcopy) -> Any:
+    """``how(model)`` (a deep copy); a model nested too deeply to copy is a ConfigError."""
+    try:
+        return how(model)
+    except RecursionError:
+        raise ConfigError(f"cannot copy the {type(model).__name__}: it is nested too deeply "
+                          "for Python's recursion limit; flatten its module tree, or pass "
+                          "inplace=True with verify=False") from None
 
 
 def apply_sites(gm: fx.GraphModule, sites: Sequence[RowSite],

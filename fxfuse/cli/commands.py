@@ -3,22 +3,27 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
+import io
+import re
+import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
 from ..api import FuseResult, fuse
 from ..io.checkpoints import read_weights, existing_file, first_line
-from .main import EXIT_OK, MAP_NAME, MAP_SUFFIX, _progress, dump_json
+from .main import (EXIT_OK, MAP_NAME, MAP_SUFFIX, _progress, dump_json, shown, user_code,
+                   warn)
 from ..errors import ConfigError, VerificationError
 from ..match.find import find_row_sites
 from ..io.loading import LoadedModel, load_model, parse_input_shapes
 from ..examples import SEED_SHAPE, seed_model
 from ..check.report import site_table
-from ..io.saving import SavedModel, atomic_write, check_output_path, save_model, write_sidecar
+from ..io.saving import (SavedModel, atomic_write, check_output_path, non_persistent_keys,
+                         render_model)
+from ..io.transaction import OutputSet
 from ..trace.tracing import trace_model
 from ..rewrite.weights import WeightMap
 
@@ -27,10 +32,12 @@ WEIGHT_SUFFIXES = (".safetensors", ".pt")
 
 def _load(args: argparse.Namespace) -> tuple[LoadedModel, tuple[torch.Tensor, ...]]:
     _progress(f"loading {args.model}")
-    loaded = load_model(args.model, weights=args.weights, allow_pickle=args.allow_pickle,
-                        device=args.device, dtype=args.dtype)
     inputs = parse_input_shapes(args.input_shape, args.dtype, args.device)
-    _check_runs(loaded.model, inputs, args.input_shape)
+    with user_code("loading the model"):
+        loaded = load_model(args.model, weights=args.weights, allow_pickle=args.allow_pickle,
+                            device=args.device, dtype=args.dtype, announce=warn)
+    with user_code("running forward() once"):
+        _check_runs(loaded.model, inputs, args.input_shape)
     return loaded, inputs
 
 
@@ -52,8 +59,9 @@ def inspect(args: argparse.Namespace) -> int:
     """Dry run: list every loop site, its rows and conv, and whether it would fuse."""
     loaded, inputs = _load(args)
     _progress("tracing")
-    gm = trace_model(loaded.model, inputs, tracer=args.tracer)
-    sites = find_row_sites(gm, min_rows=args.min_rows)
+    with user_code("tracing the model"):
+        gm = trace_model(loaded.model, inputs, tracer=args.tracer)
+        sites = find_row_sites(gm, min_rows=args.min_rows)
     if args.json:
         print(dump_json({"tracer": getattr(gm, "fxfuse_tracer", ""),
                          "sites": [s.to_dict() for s in sites]}))
@@ -67,76 +75,174 @@ def inspect(args: argparse.Namespace) -> int:
 def fuse_command(args: argparse.Namespace) -> int:
     """Fuse, verify, benchmark, print the report, write OUT (+ OUT.map.json)."""
     out = check_output_path(args.out)
-    _check_report_path(args.report_json, out)
-    loaded, inputs = _load(args)
-    check_output_path(out, loaded.paths)
-    report = _check_report_path(args.report_json, out, loaded.paths)
-    _run_fuse(args, loaded.model, inputs, out, report)
-    return EXIT_OK
+    report = _check_report_path(args.report_json, out)
+    with OutputSet(_output_paths(out, report)) as outputs:  # every temp made before any work
+        loaded, inputs = _load(args)
+        check_output_path(out, loaded.paths)
+        _check_report_path(args.report_json, out, loaded.paths)
+        return _run_fuse(args, loaded.model, inputs, out, report, outputs)
 
 
 def _map_path(out: Path) -> Path:
     return out.with_name(out.name + MAP_SUFFIX)
 
 
+def _output_paths(out: Path, report: Path | None) -> list[Path]:
+    return [out, _map_path(out)] + ([report] if report is not None else [])
+
+
 def _check_report_path(report_json: str | None, out: Path,
                        inputs: tuple[Path, ...] = ()) -> Path | None:
-    """Refuse a bad ``--report-json`` before any work is done."""
+    """Refuse a bad ``--report-json`` before any work is done (its temp file, made with
+    the others, is the writability check)."""
     if not report_json:
         return None
-    path = Path(report_json).expanduser()
+    path = Path(report_json).expanduser().absolute()
     if path.suffix != ".json":
         raise ConfigError(f"--report-json {path} should end in .json")
     taken = {Path(p).resolve() for p in (*inputs, out, _map_path(out))}
     if path.resolve() in taken:
         raise ConfigError(f"--report-json {path} is the output, its weight map or an input "
                           "file; choose another name")
-    if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
-        raise ConfigError(f"cannot write --report-json {path}: {path.parent} is missing or "
-                          "not writable")
+    if not path.parent.is_dir():
+        raise ConfigError(f"cannot write --report-json {path}: {path.parent} is not an "
+                          "existing directory; create it first")
     return path
 
 
 def _run_fuse(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple, out: Path,
-              report_json: Path | None) -> None:
+              report_json: Path | None, outputs: OutputSet) -> int:
     _progress("tracing, matching, rewriting and verifying")
-    result = fuse(model, inputs, lowering=args.lowering, benchmark=not args.no_bench,
-                  min_rows=args.min_rows, tracer=args.tracer,
-                  check_grads=not args.no_grad_check, rtol=args.rtol, atol=args.atol)
+    with user_code("fusing the model"):
+        result = fuse(model, inputs, lowering=args.lowering, benchmark=not args.no_bench,
+                      min_rows=args.min_rows, tracer=args.tracer,
+                      check_grads=not args.no_grad_check, rtol=args.rtol, atol=args.atol)
     print(result.report())
     if not result.changed:
         print("no loop was rewritten; writing the traced model unchanged")
     _progress(f"writing {out}")
-    saved = _write_outputs(result, inputs, out, report_json)
-    also = f" and the report {report_json}" if report_json is not None else ""
-    print(f"\nwrote {out} ({_describe(saved)}), its weight map {_map_path(out)}{also}")
+    with user_code("saving the model"):
+        saved, checked = _write_outputs(result, model, inputs, out, report_json, outputs)
+    signals = outputs.commit()
+    also = f" and the report {shown(report_json)}" if report_json is not None else ""
+    print(f"\nwrote {shown(out)} ({_describe(saved, checked)}), its weight map "
+          f"{shown(_map_path(out))}{also}")
+    if signals:
+        warn(f"interrupted while the outputs were being moved into place; the move was "
+             f"finished: {shown(out)} and its weight map{also} are all the new files")
+        return 128 + signals[0]
+    return EXIT_OK
 
 
-def _write_outputs(result: FuseResult, inputs: tuple, out: Path,
-                   report_json: Path | None) -> SavedModel:
-    """OUT, then OUT.map.json, then the report; after any failure none of them is left."""
-    text = result.weight_map.to_json()
-    written: list[Path] = []
+def _render_out(result: FuseResult, inputs: tuple, out: Path, map_text: str,
+                non_persistent: frozenset[str]) -> tuple[bytes, SavedModel]:
+    """OUT's bytes, in the format its suffix names (the map rides inside where it can)."""
+    extra = {MAP_NAME: map_text} if out.suffix != ".pt" else None
+    return render_model(result.model, out, inputs, extra_files=extra,
+                        non_persistent=non_persistent)
+
+
+def _write_outputs(result: FuseResult, model: torch.nn.Module, inputs: tuple, out: Path,
+                   report_json: Path | None, outputs: OutputSet) -> tuple[SavedModel, list[int]]:
+    """Write OUT, OUT.map.json and the report to their temps (committed by the caller).
+    The map is bound to the fused weights (content hash, shapes, dtypes).
+
+    Returns:
+        What OUT holds, and the batch sizes a dynamic ``.pt2`` was checked at.
+    """
+    non_persistent = non_persistent_keys(model)
+    fused_state = {k: v for k, v in result.model.state_dict().items() if k not in non_persistent}
+    text = result.weight_map.bind(fused_state).to_json()
+    data, saved = _render_out(result, inputs, out, text, non_persistent)
+    checked = (_batch_claim(model, saved, result, inputs) if saved.format == "export"
+               else _checked_batches(result, inputs))
+    outputs.write(out, data)
+    outputs.write(_map_path(out), text.encode("utf-8"))
+    if report_json is not None:
+        report = dict(result.to_dict(), output=str(out), weight_map=str(_map_path(out)),
+                      batch_sizes_checked=checked)
+        outputs.write(report_json, dump_json(report).encode("utf-8"))
+    return saved, checked
+
+
+def _checked_batches(result: FuseResult, inputs: tuple) -> list[int]:
+    """The batch sizes the fused model was verified at (the verification's own list where
+    it gives one, else read from its checks' names)."""
+    v = result.verification
+    if v is None:
+        return []
+    given = getattr(v, "batch_sizes", None) or getattr(result, "batch_sizes", None)
+    if given:
+        return sorted({int(b) for b in given})
+    found = {int(m.group(1)) for c in getattr(v, "checks", ())
+             for m in [re.search(r"batch (\d+)", str(getattr(c, "name", c)))] if m}
+    first = next((x for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0), None)
+    if first is not None:
+        found.add(int(first.shape[0]))
+    return sorted(found)
+
+
+_CLAIM_TOL = {torch.float16: (1e-2, 1e-3), torch.bfloat16: (2e-2, 1e-2)}
+
+
+def _at_batch(inputs: tuple, batch: int) -> tuple:
+    """The inputs with ``batch`` rows: fresh random floats (seeded), other rows drawn."""
+    gen = torch.Generator().manual_seed(batch)
+    out = []
+    for x in inputs:
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            out.append(x)
+        elif x.is_floating_point():
+            out.append(torch.randn((batch, *x.shape[1:]), generator=gen).to(x.dtype).to(x.device))
+        else:
+            out.append(x[torch.randint(0, x.shape[0], (batch,), generator=gen)])
+    return tuple(out)
+
+
+def _program_matches(original: torch.nn.Module, saved: SavedModel, inputs: tuple) -> bool:
+    """Whether the written program gives the original model's outputs on ``inputs``."""
+    dtype = next((x.dtype for x in inputs if isinstance(x, torch.Tensor)), torch.float32)
+    rtol, atol = _CLAIM_TOL.get(dtype, (1e-4, 1e-5))
     try:
-        extra = {MAP_NAME: text} if out.suffix != ".pt" else None
-        saved = save_model(result.model, out, inputs, extra_files=extra)
-        written.append(out)
-        written.append(write_sidecar(out, MAP_SUFFIX, text))
-        if report_json is not None:
-            data = dict(result.to_dict(), output=str(out), weight_map=str(written[-1]))
-            written.append(atomic_write(report_json, lambda p: p.write_text(dump_json(data))))
-    except BaseException:
-        for path in written:
-            with contextlib.suppress(OSError):
-                path.unlink()
-        raise
-    return saved
+        with torch.no_grad(), user_code("checking the batch sizes of the .pt2"):
+            want = original(*inputs)
+            got = saved.program.module()(*inputs)
+            torch.testing.assert_close(got, want, rtol=rtol, atol=atol, equal_nan=True)
+    except (Exception, ConfigError):  # noqa: BLE001 - a guard error or a mismatch
+        return False
+    return True
 
 
-def _describe(saved: SavedModel) -> str:
+def _batch_claim(original: torch.nn.Module, saved: SavedModel, result: FuseResult,
+                 inputs: tuple) -> list[int]:
+    """The batch sizes the written dynamic program was checked at: those the
+    verification ran, plus batch 1 and a large batch compared here with the original."""
+    checked = set(_checked_batches(result, inputs))
+    first = next((x for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0), None)
+    if first is None or saved.program is None or not saved.dynamic_batch:
+        return sorted(checked)
+    for batch in (1, max(2 * int(first.shape[0]) + 1, 9)):
+        if batch in checked:
+            continue
+        if _program_matches(original, saved, _at_batch(inputs, batch)):
+            checked.add(batch)
+        else:
+            warn(f"the written program was not confirmed at batch {batch} (it fails there or "
+                 "differs from the original); use it at the verified batch sizes only")
+    return sorted(checked)
+
+
+def _describe(saved: SavedModel, checked: list[int] = ()) -> str:
     if saved.format == "export":
-        batch = "any batch size" if saved.dynamic_batch else "the traced shapes only"
-        return f"torch.export program, runs with {batch}"
+        if not saved.dynamic_batch:
+            return "torch.export program, runs with the traced shapes only"
+        if not checked:
+            return "torch.export program with a dynamic batch size (not verified)"
+        if 1 in checked and max(checked) >= 8:
+            return ("torch.export program, runs with any batch size (checked at "
+                    f"{', '.join(map(str, checked))})")
+        return ("torch.export program with a dynamic batch size, verified at batch "
+                f"{', '.join(map(str, checked))} only")
     if saved.format == "pickle":
         return "pickled GraphModule, load with torch.load(..., weights_only=False)"
     return "the fused model's weights"
@@ -156,10 +262,13 @@ def demo(args: argparse.Namespace) -> int:
             vars(args), model="fxfuse.examples:seed_model", weights=str(checkpoint),
             allow_pickle=False, device="cpu", dtype=None, input_shape=[shape], min_rows=2,
             tracer="auto", out=str(root / "seed_rowconv_fused.pt2")))
-        out = check_output_path(ns.out)
+        out = check_output_path(Path(ns.out).absolute())
         report = _check_report_path(ns.report_json, out)
-        loaded, inputs = _load(ns)
-        _run_fuse(ns, loaded.model, inputs, out, report)
+        with OutputSet(_output_paths(out, report)) as outputs:
+            loaded, inputs = _load(ns)
+            code = _run_fuse(ns, loaded.model, inputs, out, report, outputs)
+        if code != EXIT_OK:
+            return code
         _check_reloaded(out, model)
         if args.out_dir is None:
             print("(the files were in a temporary directory, now removed; pass --out-dir "
@@ -198,45 +307,80 @@ def _check_reloaded(out: Path, model: torch.nn.Module) -> None:
 
 
 def convert_weights(args: argparse.Namespace) -> int:
-    """Convert a state_dict between the looped and the fused layout, exactly."""
+    """Convert a state_dict between the looped and the fused layout, exactly, after
+    checking the map is well formed and belongs to the checkpoint."""
     map_path = existing_file(args.map, "weight map")
     wmap, map_text = _read_map(map_path)
     source = existing_file(args.checkpoint, "checkpoint")
     out = _check_weights_out(args.out, [source, map_path])
-    state = read_weights(source, False)
-    converted = wmap.to_original(state) if args.to == "original" else wmap.to_fused(state)
-    if out.suffix.lower() == ".safetensors":
-        # the fused layout carries its map, as 'fxfuse fuse' writes it: same bytes
-        _save_safetensors(converted, out, {MAP_NAME: map_text} if args.to == "fused" else None)
-    else:
-        atomic_write(out, lambda p: torch.save(converted, p))
-    print(f"wrote {out}: {len(converted)} tensors in the {args.to} layout")
+    with OutputSet([out]) as outputs:
+        state = read_weights(source, False)
+        if args.to == "original":
+            _check_embedded_map(source, wmap)
+            match = wmap.check_fused(state)
+            converted = wmap.to_original(state)
+        else:
+            wmap.check_original(state)
+            converted, match = wmap.to_fused(state), "layout"
+        if out.suffix.lower() == ".safetensors":
+            # the fused layout carries its map, as 'fxfuse fuse' writes it: same bytes
+            data = _safetensors_bytes(converted, {MAP_NAME: map_text} if args.to == "fused"
+                                      else None)
+        else:
+            buffer = io.BytesIO()
+            torch.save(converted, buffer)
+            data = buffer.getvalue()
+        outputs.write(out, data)
+        outputs.commit()
+    how = ("the very weights the map was written with" if match == "exact" else
+           "shapes and dtypes match the map")
+    print(f"wrote {shown(out)}: {len(converted)} tensors in the {args.to} layout ({how})")
     return EXIT_OK
 
 
+def _check_embedded_map(source: Path, wmap: WeightMap) -> None:
+    """Refuse a map other than the one 'fxfuse fuse' stored inside ``source`` (a
+    .safetensors written by it carries its map in the metadata)."""
+    if source.suffix.lower() != ".safetensors" or wmap.binding is None:
+        return
+    from safetensors import safe_open
+    try:
+        with safe_open(str(source), "pt") as handle:
+            text = (handle.metadata() or {}).get(MAP_NAME)
+        inner = WeightMap.from_json(text) if text else None
+    except (OSError, ConfigError, RuntimeError, ValueError):
+        return  # no usable map inside: the layout check decides
+    if inner is not None and inner.binding is not None and \
+            inner.binding.get("fused_sha256") != wmap.binding.get("fused_sha256"):
+        raise ConfigError(f"the weight map does not belong to {str(source)!r}: the map stored "
+                          "inside it was written with other weights; use the OUT.map.json "
+                          "written with this checkpoint")
+
+
 def _read_map(path: Path) -> tuple[WeightMap, str]:
-    """The map in ``path`` and its text, verbatim."""
+    """The map in ``path`` (validated) and its text, verbatim."""
     try:
         text = path.read_text(encoding="utf-8")
         return WeightMap.from_json(text), text
     except (OSError, UnicodeDecodeError, ConfigError) as exc:
-        raise ConfigError(f"cannot read weight map {str(path)!r} ({first_line(exc)}); give "
-                          "the OUT.map.json written by 'fxfuse fuse'") from exc
+        raise ConfigError(f"cannot use weight map {str(path)!r}: "
+                          f"{str(exc) if isinstance(exc, ConfigError) else first_line(exc)}"
+                          ) from exc
 
 
 def _check_weights_out(out: str, inputs: list[Path]) -> Path:
-    path = Path(out).expanduser()
+    path = Path(out).expanduser().absolute()
     if path.suffix.lower() not in WEIGHT_SUFFIXES:
         raise ConfigError(f"cannot write weights to {str(path)!r}: name it .safetensors or .pt")
     return check_output_path(path, inputs)
 
 
-def _save_safetensors(state: dict, out: Path, metadata: dict[str, str] | None) -> None:
+def _safetensors_bytes(state: dict, metadata: dict[str, str] | None) -> bytes:
     bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
     if bad is not None:
         raise ConfigError(f"checkpoint entry {bad!r} is a {type(state[bad]).__name__}, which "
                           ".safetensors cannot hold; write a .pt instead")
     tensors = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
                for k, v in state.items()}
-    from safetensors.torch import save_file
-    atomic_write(out, lambda p: save_file(tensors, str(p), metadata=metadata))
+    from safetensors.torch import save
+    return save(tensors, metadata=metadata)

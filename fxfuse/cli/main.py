@@ -14,12 +14,15 @@ import io
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 import warnings
+from pathlib import Path
 from typing import Iterator, Sequence
 
-from ..errors import FxFuseError, VerificationError
+from ..errors import ConfigError, FxFuseError, VerificationError
 
 log = logging.getLogger("fxfuse")
 
@@ -40,6 +43,89 @@ def _progress(message: str) -> None:
     if console is not None and console.isatty():
         print(f"fxfuse: {message}...", file=console, flush=True)
     log.info(message)
+
+
+_SIGNALLED: list[int] = []     # signals received by this process (not raised by user code)
+
+
+def warn(message: str) -> None:
+    """One ``fxfuse: warning:`` line on the real stderr (shown even when quiet)."""
+    console = sys.__stderr__
+    if console is not None:
+        print(f"fxfuse: warning: {message}", file=console, flush=True)
+
+
+@contextlib.contextmanager
+def user_code(doing: str) -> Iterator[None]:
+    """Run the model's own code: its prints go to stderr (stdout stays the report or the
+    JSON), and ``sys.exit`` / ``KeyboardInterrupt`` raised by it become one ConfigError
+    (a real Ctrl-C or SIGTERM still interrupts)."""
+    try:
+        with contextlib.redirect_stdout(sys.__stderr__ or io.StringIO()):
+            yield
+    except SystemExit as exc:
+        raise ConfigError(f"the model's code called sys.exit({exc.code!r}) while {doing}; "
+                          "remove the exit from the model (fxfuse runs its forward several "
+                          "times)") from exc
+    except KeyboardInterrupt as exc:
+        if _SIGNALLED:
+            raise
+        raise ConfigError(f"the model's code raised KeyboardInterrupt while {doing}; remove "
+                          "the raise from the model") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"RecursionError while {doing}: the model is nested too deeply for "
+                          "Python's recursion limit; flatten its module tree") from exc
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt (so every temp file is cleaned up), and
+    are told apart from a KeyboardInterrupt raised by the model's code."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(num: int, _frame: object) -> None:
+        _SIGNALLED.append(num)
+        raise KeyboardInterrupt
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
+
+
+_PATH_ARGS = ("weights", "out", "report_json", "map", "checkpoint", "out_dir")
+_SHOWN: dict[str, str] = {}    # absolute path -> as the user wrote it
+
+
+def shown(path: object) -> str:
+    """``path`` as the user wrote it on the command line (messages), else as given."""
+    text = str(path)
+    for full in sorted(_SHOWN, key=len, reverse=True):  # OUT.map.json shown like OUT
+        if text.startswith(full) and "/" not in text[len(full):]:
+            return _SHOWN[full] + text[len(full):]
+    return text
+
+
+def _absolute_paths(args: argparse.Namespace) -> None:
+    """Resolve every path the user gave against the current directory, before any user
+    code runs (a factory that calls os.chdir must not move the outputs)."""
+    for name in _PATH_ARGS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value:
+            full = os.path.abspath(os.path.expanduser(value))
+            _SHOWN[full] = value
+            setattr(args, name, full)
+    model = getattr(args, "model", None)
+    if isinstance(model, str) and model:
+        left, sep, right = model.rpartition(":")
+        if sep and left and (left.endswith(".py") or "/" in left or os.sep in left):
+            args.model = f"{os.path.abspath(os.path.expanduser(left))}:{right}"
+        elif not sep and Path(model).suffix.lower() in (".pt2", ".pt", ".pth", ".bin",
+                                                          ".safetensors", ".py"):
+            args.model = os.path.abspath(os.path.expanduser(model))
 
 
 def _positive_int(text: str) -> int:
@@ -66,6 +152,14 @@ def _quiet(enabled: bool) -> Iterator[None]:
             yield
         finally:
             logging.disable(logging.NOTSET)
+
+
+def _common_args(p: argparse.ArgumentParser) -> None:
+    """--debug and -v after the subcommand too (they default to the top-level value)."""
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show tracebacks")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="log what the pass does")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -117,19 +211,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", metavar="IN", help="state_dict file (.safetensors or .pt)")
     p.add_argument("-o", "--out", required=True, help="where to write the converted state_dict")
     p.add_argument("--to", required=True, choices=["original", "fused"])
+    for p in sub.choices.values():
+        _common_args(p)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (also used by ``python -m fxfuse``)."""
     args = build_parser().parse_args(argv)
+    _SIGNALLED.clear()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="fxfuse: %(message)s")
     from . import commands
     handler = {"inspect": commands.inspect, "fuse": commands.fuse_command,
                "demo": commands.demo, "weights": commands.convert_weights}[args.command]
     try:
-        with _quiet(not (args.debug or args.verbose)):
+        with _signals_interrupt(), _quiet(not (args.debug or args.verbose)):
+            _absolute_paths(args)
             return handler(args)
     except VerificationError as exc:
         return _fail(args, exc, EXIT_REFUSED)
@@ -140,8 +238,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
-        print("fxfuse: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        sig = _SIGNALLED[0] if _SIGNALLED else signal.SIGINT
+        print("fxfuse: interrupted; nothing was written (any previous output is unchanged)",
+              file=sys.stderr)
+        return 128 + int(sig)
+    except OSError as exc:  # the file system refused something: the user's to fix
+        from ..io.transaction import os_problem
+        where = exc.filename if exc.filename is not None else "a file"
+        return _fail(args, os_problem(exc, Path(str(where)), "use"),
+                     EXIT_USAGE)
+    except RecursionError as exc:
+        return _fail(args, ConfigError("RecursionError: the model is nested too deeply for "
+                                       "Python's recursion limit; flatten its module tree"),
+                     EXIT_USAGE)
     except Exception as exc:  # noqa: BLE001 - the CLI never shows a raw traceback by default
         return _fail(args, exc, EXIT_INTERNAL, internal=True)
 

@@ -6,6 +6,7 @@ the problem and the fix; a truncated or corrupt file never escapes as a raw
 """
 from __future__ import annotations
 
+import io
 import logging
 import pickle
 import zipfile
@@ -72,6 +73,16 @@ def _needs_pickle(exc: BaseException | None) -> bool:
     return isinstance(exc, pickle.UnpicklingError) and "global" in str(exc).lower()
 
 
+def _is_raw_pickle(path: Path) -> bool:
+    """Whether ``path`` starts like a pickle stream (protocol 2+), not a torch.save zip."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(2)
+    except OSError:
+        return False
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
 def read_weights(path: Path, allow_pickle: bool) -> Mapping[str, Any]:
     """The state_dict stored in ``path`` (``.safetensors`` or a torch.save pickle)."""
     if path.suffix.lower() == ".safetensors":
@@ -84,6 +95,11 @@ def read_weights(path: Path, allow_pickle: bool) -> Mapping[str, Any]:
         obj = _read(path, "weights", lambda: torch.load(
             path, weights_only=not allow_pickle, map_location="cpu"))
     except ConfigError as exc:
+        if _is_raw_pickle(path) and "weights only load failed" in str(exc.__cause__).lower():
+            raise ConfigError(f"weights {str(path)!r} are a plain pickle (pickle.dump, not "
+                              "torch.save); unpickling runs arbitrary code, so pass "
+                              "--allow-pickle only for files you trust, or re-save the "
+                              "state_dict with torch.save or as .safetensors") from exc.__cause__
         if _needs_pickle(exc.__cause__):
             raise ConfigError(f"weights {str(path)!r} hold pickled Python objects, not just "
                               "tensors; unpickling runs arbitrary code, so pass --allow-pickle "
@@ -110,6 +126,28 @@ def _mismatch(model: nn.Module, sd: Mapping[str, Any]) -> str | None:
     return "; ".join(parts) or None
 
 
+def _kind(t: torch.Tensor) -> str:
+    if t.dtype == torch.bool:
+        return "bool"
+    if t.is_complex():
+        return "complex"
+    return "floating" if t.is_floating_point() else "integer"
+
+
+def _kind_mismatch(model: nn.Module, sd: Mapping[str, Any]) -> str | None:
+    """A line naming the first tensor whose kind (bool, complex, integer, floating) differs
+    from the model's: load_state_dict would cast it silently, dropping the imaginary part
+    or turning True into 1.0."""
+    own = model.state_dict()
+    for key, value in sd.items():
+        mine = own.get(key)
+        if isinstance(value, torch.Tensor) and isinstance(mine, torch.Tensor) \
+                and _kind(value) != _kind(mine) and _kind(value) in ("bool", "complex"):
+            return (f"{key} is {value.dtype} in the file but {mine.dtype} in the model, and "
+                    "casting would change its values")
+    return None
+
+
 def apply_weights(model: nn.Module, path: Path, allow_pickle: bool) -> None:
     """Load the state_dict in ``path`` into ``model``, strictly.
 
@@ -124,7 +162,7 @@ def apply_weights(model: nn.Module, path: Path, allow_pickle: bool) -> None:
             fit (the message lists the first few missing, unexpected and mis-shaped keys).
     """
     sd = read_weights(path, allow_pickle)
-    problem = _mismatch(model, sd)
+    problem = _mismatch(model, sd) or _kind_mismatch(model, sd)
     if problem:
         raise ConfigError(f"weights {str(path)!r} do not fit {type(model).__name__}: {problem}; "
                           "check the factory builds the architecture they were saved from")
@@ -135,18 +173,41 @@ def apply_weights(model: nn.Module, path: Path, allow_pickle: bool) -> None:
                           f"({first_line(exc)})") from exc
 
 
-def load_export(path: Path) -> nn.Module:
+def load_export(path: Path, allow_pickle: bool = False,
+                announce: Callable[[str], None] | None = None) -> tuple[nn.Module, list[str]]:
     """The module of the ``torch.export`` archive ``path`` (``ExportedProgram.module()``).
 
+    The archive is inspected first (:func:`~fxfuse.io.archive.inspect_archive`) and torch
+    is handed the very bytes inspected, never the path.
+
+    Returns:
+        The module, and one line per part that unpickled or ran code (only with
+        ``allow_pickle``; empty for a plain program).
+
     Raises:
-        ConfigError: the archive is truncated, corrupt or from an incompatible torch.
+        announce: called with one line before torch unpickles or runs anything (with
+            ``allow_pickle``); default: a log warning.
+
+    Raises:
+        ConfigError: the archive needs pickle or runs code (without ``allow_pickle``), is
+            a zip bomb, truncated, corrupt or from an incompatible torch.
     """
-    def reader() -> nn.Module:
-        with zipfile.ZipFile(path):  # cheap check first: torch logs a traceback on bad zips
-            pass
-        return torch.export.load(str(path)).module()
+    from .archive import inspect_archive
     try:
-        return _read(path, "torch.export archive", reader)
+        report = inspect_archive(path, allow_pickle)
+    except ConfigError:
+        raise
+    except _UNREADABLE as exc:
+        _read(path, "torch.export archive", lambda: (_ for _ in ()).throw(exc))
+        raise
+    if report.runs:  # said before torch runs any of it
+        (announce or log.warning)(f"--allow-pickle: loading {str(path)!r} will unpickle or run "
+                                  f"code from the file: {'; '.join(report.runs)}")
+
+    def reader() -> nn.Module:
+        return torch.export.load(io.BytesIO(report.data)).module()
+    try:
+        return _read(path, "torch.export archive", reader), report.runs
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - deserialisation errors have many types

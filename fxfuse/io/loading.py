@@ -18,7 +18,7 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 from torch import nn
@@ -45,11 +45,14 @@ class LoadedModel:
         kind: ``"factory"``, ``"export"`` or ``"pickle"``.
         paths: every input file read (model source or archive, weights), resolved; the
             output must be none of them.
+        runs: with ``allow_pickle``, one line per part of a ``.pt2`` that unpickled or
+            ran code (empty otherwise); the command line shows them as warnings.
     """
 
     model: nn.Module
     kind: Literal["factory", "export", "pickle"]
     paths: tuple[Path, ...]
+    runs: tuple[str, ...] = ()
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype:
@@ -74,10 +77,14 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype:
 
 def _parse_device(device: str | torch.device) -> torch.device:
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError) as exc:
         raise ConfigError(f"unknown device {device!r} ({first_line(exc)}); use cpu, cuda "
                           "or cuda:N") from exc
+    if dev.type == "meta":
+        raise ConfigError("--device meta holds no data, so nothing can be verified or timed; "
+                          "use cpu, cuda or cuda:N")
+    return dev
 
 
 def parse_input_shapes(shapes: list[str], dtype: str | torch.dtype | None = None,
@@ -103,8 +110,8 @@ def parse_input_shapes(shapes: list[str], dtype: str | torch.dtype | None = None
         size = _parse_shape(text)
         try:
             out.append(torch.randn(size, generator=gen).to(device=dev, dtype=dt))
-        except (RuntimeError, AssertionError) as exc:
-            raise ConfigError(f"cannot make an input on {dev} ({first_line(exc)}); "
+        except (RuntimeError, AssertionError, TypeError, OverflowError, MemoryError) as exc:
+            raise ConfigError(f"cannot make an input of shape {text!r} on {dev} ({first_line(exc)}); "
                               "choose an available --device") from exc
     return tuple(out)
 
@@ -118,6 +125,12 @@ def _parse_shape(text: str) -> tuple[int, ...]:
                           "or 'x', e.g. 32,15,10,100") from None
     if any(s <= 0 for s in size):
         raise ConfigError(f"bad --input-shape {text!r}: every size must be at least 1")
+    total = 1
+    for s in size:
+        total *= s
+    if total >= 2 ** 63:
+        raise ConfigError(f"bad --input-shape {text!r}: {total} elements is beyond int64; "
+                          "give the sizes of one real input")
     return size
 
 
@@ -185,7 +198,7 @@ def _import(target: str) -> tuple[Any, Path | None]:
                           "missing package") from exc
     except ConfigError:
         raise
-    except (Exception, SystemExit) as exc:  # noqa: BLE001 - any error in user code is reported
+    except (Exception, SystemExit, KeyboardInterrupt) as exc:  # noqa: BLE001 - user code
         raise ConfigError(f"importing {target!r} failed ({first_line(exc)}); fix the error "
                           "in that module") from exc
     source = getattr(module, "__file__", None)
@@ -207,7 +220,7 @@ def _build(spec: str, target: str, attr_path: str) -> tuple[nn.Module, Path | No
     try:
         with _on_sys_path(parent):
             model = obj()
-    except (Exception, SystemExit) as exc:  # noqa: BLE001 - any error in user code is reported
+    except (Exception, SystemExit, KeyboardInterrupt) as exc:  # noqa: BLE001 - user code
         raise ConfigError(f"factory {spec!r} raised {first_line(exc)}; it is called with no "
                           "arguments, so fix it or wrap it in one that needs none") from exc
     if not isinstance(model, nn.Module):
@@ -216,20 +229,22 @@ def _build(spec: str, target: str, attr_path: str) -> tuple[nn.Module, Path | No
     return model, source
 
 
-def _open_model(spec: str, allow_pickle: bool) -> tuple[nn.Module, str, list[Path]]:
-    """Build or read the model named by ``spec``: (model, kind, files read)."""
+def _open_model(spec: str, allow_pickle: bool,
+                announce: Callable[[str], None] | None = None) -> tuple[nn.Module, str, list[Path], list[str]]:
+    """Build or read the model named by ``spec``: (model, kind, files read, what ran)."""
     factory = _split_factory(spec)
     if factory is not None:
         model, source = _build(spec, *factory)
-        return model, "factory", [source] if source is not None else []
+        return model, "factory", [source] if source is not None else [], []
     suffix = Path(spec).suffix.lower()
     if suffix == ".pt2":
         path = existing_file(spec, "MODEL")
-        return load_export(path), "export", [path]
+        model, runs = load_export(path, allow_pickle, announce)
+        return model, "export", [path], runs
     if suffix in PICKLE_SUFFIXES + (".safetensors",):
         path = existing_file(spec, "MODEL")
         with _on_sys_path(Path.cwd()):  # its classes' package, as for a factory
-            return load_pickle(path, allow_pickle), "pickle", [path]
+            return load_pickle(path, allow_pickle), "pickle", [path], []
     if suffix == ".py":
         raise ConfigError(f"name the factory in {spec!r}: write {spec}:build_model")
     raise ConfigError(f"cannot tell what MODEL {spec!r} is; {MODEL_FORMS}")
@@ -237,7 +252,8 @@ def _open_model(spec: str, allow_pickle: bool) -> tuple[nn.Module, str, list[Pat
 
 def load_model(spec: str, *, weights: str | Path | None = None, allow_pickle: bool = False,
                device: str | torch.device = "cpu",
-               dtype: str | torch.dtype | None = None) -> LoadedModel:
+               dtype: str | torch.dtype | None = None,
+               announce: Callable[[str], None] | None = None) -> LoadedModel:
     """Load the model named by ``spec``, apply ``weights``, move it to ``device``/``dtype``.
 
     Args:
@@ -249,6 +265,8 @@ def load_model(spec: str, *, weights: str | Path | None = None, allow_pickle: bo
             ``.pt`` and for weights that hold more than tensors.
         device: where the model should live.
         dtype: floating dtype to cast to (name or ``torch.dtype``); None keeps it.
+        announce: told, in one line, what a ``.pt2`` will unpickle or run before it does
+            (only with ``allow_pickle``); default: a log warning.
 
     Returns:
         A :class:`LoadedModel`.
@@ -258,17 +276,21 @@ def load_model(spec: str, *, weights: str | Path | None = None, allow_pickle: bo
     """
     dev = _parse_device(device)
     dt = parse_dtype(dtype) if dtype is not None else None
-    model, kind, paths = _open_model(str(spec), allow_pickle)
+    model, kind, paths, runs = _open_model(str(spec), allow_pickle, announce)
     if weights is not None:
         wpath = existing_file(weights, "weights")
         apply_weights(model, wpath, allow_pickle)
         paths.append(wpath)
     try:
         model = model.to(device=dev, dtype=dt) if dt is not None else model.to(device=dev)
+    except RecursionError as exc:
+        raise ConfigError(f"cannot move the model to {dev}: it is nested too deeply for "
+                          "Python's recursion limit; flatten its module tree") from exc
     except (RuntimeError, AssertionError) as exc:
         raise ConfigError(f"cannot move the model to {dev} ({first_line(exc)}); choose an "
                           "available --device") from exc
     if kind != "export":  # export modules refuse .eval(); they keep their exported mode
         model.eval()
     log.info("loaded %s model %s from %s", kind, type(model).__name__, spec)
-    return LoadedModel(model=model, kind=kind, paths=tuple(dict.fromkeys(paths)))
+    return LoadedModel(model=model, kind=kind, paths=tuple(dict.fromkeys(paths)),
+                       runs=tuple(runs))

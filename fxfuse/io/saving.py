@@ -9,11 +9,11 @@ file, and an existing output is only ever swapped whole.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import pickle
-import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
 
@@ -22,6 +22,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from .checkpoints import first_line
+from .transaction import OutputSet, os_problem, probe_writable
 from ..errors import ConfigError, TraceError
 
 log = logging.getLogger("fxfuse")
@@ -39,11 +40,13 @@ class SavedModel:
         format: ``"export"``, ``"pickle"`` or ``"safetensors"``.
         dynamic_batch: True when a ``.pt2`` accepts any batch size (dim 0 of every
             tensor input is symbolic); False for static archives and other formats.
+        program: the ``ExportedProgram`` written to a ``.pt2`` (None otherwise).
     """
 
     path: Path
     format: Literal["export", "pickle", "safetensors"]
     dynamic_batch: bool = False
+    program: Any = field(default=None, repr=False, compare=False)
 
 
 def _format_of(out: Path) -> Literal["export", "pickle", "safetensors"]:
@@ -63,11 +66,9 @@ def _check_directory(out: Path) -> None:
                           "create it first")
     if not parent.is_dir():
         raise ConfigError(f"{str(parent)!r} is not a directory; fix the output path {str(out)!r}")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"directory {str(parent)!r} is not writable; choose another output "
-                          "path")
     if out.is_dir():
         raise ConfigError(f"output {str(out)!r} is a directory; give a file name")
+    probe_writable(out)
 
 
 def _is_same_file(a: Path, b: Path) -> bool:
@@ -94,6 +95,13 @@ def check_output_path(out: str | Path, inputs: Iterable[str | Path] = ()) -> Pat
         ConfigError: one line naming the problem and the fix.
     """
     out = Path(out).expanduser()
+    try:
+        return _check_output_path(out, inputs)
+    except OSError as exc:  # a name too long, a loop of links, ...
+        raise os_problem(exc, out, "write") from exc
+
+
+def _check_output_path(out: Path, inputs: Iterable[str | Path]) -> Path:
     for source in inputs:
         if _is_same_file(out, Path(source)):
             raise ConfigError(f"output {str(out)!r} is the input file {str(source)!r}; fxfuse "
@@ -103,20 +111,12 @@ def check_output_path(out: str | Path, inputs: Iterable[str | Path] = ()) -> Pat
     return out
 
 
-def _new_file_mode(path: Path) -> int:
-    """The permission bits the output should get: the old file's, or 0o666 less umask."""
-    with contextlib.suppress(OSError):
-        return path.stat().st_mode & 0o7777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> Path:
     """Write ``path`` through ``writer(temp_path)``, then move it into place at once.
 
-    The temporary file lives in the same directory with the same suffix (some writers
-    check it) and is removed on any failure, so ``path`` is either untouched or whole.
+    The temp file (see :mod:`fxfuse.io.transaction`) is created first, which is the real
+    check that the directory is writable; on any failure it is removed and ``path`` is
+    untouched.
 
     Args:
         path: the file to create or replace.
@@ -126,28 +126,19 @@ def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> Path:
         ``path`` as a ``Path``.
 
     Raises:
-        ConfigError: the directory is missing or not writable (checked before calling
-            ``writer``), or an ``OSError`` while writing (disk full, say).
+        ConfigError: the directory is missing or not writable, or an ``OSError`` while
+            writing (disk full, say), in one line.
         Exception: whatever ``writer`` raises, unchanged, after the clean-up.
     """
-    path = Path(path).expanduser()
+    path = Path(path).expanduser().absolute()
     _check_directory(path)
-    mode = _new_file_mode(path)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        writer(tmp)
-        os.chmod(tmp, mode)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(exc, OSError):
+    with OutputSet([path]) as outputs:
+        try:
+            writer(outputs.temps[path])
+        except OSError as exc:
             raise ConfigError(f"could not write {str(path)!r} ({first_line(exc)})") from exc
-        raise
+        outputs.write(path, outputs.temps[path].read_bytes())
+        outputs.commit()
     log.info("wrote %s", path)
     return path
 
@@ -180,13 +171,44 @@ def _has_dynamic_batch(program: torch.export.ExportedProgram) -> bool:
     return bool(tensors) and not any(is_concrete_int(v.shape[0]) for v in tensors)
 
 
-def _export(gm: torch.nn.Module, inputs: tuple[Any, ...]) -> torch.export.ExportedProgram:
-    """Export with a dynamic batch dim where possible, else with static shapes."""
+def _widened(inputs: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """The inputs at batch 2 when every batched tensor has batch 1 (export specialises a
+    size-1 dim to 1), else None."""
+    batched = [x for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0]
+    if not batched or any(x.shape[0] != 1 for x in batched):
+        return None
+    return tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() > 0 else x
+                 for x in inputs)
+
+
+def _same_outputs(program: torch.export.ExportedProgram, gm: torch.nn.Module,
+                  inputs: tuple[Any, ...]) -> bool:
+    """Whether ``program`` gives ``gm``'s outputs on ``inputs`` (exactly, same code)."""
     try:
-        return torch.export.export(gm, inputs, dynamic_shapes=_batch_dims(inputs), strict=False)
-    except Exception as exc:  # noqa: BLE001 - a dynamic batch is a bonus; fall back
-        log.info("export with a dynamic batch failed (%s); exporting static shapes",
-                 first_line(exc))
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(*inputs), gm(*inputs),
+                                       rtol=1e-5, atol=1e-6, equal_nan=True)
+    except Exception:  # noqa: BLE001 - a guard error or a mismatch: not this program
+        return False
+    return True
+
+
+def _export(gm: torch.nn.Module, inputs: tuple[Any, ...]) -> torch.export.ExportedProgram:
+    """Export with a dynamic batch dim where possible, else with static shapes.
+
+    A batch-1 example is exported at batch 2 (so the batch stays symbolic), and the
+    program is kept only if it also gives ``gm``'s outputs on the batch-1 example.
+    """
+    wide = _widened(inputs)
+    for example in ([wide] if wide is not None else []) + [inputs]:
+        try:
+            program = torch.export.export(gm, example, dynamic_shapes=_batch_dims(example),
+                                          strict=False)
+        except Exception as exc:  # noqa: BLE001 - a dynamic batch is a bonus; fall back
+            log.info("export with a dynamic batch failed (%s)", first_line(exc))
+            continue
+        if example is inputs or _same_outputs(program, gm, inputs):
+            return program
     try:
         return torch.export.export(gm, inputs, strict=False)
     except Exception as exc:  # noqa: BLE001
@@ -204,12 +226,16 @@ def _as_text(extra_files: Mapping[str, bytes | str] | None) -> dict[str, str] | 
         raise ConfigError(f"extra files must be UTF-8 text ({first_line(exc)})") from exc
 
 
-def _safetensors_dict(gm: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state_dict as contiguous CPU tensors, each owning its storage (tied or view
-    tensors are cloned: safetensors refuses shared storage)."""
+def _safetensors_dict(gm: torch.nn.Module,
+                      skip: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """The state_dict (less the ``skip`` keys) as contiguous CPU tensors, each owning its
+    storage (tied or view tensors are cloned: safetensors refuses shared storage)."""
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
+    skipped = set(skip)
     for key, value in gm.state_dict().items():
+        if key in skipped:
+            continue
         if not isinstance(value, torch.Tensor):
             raise ConfigError(f"state_dict entry {key!r} is a {type(value).__name__}, which "
                               ".safetensors cannot hold; save as .pt2 or .pt")
@@ -245,47 +271,88 @@ def _without_string_annotations(gm: torch.nn.Module) -> Iterator[None]:
             gm.recompile()
 
 
-def save_model(gm: fx.GraphModule | torch.nn.Module, out: str | Path,
-               example_inputs: tuple[Any, ...], *,
-               extra_files: Mapping[str, bytes | str] | None = None) -> SavedModel:
-    """Save ``gm`` to ``out`` in the format its suffix names, atomically.
+def non_persistent_keys(model: torch.nn.Module) -> frozenset[str]:
+    """The state_dict-style names of ``model``'s non-persistent buffers (tracing turns
+    them into ordinary buffers, so the saved weights would carry them)."""
+    return frozenset(f"{prefix}{'.' if prefix else ''}{name}"
+                     for prefix, module in model.named_modules(remove_duplicate=False)
+                     for name in getattr(module, "_non_persistent_buffers_set", ()))
 
-    Args:
-        gm: the (rewritten) model.
-        out: ``.pt2`` (``torch.export``, batch dim dynamic when the model allows),
-            ``.pt`` (``torch.save`` of the module) or ``.safetensors`` (weights only).
-        example_inputs: positional inputs for export (``.pt2`` only).
-        extra_files: name → UTF-8 text stored inside a ``.pt2`` (read back with
-            ``torch.export.load(path, extra_files={name: ""})``) or as the metadata of a
-            ``.safetensors``; a ``.pt`` cannot hold them (use :func:`write_sidecar`).
+
+def render_model(gm: fx.GraphModule | torch.nn.Module, out: str | Path,
+                 example_inputs: tuple[Any, ...], *,
+                 extra_files: Mapping[str, bytes | str] | None = None,
+                 non_persistent: Iterable[str] = ()) -> tuple[bytes, SavedModel]:
+    """The bytes of ``gm`` saved in the format ``out``'s suffix names (nothing is written).
+
+    A ``.pt2`` holds no example inputs (the caller's data stays out of the file); a
+    ``.safetensors`` leaves out the ``non_persistent`` buffers.
 
     Returns:
-        A :class:`SavedModel`.
+        The file's bytes and a :class:`SavedModel` describing them.
 
     Raises:
-        ConfigError: bad suffix, unwritable directory, unpicklable model.
+        ConfigError: bad suffix, unpicklable model.
         TraceError: ``torch.export`` could not export the model.
     """
     out = Path(out).expanduser()
     fmt = _format_of(out)
-    _check_directory(out)
     texts = _as_text(extra_files)
+    buffer = io.BytesIO()
     if fmt == "export":
         program = _export(gm, tuple(example_inputs))
-        atomic_write(out, lambda tmp: torch.export.save(program, tmp, extra_files=texts))
-        return SavedModel(out, fmt, _has_dynamic_batch(program))
+        try:
+            program.example_inputs = None  # user data must not end up in the file
+        except (AttributeError, TypeError, ValueError):  # older torch: no setter
+            program._example_inputs = None
+        torch.export.save(program, buffer, extra_files=texts)
+        return buffer.getvalue(), SavedModel(out, fmt, _has_dynamic_batch(program), program)
     if fmt == "safetensors":
-        from safetensors.torch import save_file
-        tensors = _safetensors_dict(gm)
-        atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata=texts))
-        return SavedModel(out, fmt)
+        from safetensors.torch import save
+        return save(_safetensors_dict(gm, non_persistent), metadata=texts), SavedModel(out, fmt)
     if texts:
         log.warning("a .pt file cannot hold extra files (%s); write them as sidecars",
                     ", ".join(texts))
     try:
         with _without_string_annotations(gm):
-            atomic_write(out, lambda tmp: torch.save(gm, tmp))
+            torch.save(gm, buffer)
     except (pickle.PicklingError, TypeError, AttributeError, RuntimeError) as exc:
         raise ConfigError(f"cannot pickle the model to {str(out)!r} ({first_line(exc)}); "
                           "save as .pt2 instead") from exc
-    return SavedModel(out, fmt)
+    return buffer.getvalue(), SavedModel(out, fmt)
+
+
+def save_model(gm: fx.GraphModule | torch.nn.Module, out: str | Path,
+               example_inputs: tuple[Any, ...], *,
+               extra_files: Mapping[str, bytes | str] | None = None,
+               non_persistent: Iterable[str] = ()) -> SavedModel:
+    """Save ``gm`` to ``out`` in the format its suffix names, atomically.
+
+    Args:
+        gm: the (rewritten) model.
+        out: ``.pt2`` (``torch.export``, batch dim dynamic when the model allows, no
+            example inputs inside), ``.pt`` (``torch.save`` of the module) or
+            ``.safetensors`` (weights only).
+        example_inputs: positional inputs for export (``.pt2`` only).
+        extra_files: name → UTF-8 text stored inside a ``.pt2`` (read back with
+            ``torch.export.load(path, extra_files={name: ""})``) or as the metadata of a
+            ``.safetensors``; a ``.pt`` cannot hold them (use :func:`write_sidecar`).
+        non_persistent: state_dict keys left out of a ``.safetensors``
+            (see :func:`non_persistent_keys`).
+
+    Returns:
+        A :class:`SavedModel`.
+
+    Raises:
+        ConfigError: bad suffix, unwritable directory, full disk, unpicklable model.
+        TraceError: ``torch.export`` could not export the model.
+    """
+    out = Path(out).expanduser().absolute()
+    _format_of(out)
+    _check_directory(out)
+    with OutputSet([out]) as outputs:
+        data, saved = render_model(gm, out, example_inputs, extra_files=extra_files,
+                                   non_persistent=non_persistent)
+        outputs.write(out, data)
+        outputs.commit()
+    return saved

@@ -16,13 +16,16 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 
 from ..errors import ConfigError
 
 FORMAT = "fxfuse-weight-map/1"
+OPS = ("cat", "stack", "same")
+MAX_ENTRIES = 1_000_000
+MAX_DIM = 64
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,19 @@ class WeightEntry:
     op: str = "cat"
 
     def join(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """The fused tensor made from the parts' tensors."""
+        """The fused tensor made from the parts' tensors.
+
+        Raises:
+            ConfigError: the parts cannot be joined that way (ranks, shapes, dim).
+        """
+        try:
+            return self._join(tensors)
+        except (RuntimeError, IndexError, ValueError) as exc:
+            raise ConfigError(f"{self.fused_key}: cannot {self.op} its {len(self.parts)} parts "
+                              f"on dim {self.dim} ({str(exc).splitlines()[0][:120]}); the map "
+                              "does not fit this checkpoint") from exc
+
+    def _join(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         if self.op == "same":
             if any(not torch.equal(t, tensors[0]) for t in tensors[1:]):
                 raise ConfigError(f"{self.fused_key}: {self.parts[0]} and the other parts differ; "
@@ -53,7 +68,24 @@ class WeightEntry:
         return fused if self.unsqueeze is None else fused.unsqueeze(self.unsqueeze)
 
     def split(self, fused: torch.Tensor) -> list[torch.Tensor]:
-        """The parts' tensors recovered from the fused tensor (exact)."""
+        """The parts' tensors recovered from the fused tensor (exact).
+
+        Raises:
+            ConfigError: the fused tensor cannot be split that way.
+        """
+        try:
+            parts = self._split(fused)
+        except (RuntimeError, IndexError, ValueError) as exc:
+            raise ConfigError(f"{self.fused_key} {tuple(fused.shape)} cannot be split on dim "
+                              f"{self.dim} ({str(exc).splitlines()[0][:120]}); the map does "
+                              "not fit this checkpoint") from exc
+        if len(parts) != len(self.parts):
+            raise ConfigError(f"{self.fused_key} splits into {len(parts)} rows on dim "
+                              f"{self.dim}, but the map lists {len(self.parts)} parts; the map "
+                              "does not fit this checkpoint")
+        return parts
+
+    def _split(self, fused: torch.Tensor) -> list[torch.Tensor]:
         if self.unsqueeze is not None:
             fused = fused.squeeze(self.unsqueeze)
         if self.op == "same":
@@ -72,9 +104,35 @@ class WeightMap:
     """Which fused tensor holds which original tensors, in which order, along which dim."""
 
     entries: tuple[WeightEntry, ...] = ()
+    binding: Mapping[str, Any] | None = None
 
     def __add__(self, other: "WeightMap") -> "WeightMap":
         return WeightMap(self.entries + other.entries)
+
+    def bind(self, fused_state_dict: Mapping[str, torch.Tensor]) -> "WeightMap":
+        """This map, bound to the fused checkpoint it was written with.
+
+        The binding records a content hash of the fused tensors, each fused tensor's and
+        each part's shape and dtype, and a hash of the entries; :meth:`check_fused` and
+        :meth:`check_original` use it to refuse a checkpoint the map does not belong to.
+        """
+        from .weights_binding import make_binding
+        return WeightMap(self.entries, make_binding(self, fused_state_dict))
+
+    def check_fused(self, state_dict: Mapping[str, Any]) -> str:
+        """Refuse (ConfigError) a fused-layout checkpoint this map was not made for.
+
+        Returns:
+            ``"exact"`` when the tensors are the very ones the map was written with,
+            ``"layout"`` when only shapes and dtypes match (fine-tuned weights, say).
+        """
+        from .weights_binding import check_fused
+        return check_fused(self, state_dict)
+
+    def check_original(self, state_dict: Mapping[str, Any]) -> None:
+        """Refuse (ConfigError) an original-layout checkpoint whose parts do not match."""
+        from .weights_binding import check_original
+        check_original(self, state_dict)
 
     def to_fused(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Convert an original-layout state_dict to the fused layout.
@@ -110,31 +168,33 @@ class WeightMap:
                 out[key] = part
         return out
 
+    def entries_json(self) -> list[dict[str, Any]]:
+        """The entries as JSON-ready dicts."""
+        return [dict(asdict(e), parts=list(e.parts)) for e in self.entries]
+
     def to_json(self) -> str:
         """The map as JSON text (see :meth:`from_json`)."""
-        return json.dumps({"format": FORMAT, "entries": [asdict(e) for e in self.entries]},
-                          indent=2)
+        data: dict[str, Any] = {"format": FORMAT, "entries": self.entries_json()}
+        if self.binding is not None:
+            data["binding"] = dict(self.binding)
+        return json.dumps(data, indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> "WeightMap":
-        """Read a map written by :meth:`to_json`.
+        """Read and validate a map written by :meth:`to_json`.
 
         Raises:
-            ConfigError: the text is not such a map.
+            ConfigError: the text is not such a map (one line naming the entry at fault).
         """
+        from .weights_binding import parse_map
         try:
             data = json.loads(text)
-            if data.get("format") != FORMAT:
-                raise ValueError(f"format is {data.get('format')!r}, expected {FORMAT!r}")
-            entries = tuple(WeightEntry(e["fused_key"], tuple(e["parts"]), int(e["dim"]),
-                                        e.get("unsqueeze"), e.get("op", "cat"))
-                            for e in data["entries"])
-            bad = [e.op for e in entries if e.op not in ("cat", "stack", "same")]
-            if bad:
-                raise ValueError(f"unknown op {bad[0]!r}")
-            return cls(entries)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ConfigError(f"not an fxfuse weight map: {exc}") from exc
+        except RecursionError:
+            raise ConfigError("not an fxfuse weight map: its JSON is nested too deeply") from None
+        except ValueError as exc:
+            raise ConfigError(f"not an fxfuse weight map: not JSON ({exc})") from exc
+        entries, binding = parse_map(data)
+        return cls(entries, binding)
 
     def save(self, path: str | Path) -> None:
         """Write the map as JSON to ``path``."""

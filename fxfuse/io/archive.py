@@ -1,0 +1,186 @@
+"""Inspect a ``torch.export`` archive before torch reads a byte of it.
+
+``torch.export.load`` unpickles parts of a ``.pt2`` with ``weights_only=False`` (sample
+inputs it cannot read weights-only, weights and constants flagged ``use_pickle``,
+opaque and custom objects) and builds AOTInductor entries by running the compiler
+command stored in the archive. :func:`inspect_archive` reads only the zip directory
+and the small JSON configs, and refuses, with one line naming the entry:
+
+- any entry outside the allow-list of a plain exported program (AOTInductor,
+  ExecuTorch, legacy pickled weights/constants, opaque or custom objects, ...);
+- a weight or constant whose config entry says ``use_pickle``;
+- sample inputs that do not load with ``torch.load(weights_only=True)``;
+- entries whose declared uncompressed size is out of proportion (zip bombs), and
+  duplicate entry names (two readers could disagree on which one counts).
+
+With ``allow_pickle=True`` nothing is refused for needing pickle or code; the findings
+come back as a list of what will run, for the caller to tell the user.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+
+MAX_RATIO = 20                     # declared size / stored size of one entry
+RATIO_FLOOR = 1 << 20              # entries under 1 MiB are never bombs
+MAX_ENTRY = 16 << 30               # no single entry over 16 GiB
+MAX_CONFIG = 64 << 20              # JSON read here: at most 64 MiB each
+_NAME = r"[A-Za-z0-9_.-]+"
+_ALLOWED = [re.compile(p) for p in (
+    r"archive_format", r"archive_version", r"byteorder", r"version",
+    r"\.data/version", r"\.data/serialization_id",
+    rf"models/{_NAME}\.json",
+    rf"data/weights/{_NAME}_weights_config\.json", r"data/weights/weight_\d+",
+    rf"data/constants/{_NAME}_constants_config\.json", r"data/constants/tensor_\d+",
+    rf"data/sample_inputs/{_NAME}\.pt",
+    r"extra/[^/]+",
+)]
+_WHAT = {"data/aotinductor/": "an AOTInductor build (runs its compiler command)",
+         "data/executorch/": "an ExecuTorch program",
+         "data/constants/opaque_obj_": "a pickled opaque object",
+         "data/constants/custom_obj_": "a pickled custom object"}
+
+
+@dataclass
+class ArchiveReport:
+    """What :func:`inspect_archive` found.
+
+    Attributes:
+        data: the archive's bytes, as inspected (hand these, not the path, to torch).
+        runs: one line per part that unpickles or runs code (empty for a plain program).
+    """
+
+    data: bytes
+    runs: list[str] = field(default_factory=list)
+
+
+def _refuse(path: Path, entry: str, why: str, allow: bool, runs: list[str]) -> None:
+    if allow:
+        runs.append(f"{entry}: {why}")
+        return
+    raise ConfigError(f"refusing {str(path)!r}: entry {entry!r} is {why}; loading it runs "
+                      "code from the file, pass --allow-pickle only for archives you trust")
+
+
+def _check_sizes(path: Path, infos: list[zipfile.ZipInfo], total: int) -> None:
+    names = set()
+    for info in infos:
+        if info.filename in names:
+            raise ConfigError(f"refusing {str(path)!r}: entry {info.filename!r} appears twice; "
+                              "re-export the model with torch.export.save")
+        names.add(info.filename)
+        declared, stored = info.file_size, max(info.compress_size, 1)
+        bomb = declared > RATIO_FLOOR and declared > MAX_RATIO * stored
+        if bomb or declared > MAX_ENTRY:
+            raise ConfigError(
+                f"refusing {str(path)!r}: entry {info.filename!r} declares "
+                f"{declared / 2**20:.0f} MiB uncompressed from {stored / 2**20:.2f} MiB stored "
+                f"(limit {MAX_RATIO}x and {MAX_ENTRY >> 30} GiB); the archive looks like a zip "
+                "bomb, re-export the model with torch.export.save")
+    declared = sum(i.file_size for i in infos)
+    if declared > MAX_RATIO * total + RATIO_FLOOR:
+        raise ConfigError(f"refusing {str(path)!r}: its entries declare {declared / 2**20:.0f} "
+                          f"MiB in a {total / 2**20:.2f} MiB file; the archive looks like a zip "
+                          "bomb, re-export the model with torch.export.save")
+
+
+def _read_json(zf: zipfile.ZipFile, path: Path, name: str) -> dict:
+    info = zf.getinfo(name)
+    if info.file_size > MAX_CONFIG:
+        raise ConfigError(f"refusing {str(path)!r}: {name!r} declares {info.file_size} bytes, "
+                          "too large for a config; re-export the model")
+    try:
+        data = json.loads(zf.read(name).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, zipfile.BadZipFile, OSError) as exc:
+        raise ConfigError(f"cannot read {name!r} in {str(path)!r} ({type(exc).__name__}); the "
+                          "file looks truncated or corrupt: save or download it again") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name!r} in {str(path)!r} is not a JSON object; the file looks "
+                          "corrupt: save or download it again")
+    return data
+
+
+def _check_payloads(zf: zipfile.ZipFile, path: Path, root: str, allow: bool,
+                    runs: list[str]) -> None:
+    """Refuse weights/constants flagged ``use_pickle`` or stored outside tensor files."""
+    for name in zf.namelist():
+        short = name[len(root):]
+        if not short.endswith(("_weights_config.json", "_constants_config.json")):
+            continue
+        config = _read_json(zf, path, name).get("config", {})
+        if not isinstance(config, dict):
+            raise ConfigError(f"{name!r} in {str(path)!r} has no config mapping; the file "
+                              "looks corrupt: save or download it again")
+        for fqn, meta in config.items():
+            meta = meta if isinstance(meta, dict) else {}
+            entry = f"{name.rsplit('/', 1)[0]}/{meta.get('path_name', '?')}"
+            if meta.get("use_pickle"):
+                _refuse(path, entry, f"{fqn!r} flagged use_pickle in {short}", allow, runs)
+            elif not re.fullmatch(r"(weight|tensor)_\d+", str(meta.get("path_name", ""))):
+                _refuse(path, entry, f"{fqn!r}, not a plain tensor file", allow, runs)
+
+
+def _check_sample_inputs(zf: zipfile.ZipFile, path: Path, name: str, allow: bool,
+                         runs: list[str]) -> None:
+    """torch reads sample inputs weights-only, then falls back to full unpickling."""
+    blob = zf.read(name)
+    if not blob:
+        return
+    try:
+        torch.load(io.BytesIO(blob), weights_only=True, map_location="cpu")
+    except Exception:  # noqa: BLE001 - anything but a weights-only success needs pickle
+        _refuse(path, name, "sample inputs that need full unpickling", allow, runs)
+
+
+def inspect_archive(path: Path, allow_pickle: bool = False) -> ArchiveReport:
+    """Read ``path`` once and check it is a plain ``torch.export`` program.
+
+    Args:
+        path: the ``.pt2`` file.
+        allow_pickle: report (instead of refusing) parts that unpickle or run code.
+
+    Returns:
+        An :class:`ArchiveReport` with the bytes inspected.
+
+    Raises:
+        ConfigError: one line naming the entry at fault and the way out.
+    """
+    data = path.read_bytes()
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read torch.export archive {str(path)!r} ({type(exc).__name__}"
+                          f": {exc}); the file looks truncated or corrupt: save or download "
+                          "it again") from exc
+    with zf:
+        infos = zf.infolist()
+        _check_sizes(path, infos, len(data))
+        roots = {i.filename.split("/", 1)[0] + "/" for i in infos}
+        if len(roots) != 1 or any("/" not in i.filename for i in infos):
+            raise ConfigError(f"{str(path)!r} is not a torch.export archive (no single root "
+                              "folder); re-export the model with torch.export.save")
+        root = roots.pop()
+        runs: list[str] = []
+        for info in infos:
+            short = info.filename[len(root):]
+            if info.is_dir() or any(p.fullmatch(short) for p in _ALLOWED):
+                continue
+            why = next((w for prefix, w in _WHAT.items() if short.startswith(prefix)),
+                       "not part of a plain exported program")
+            _refuse(path, info.filename, why, allow_pickle, runs)
+            if short.endswith("compile_flags.json") and allow_pickle:
+                flags = _read_json(zf, path, info.filename)
+                runs.append(f"{info.filename}: runs the command {flags.get('compiler')!r}")
+        _check_payloads(zf, path, root, allow_pickle, runs)
+        for info in infos:
+            if info.filename[len(root):].startswith("data/sample_inputs/"):
+                _check_sample_inputs(zf, path, info.filename, allow_pickle, runs)
+    return ArchiveReport(data, runs)
