@@ -66,7 +66,7 @@ def test_bad_example_inputs_are_a_config_error(inputs):
 
 @pytest.mark.parametrize("kwargs", [{"config": "grouped"}, {"config": {"lowering": "grouped"}}])
 def test_bad_config_argument_is_a_config_error(kwargs):
-    with pytest.raises(fxfuse.ConfigError, match="config must be a FuseConfig"):
+    with pytest.raises(fxfuse.ConfigError, match="config must be a (fxfuse.)?FuseConfig"):
         fxfuse.fuse(M.Seed(), (M.Seed().example(),), **kwargs)
 
 
