@@ -18,6 +18,7 @@ from ..match.find import find_row_sites
 from ..io.loading import LoadedModel, load_model, parse_input_shapes
 from ..examples import SEED_SHAPE, seed_model
 from ..check.report import site_table
+from ..deploy.onnx import check_onnx_output, is_onnx_path, write_onnx
 from ..io.saving import SavedModel, atomic_write, check_output_path, save_model, write_sidecar
 from ..trace.tracing import trace_model
 from ..rewrite.weights import WeightMap
@@ -66,10 +67,10 @@ def inspect(args: argparse.Namespace) -> int:
 
 def fuse_command(args: argparse.Namespace) -> int:
     """Fuse, verify, benchmark, print the report, write OUT (+ OUT.map.json)."""
-    out = check_output_path(args.out)
+    out = _check_out(args.out)
     _check_report_path(args.report_json, out)
     loaded, inputs = _load(args)
-    check_output_path(out, loaded.paths)
+    _check_out(out, loaded.paths)
     report = _check_report_path(args.report_json, out, loaded.paths)
     _run_fuse(args, loaded.model, inputs, out, report)
     return EXIT_OK
@@ -97,8 +98,15 @@ def _check_report_path(report_json: str | None, out: Path,
     return path
 
 
+def _check_out(out: str | Path, inputs: tuple[Path, ...] = ()) -> Path:
+    """``check_output_path``, or its ONNX counterpart for ``-o x.onnx``."""
+    return check_onnx_output(out, inputs) if is_onnx_path(out) else check_output_path(out, inputs)
+
+
 def _run_fuse(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple, out: Path,
               report_json: Path | None) -> None:
+    if is_onnx_path(out):
+        return _run_fuse_onnx(args, model, inputs, out, report_json)
     _progress("tracing, matching, rewriting and verifying")
     result = fuse(model, inputs, lowering=args.lowering, benchmark=not args.no_bench,
                   min_rows=args.min_rows, tracer=args.tracer,
@@ -110,6 +118,29 @@ def _run_fuse(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple, o
     saved = _write_outputs(result, inputs, out, report_json)
     also = f" and the report {report_json}" if report_json is not None else ""
     print(f"\nwrote {out} ({_describe(saved)}), its weight map {_map_path(out)}{also}")
+
+
+def _run_fuse_onnx(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple, out: Path,
+                   report_json: Path | None) -> None:
+    """``-o x.onnx``: fuse, export, check and time in ONNX Runtime (fxfuse.deploy.onnx)."""
+    _progress("fusing, exporting to ONNX and checking in ONNX Runtime")
+    result, fused, onnx_report = write_onnx(
+        model, out, inputs, lowering=args.lowering, benchmark=not args.no_bench,
+        min_rows=args.min_rows, tracer=args.tracer, check_grads=not args.no_grad_check,
+        rtol=args.rtol, atol=args.atol)
+    print(result.report())
+    print(onnx_report.summary())
+    if report_json is not None:
+        data = dict(result.to_dict(), output=str(out), fused=fused, onnx=onnx_report.to_dict())
+        try:
+            atomic_write(report_json, lambda p: p.write_text(dump_json(data)))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                out.unlink()
+            raise
+    what = "the fused model" if fused else "the original model (no fused export was faster)"
+    print(f"\nwrote {out} ({what}, ONNX)" + (f" and the report {report_json}"
+                                                if report_json is not None else ""))
 
 
 def _write_outputs(result: FuseResult, inputs: tuple, out: Path,
