@@ -42,6 +42,7 @@ from ..match.ops import conv_call
 from ..match.sites import RowSite
 from ..rewrite.weights import WeightMap
 from ..trace.tracing import _RecordingShapeProp
+from .spelling import respell_for_matching
 
 log = logging.getLogger("fxfuse")
 
@@ -249,6 +250,7 @@ def _fuse_graph(gm: fx.GraphModule, example_inputs: list[Any],
                           "torch.no_grad() or torch.inference_mode() to fuse")
     work = _copy_graph(gm)
     attrs = _weights_as_attrs(work, gm, weights)
+    respell_for_matching(work)
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             _RecordingShapeProp(work).propagate(*example_inputs)
