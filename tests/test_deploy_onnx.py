@@ -20,7 +20,8 @@ from fxfuse.cli.main import main
 from fxfuse.deploy import onnx as deploy_onnx
 from fxfuse.examples import RowConv1d
 
-from cli_support import SHAPE, assert_ok, files, project, reference, run_cli, user_code  # noqa: F401
+from cli_support import (SHAPE, assert_ok, files, project, reference, run_cli,  # noqa: F401
+                         user_code)
 
 
 def _run(path: Path, x: torch.Tensor) -> torch.Tensor:
