@@ -15,6 +15,7 @@ one process (medians of per-round ratios, with q1-q3):
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 import time
@@ -56,6 +57,8 @@ def measure(shape: tuple[int, ...], rounds: int) -> list[str]:
         _export(grouped.model, (x,), paths["ORT fused"], None)
         samples = time_interleaved(_runners(paths, (x,)), rounds=rounds, round_s=0.05)
     out += _ratio_line(samples, "ORT original")
+    print("\n".join(out), flush=True)
+    out = []
     auto = fxfuse.fuse(model, (x,), benchmark=False)
     torch._dynamo.reset()
     start = time.perf_counter()
@@ -65,9 +68,7 @@ def measure(shape: tuple[int, ...], rounds: int) -> list[str]:
     t_loop = time.perf_counter() - start
     backend = fxfuse.backend()
     start = time.perf_counter()
-    fused_compiled = torch.compile(RowConv1d(channels, rows).eval(), backend=backend,
-                                   dynamic=False)
-    fused_compiled.load_state_dict(model.state_dict())
+    fused_compiled = torch.compile(copy.deepcopy(model), backend=backend, dynamic=False)
     with torch.inference_mode():
         fused_compiled(x)
     t_fused = time.perf_counter() - start
