@@ -44,6 +44,15 @@ def _ratio_line(samples: dict[str, list[float]], base: str) -> list[str]:
     return lines
 
 
+def _measure_ort(model, fused, x, rounds: int) -> list[str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {"ORT original": Path(tmp) / "o.onnx", "ORT fused": Path(tmp) / "f.onnx"}
+        _export(model, (x,), paths["ORT original"], None)
+        _export(fused, (x,), paths["ORT fused"], None)
+        samples = time_interleaved(_runners(paths, (x,)), rounds=rounds, round_s=0.05)
+    return _ratio_line(samples, "ORT original")
+
+
 def measure(shape: tuple[int, ...], rounds: int) -> list[str]:
     batch, channels, rows, width = shape
     torch.manual_seed(0)
@@ -51,12 +60,12 @@ def measure(shape: tuple[int, ...], rounds: int) -> list[str]:
     x = torch.randn(shape)
     out = [f"shape {shape}"]
     grouped = fxfuse.fuse(model, (x,), lowering="grouped", benchmark=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = {"ORT original": Path(tmp) / "o.onnx", "ORT fused": Path(tmp) / "f.onnx"}
-        _export(model, (x,), paths["ORT original"], None)
-        _export(grouped.model, (x,), paths["ORT fused"], None)
-        samples = time_interleaved(_runners(paths, (x,)), rounds=rounds, round_s=0.05)
-    out += _ratio_line(samples, "ORT original")
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        out.append("  ONNX Runtime: not installed")
+    else:
+        out += _measure_ort(model, grouped.model, x, rounds)
     print("\n".join(out), flush=True)
     out = []
     auto = fxfuse.fuse(model, (x,), benchmark=False)
