@@ -189,3 +189,21 @@ def test_bad_options_are_refused():
     with pytest.raises(fxfuse.ConfigError, match="its own inner backend"):
         fxfuse.backend(inner="fxfuse")(torch.fx.symbolic_trace(RowConv1d(3, 2)),
                                        [_x(2, 3, 2, 8)])
+
+
+def test_a_refused_rewrite_hands_the_captured_graph_on(monkeypatch):
+    from fxfuse.deploy import backend as backend_module
+
+    def refuse(*args, **kwargs):
+        raise fxfuse.VerificationError("numbers differ", check="example inputs")
+
+    monkeypatch.setattr(backend_module, "verify_models", refuse)
+    model = RowConv1d(channels=3, rows=4).eval()
+    backend = fxfuse.backend(inner="eager", lowering="grouped")
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        x = _x(3, 3, 4, 10)
+        _close(compiled(x), model(x))
+    graph = backend.graphs[-1]
+    assert not graph.changed and "VerificationError" in graph.unchanged_because
+    assert count_convs(graph.graph) == 4

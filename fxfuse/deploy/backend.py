@@ -36,7 +36,7 @@ from torch import fx
 
 from ..api import apply_sites
 from ..check.verify import VerifyReport, verify_models
-from ..errors import ConfigError, FxFuseError
+from ..errors import ConfigError
 from ..match.find import find_row_sites
 from ..match.ops import conv_call
 from ..match.sites import RowSite
@@ -262,8 +262,9 @@ def _fuse_graph(gm: fx.GraphModule, example_inputs: list[Any],
             return _unchanged(gm, sites, convs, "auto kept every loop (no rewrite was faster)")
         _attrs_as_inputs(work, attrs)
         verification = _verify(gm, work, example_inputs, weights) if opts.verify else None
-    except FxFuseError as exc:
-        log.warning("fxfuse backend: graph handed on unchanged: %s", exc)
+    except Exception as exc:  # noqa: BLE001 - a failed pass must not fail the user's compile
+        log.warning("fxfuse backend: graph handed on unchanged: %s: %s",
+                    type(exc).__name__, exc)
         return _unchanged(gm, (), convs, f"{type(exc).__name__}: {exc}")
     refresh = _Refresh(work, {a: t for a, (_, t) in attrs.items()}, wmap)
     return CompiledGraph(sites, convs, count_convs(work), verification, "", work), refresh
