@@ -17,7 +17,7 @@ import torch
 
 from models import HandGrouped, RowConvLoop, VmapRows
 
-CANDIDATES = ("loop", "hand_grouped", "compile", "vmap", "fxfuse")
+CANDIDATES = ("loop", "hand_grouped", "compile", "compile(fxfuse)", "vmap", "fxfuse")
 
 
 @dataclass
@@ -67,22 +67,43 @@ def time_limit(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def build_compile(loop: RowConvLoop, x: torch.Tensor, timeout_s: float) -> Candidate:
-    """``torch.compile`` of the loop, compiled by one call under ``inference_mode``."""
-    torch._dynamo.reset()  # fresh cache per shape: no recompile limit, no dynamic shapes
+def _fxfuse_backend() -> Any:
+    try:
+        import fxfuse
+        return fxfuse.backend()            # the pass on Dynamo's graph, then Inductor
+    except (ImportError, AttributeError):
+        return None
+
+
+def build_compile(loop: RowConvLoop, x: torch.Tensor, timeout_s: float,
+                  name: str = "compile") -> Candidate:
+    """``torch.compile`` of the loop (``compile(fxfuse)``: with the fxfuse backend, which
+    rewrites the captured graph and hands it to Inductor), compiled by one call under
+    ``inference_mode``."""
+    if name == "compile":  # fresh cache per shape: no recompile limit, no dynamic shapes
+        torch._dynamo.reset()
+    backend = "inductor" if name == "compile" else _fxfuse_backend()
+    if backend is None:
+        return Candidate(name, None, note="fxfuse.backend not available")
     start = time.perf_counter()
     try:
-        compiled = torch.compile(loop, dynamic=False)
+        compiled = torch.compile(copy.deepcopy(loop) if name != "compile" else loop,
+                                 backend=backend, dynamic=False)
         with time_limit(timeout_s), torch.inference_mode():
             compiled(x)
     except Exception as exc:  # noqa: BLE001 - any compile failure is reported, not raised
         torch._dynamo.reset()
         if "TimeoutError" in _one_line(exc):
-            return Candidate("compile", None, note=f"compile took over {timeout_s:g} s "
+            return Candidate(name, None, note=f"compile took over {timeout_s:g} s "
                              "(--compile-timeout)")
-        return Candidate("compile", None, note=f"compile failed: {_one_line(exc)}")
+        return Candidate(name, None, note=f"compile failed: {_one_line(exc)}")
     seconds = time.perf_counter() - start
-    return Candidate("compile", compiled, note=f"compiled in {seconds:.1f} s", setup_s=seconds)
+    graphs = getattr(backend, "graphs", None)
+    chosen = ""
+    if graphs:
+        chosen = ",".join(s.lowering for s in graphs[-1].sites) or graphs[-1].unchanged_because
+    return Candidate(name, compiled, note=f"compiled in {seconds:.1f} s", chosen=chosen,
+                     setup_s=seconds)
 
 
 def _fuse_function() -> Callable[..., Any] | None:
@@ -130,8 +151,10 @@ def build_candidates(loop: RowConvLoop, x: torch.Tensor, *, compile_: bool = Tru
     found = [Candidate("loop", loop), Candidate("hand_grouped", HandGrouped(loop).eval())]
     if compile_:
         found.append(build_compile(loop, x, compile_timeout_s))
+        found.append(build_compile(loop, x, compile_timeout_s, "compile(fxfuse)"))
     else:
-        found.append(Candidate("compile", None, note="skipped (--no-compile)"))
+        found += [Candidate(n, None, note="skipped (--no-compile)")
+                  for n in ("compile", "compile(fxfuse)")]
     found.append(Candidate("vmap", VmapRows(loop).eval()))
     found.append(build_fxfuse(loop, x, lowering))
     return found

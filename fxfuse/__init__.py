@@ -7,6 +7,10 @@
 
 The steps are public too: :func:`trace_model`, :func:`find_row_sites`,
 :func:`rewrite_site`, :func:`verify_models`, :func:`benchmark_models`.
+
+Deploying: :func:`export_onnx` (needs ``pip install "fxfuse[onnx]"``) and
+:func:`backend`, the ``torch.compile`` backend (``backend="fxfuse"``); both are
+imported on first use.
 """
 from .api import FuseResult, apply_sites, fuse
 from .check.bench import BenchResult, Timing, benchmark_models, time_interleaved
@@ -28,4 +32,19 @@ __all__ = [
     "verify_models", "VerifyReport", "benchmark_models", "time_interleaved", "BenchResult",
     "Timing", "WeightMap", "WeightEntry", "RowSite", "ConvSpec", "InputPlan", "OutputPlan",
     "FxFuseError", "ConfigError", "TraceError", "RewriteError", "VerificationError",
+    "export_onnx", "backend",
 ]
+
+_LAZY = {"export_onnx": ("fxfuse.deploy.onnx", "export_onnx"),
+         "backend": ("fxfuse.deploy.backend", "backend")}
+
+
+def __getattr__(name: str):
+    """``export_onnx`` and ``backend`` load their modules (ONNX, Dynamo) on first use."""
+    if name in _LAZY:
+        import importlib
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fxfuse' has no attribute {name!r}")

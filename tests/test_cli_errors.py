@@ -121,7 +121,7 @@ def test_output_path_equal_to_an_input(project, args, phrases):
 @pytest.mark.parametrize("out,phrases", [
     ("missing_dir/fused.pt2", ("missing_dir", "does not exist")),
     ("weights.pt/fused.pt2", ("not a directory",)),
-    ("fused.onnx", ("unknown suffix", ".pt2")),
+    ("fused.tflite", ("unknown suffix", ".pt2")),   # (.onnx is written: test_deploy_onnx)
     ("mypkg", ("unknown suffix",)),
 ])
 def test_bad_output_path(project, out, phrases):

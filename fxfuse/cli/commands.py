@@ -21,6 +21,7 @@ from ..match.find import find_row_sites
 from ..io.loading import LoadedModel, load_model, parse_input_shapes
 from ..examples import SEED_SHAPE, seed_model
 from ..check.report import site_table
+from ..deploy.onnx import check_onnx_output, is_onnx_path, write_onnx
 from ..io.saving import (SavedModel, atomic_write, check_output_path, non_persistent_keys,
                          render_model)
 from ..io.transaction import OutputSet
@@ -74,11 +75,11 @@ def inspect(args: argparse.Namespace) -> int:
 
 def fuse_command(args: argparse.Namespace) -> int:
     """Fuse, verify, benchmark, print the report, write OUT (+ OUT.map.json)."""
-    out = check_output_path(args.out)
+    out = _check_out(args.out)
     report = _check_report_path(args.report_json, out)
     with OutputSet(_output_paths(out, report)) as outputs:  # every temp made before any work
         loaded, inputs = _load(args)
-        check_output_path(out, loaded.paths)
+        _check_out(out, loaded.paths)
         _check_report_path(args.report_json, out, loaded.paths)
         return _run_fuse(args, loaded.model, inputs, out, report, outputs)
 
@@ -88,7 +89,8 @@ def _map_path(out: Path) -> Path:
 
 
 def _output_paths(out: Path, report: Path | None) -> list[Path]:
-    return [out, _map_path(out)] + ([report] if report is not None else [])
+    maps = [] if is_onnx_path(out) else [_map_path(out)]     # an .onnx carries its map inside
+    return [out, *maps] + ([report] if report is not None else [])
 
 
 def _check_report_path(report_json: str | None, out: Path,
@@ -110,8 +112,15 @@ def _check_report_path(report_json: str | None, out: Path,
     return path
 
 
+def _check_out(out: str | Path, inputs: tuple[Path, ...] = ()) -> Path:
+    """``check_output_path``, or its ONNX counterpart for ``-o x.onnx``."""
+    return check_onnx_output(out, inputs) if is_onnx_path(out) else check_output_path(out, inputs)
+
+
 def _run_fuse(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple, out: Path,
               report_json: Path | None, outputs: OutputSet) -> int:
+    if is_onnx_path(out):
+        return _run_fuse_onnx(args, model, inputs, out, report_json, outputs)
     _progress("tracing, matching, rewriting and verifying")
     with user_code("fusing the model"):
         result = fuse(model, inputs, lowering=args.lowering, benchmark=not args.no_bench,
@@ -132,6 +141,31 @@ def _run_fuse(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple, o
              f"finished: {shown(out)} and its weight map{also} are all the new files")
         return 128 + signals[0]
     return EXIT_OK
+
+
+def _run_fuse_onnx(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple, out: Path,
+                   report_json: Path | None, outputs: OutputSet) -> int:
+    """``-o x.onnx``: fuse, export, check and time in ONNX Runtime (fxfuse.deploy.onnx);
+    the file and the report are committed together like every other output."""
+    _progress("fusing, exporting to ONNX and checking in ONNX Runtime")
+    with tempfile.TemporaryDirectory(prefix="fxfuse-onnx-") as tmp:
+        staged = Path(tmp) / out.name
+        with user_code("fusing the model"):
+            result, fused, onnx_report = write_onnx(
+                model, staged, inputs, lowering=args.lowering, benchmark=not args.no_bench,
+                min_rows=args.min_rows, tracer=args.tracer, check_grads=not args.no_grad_check,
+                rtol=args.rtol, atol=args.atol)
+        outputs.write(out, staged.read_bytes())
+    print(result.report())
+    print(onnx_report.summary().replace(str(staged), str(out)))
+    if report_json is not None:
+        data = dict(result.to_dict(), output=str(out), fused=fused, onnx=onnx_report.to_dict())
+        outputs.write(report_json, dump_json(data).encode("utf-8"))
+    signals = outputs.commit()
+    what = "the fused model" if fused else "the original model (no fused export was faster)"
+    also = f" and the report {shown(report_json)}" if report_json is not None else ""
+    print(f"\nwrote {shown(out)} ({what}, ONNX){also}")
+    return 128 + signals[0] if signals else EXIT_OK
 
 
 def _render_out(result: FuseResult, inputs: tuple, out: Path, map_text: str,

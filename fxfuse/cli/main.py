@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     _fuse_args(p)
     p.add_argument("-o", "--out", required=True, metavar="OUT",
-                   help="output: .pt2 (torch.export), .pt (GraphModule) or .safetensors (weights)")
+                   help="output: .pt2 (torch.export), .pt (GraphModule), .safetensors (weights) "
+                        "or .onnx (checked in ONNX Runtime; needs fxfuse[onnx])")
     p = sub.add_parser("demo", help="the built-in seed model through the saved-model path")
     _fuse_args(p)
     p.add_argument("--out-dir", default=None, help="keep the files here (default: a temp dir)")

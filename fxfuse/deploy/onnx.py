@@ -1,0 +1,428 @@
+"""Write a fused model as an ONNX file, checked in ONNX Runtime against the original.
+
+``torch.onnx.export(..., dynamo=True)`` with the batch dim dynamic (static shapes when
+the model does not allow it), ``onnx.checker``, then ONNX Runtime runs the file on the
+example inputs and on another batch size and is compared with the PyTorch model, with
+the same per-dtype tolerances as verification. Optionally the original model is
+exported too and both files are timed in ONNX Runtime, interleaved.
+
+The file is written to a temporary name next to ``path`` and moved into place only
+after every check passed; on any failure nothing is left. Needs the ``onnx`` extra
+(``pip install "fxfuse[onnx]"``); ``import fxfuse`` does not.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import fx
+
+from ..check.bench import BenchResult, timing_of, time_interleaved
+from ..check.verify import Check, compare
+from ..errors import ConfigError, TraceError
+from ..io.saving import atomic_write
+
+log = logging.getLogger("fxfuse")
+
+ONNX_SUFFIX = ".onnx"
+MAP_KEY = "fxfuse_weight_map"
+_NEEDED = ("onnx", "onnxscript", "onnxruntime")
+
+
+class MissingExtraError(ConfigError):
+    """An optional dependency group is not installed."""
+
+
+@dataclass(frozen=True)
+class OnnxReport:
+    """What :func:`export_onnx` wrote and checked.
+
+    Attributes:
+        path: the ONNX file.
+        opset: its default-domain opset version.
+        dynamic_batch: True when dim 0 of every input is symbolic in the file.
+        reference: what ONNX Runtime's outputs were compared with (``"original"``, the
+            original PyTorch model, or ``"fused"``, the fused PyTorch model).
+        checks: one :class:`~fxfuse.check.verify.Check` per batch size compared.
+        timing: ONNX Runtime time of the original model's export vs the fused one's
+            (``None`` when not timed).
+        notes: what was skipped, and why.
+    """
+
+    path: Path
+    opset: int
+    dynamic_batch: bool
+    reference: str
+    checks: tuple[Check, ...]
+    timing: BenchResult | None
+    notes: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        """A few lines for a terminal."""
+        batch = "any batch size" if self.dynamic_batch else "the traced shapes only"
+        lines = [f"ONNX opset {self.opset}, runs with {batch}"]
+        for c in self.checks:
+            lines.append(f"ONNX Runtime vs {self.reference} PyTorch model, {c.name}: max abs "
+                         f"error {c.max_abs:.3g}, max rel {c.max_rel:.3g}")
+        t = self.timing
+        if t is not None:
+            lines.append(f"ONNX Runtime: original {t.original.median_s * 1e3:.3g} ms "
+                         f"(IQR {t.original.q1_s * 1e3:.3g}-{t.original.q3_s * 1e3:.3g}), fused "
+                         f"{t.fused.median_s * 1e3:.3g} ms (IQR {t.fused.q1_s * 1e3:.3g}-"
+                         f"{t.fused.q3_s * 1e3:.3g}): {t.speedup:.2f}x (IQR "
+                         f"{t.speedup_q1:.2f}-{t.speedup_q3:.2f}x, {t.original.rounds} rounds)")
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        import dataclasses
+        data = dataclasses.asdict(self)
+        data["path"] = str(self.path)
+        return data
+
+
+def require_onnx() -> None:
+    """Raise :class:`MissingExtraError` (one line: what to install) unless the ONNX
+    dependencies are importable."""
+    missing = []
+    for name in _NEEDED:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise MissingExtraError(f"writing .onnx needs {', '.join(missing)}: "
+                                'pip install "fxfuse[onnx]"')
+
+
+def is_onnx_path(path: str | Path) -> bool:
+    """True when ``path`` names an ONNX file."""
+    return Path(path).suffix.lower() == ONNX_SUFFIX
+
+
+def check_onnx_output(out: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
+    """Refuse an ``.onnx`` output that is an input file or cannot be written, and a
+    missing ONNX extra; before any work is done.
+
+    Raises:
+        ConfigError: one line naming the problem and the fix.
+    """
+    out = Path(out).expanduser()
+    if not is_onnx_path(out):
+        raise ConfigError(f"{str(out)!r} does not end in .onnx")
+    for source in inputs:
+        if _same_file(out, Path(source)):
+            raise ConfigError(f"output {str(out)!r} is the input file {str(source)!r}; fxfuse "
+                              "never overwrites its input, choose another output name")
+    parent = out.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write {str(out)!r}: directory {str(parent)!r} is missing "
+                          "or not writable")
+    if out.is_dir():
+        raise ConfigError(f"output {str(out)!r} is a directory; give a file name")
+    require_onnx()
+    return out
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def export_onnx(result: Any, path: str | Path, example_inputs: Sequence[Any] | None = None,
+                *, original: torch.nn.Module | None = None, benchmark: bool = True,
+                rounds: int = 15) -> OnnxReport:
+    """Export a fused model to ONNX, check it in ONNX Runtime, write it atomically.
+
+    Args:
+        result: a :class:`~fxfuse.FuseResult` (its ``model`` is exported) or a module.
+        path: the ``.onnx`` file to write (replaced whole, or left as it was).
+        example_inputs: positional inputs; default: random tensors of the shapes and
+            dtypes the fused graph was traced with.
+        original: the original PyTorch model. ONNX Runtime's outputs are compared with
+            it (else with the fused PyTorch model), and its own export is timed against
+            the fused one's.
+        benchmark: time both exports in ONNX Runtime (needs ``original``).
+        rounds: interleaved timing rounds.
+
+    Returns:
+        An :class:`OnnxReport`.
+
+    Raises:
+        MissingExtraError: ``onnx``/``onnxscript``/``onnxruntime`` are not installed.
+        TraceError: the model could not be exported.
+        VerificationError: ONNX Runtime's outputs differ; no file is written.
+    """
+    require_onnx()
+    model = getattr(result, "model", result)
+    path = check_onnx_output(path)
+    inputs = tuple(example_inputs) if example_inputs is not None else _inputs_of(model)
+    reference = original if original is not None else model
+    weight_map = getattr(result, "weight_map", None)
+    found: dict[str, Any] = {}
+
+    def write(tmp: Path) -> None:
+        found["dynamic"], found["opset"] = _export(model, inputs, tmp, weight_map)
+        found["checks"] = _check_in_runtime(tmp, reference, inputs, found["dynamic"])
+
+    atomic_write(path, write)
+    notes: list[str] = []
+    timing = None
+    if benchmark and original is None:
+        notes.append("not timed: pass original= to time its export against the fused one")
+    elif benchmark:
+        timing = _time_exports(original, path, inputs, rounds, notes)
+    if not found["dynamic"]:
+        notes.append("exported with static shapes: the model did not allow a dynamic batch")
+    return OnnxReport(path, found["opset"], found["dynamic"],
+                      "original" if original is not None else "fused",
+                      tuple(found["checks"]), timing, tuple(notes))
+
+
+def _inputs_of(model: torch.nn.Module) -> tuple[torch.Tensor, ...]:
+    """Random inputs with the shapes/dtypes recorded on the graph's placeholders."""
+    if not isinstance(model, fx.GraphModule):
+        raise ConfigError("give example_inputs: the model is not a traced GraphModule")
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for node in model.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        meta = node.meta.get("tensor_meta")
+        if meta is None or not hasattr(meta, "shape"):
+            raise ConfigError(f"give example_inputs: input {node.name!r} has no recorded shape")
+        out.append(torch.randn(tuple(meta.shape), generator=gen).to(meta.dtype))
+    return tuple(out)
+
+
+def _batch_dims(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    batch = torch.export.Dim("batch")
+    return tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+                 for x in inputs)
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """The exporter prints progress and registry warnings; keep them out of the way."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _program(model: torch.nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, bool]:
+    """The ONNX program, batch dim dynamic where the model allows it."""
+    with _quiet():
+        try:
+            return torch.onnx.export(model, inputs, dynamo=True, verbose=False,
+                                     dynamic_shapes=_batch_dims(inputs)), True
+        except Exception as exc:  # noqa: BLE001 - a dynamic batch is a bonus; fall back
+            log.info("ONNX export with a dynamic batch failed (%s); exporting static shapes",
+                     _first_line(exc))
+        try:
+            return torch.onnx.export(model, inputs, dynamo=True, verbose=False), False
+        except Exception as exc:  # noqa: BLE001
+            raise TraceError(f"torch.onnx.export could not export the model "
+                             f"({_first_line(exc)}); write .pt2 instead") from exc
+
+
+def _export(model: torch.nn.Module, inputs: tuple[Any, ...], tmp: Path,
+            weight_map: Any) -> tuple[bool, int]:
+    """Export to ``tmp`` and run ``onnx.checker`` on it; returns (dynamic batch, opset)."""
+    import onnx
+    program, dynamic = _program(model, inputs)
+    proto = program.model_proto
+    if weight_map is not None and getattr(weight_map, "entries", ()):
+        proto.metadata_props.add(key=MAP_KEY, value=weight_map.to_json())
+    onnx.save(proto, str(tmp))
+    try:
+        onnx.checker.check_model(str(tmp), full_check=True)
+    except Exception as exc:  # noqa: BLE001 - the checker has several error types
+        raise TraceError(f"the exported ONNX model fails onnx.checker ({_first_line(exc)})") \
+            from exc
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return dynamic, int(opset)
+
+
+def _session(path: Path) -> Any:
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _feeds(session: Any, inputs: Sequence[Any]) -> dict[str, Any]:
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+    names = [i.name for i in session.get_inputs()]
+    if len(names) != len(tensors):
+        raise ConfigError(f"the ONNX model takes {len(names)} inputs, the example has "
+                          f"{len(tensors)} tensors; give one tensor per model input")
+    if any(t.dtype == torch.bfloat16 for t in tensors):
+        raise ConfigError("ONNX Runtime's Python API cannot take bfloat16 inputs; export a "
+                          "float32 or float16 model")
+    return {n: t.detach().cpu().contiguous().numpy() for n, t in zip(names, tensors)}
+
+
+def _other_batch(inputs: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """Fresh random inputs with the batch dim one larger (None without a batched input)."""
+    gen = torch.Generator().manual_seed(1)
+    if not any(isinstance(x, torch.Tensor) and x.dim() > 0 for x in inputs):
+        return None
+    out = []
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.is_floating_point():
+            out.append(torch.randn((x.shape[0] + 1, *x.shape[1:]), generator=gen).to(x))
+        elif isinstance(x, torch.Tensor) and x.dim() > 0:
+            out.append(torch.cat([x, x[:1]]))
+        else:
+            out.append(x)
+    return tuple(out)
+
+
+def _check_in_runtime(path: Path, reference: torch.nn.Module, inputs: tuple[Any, ...],
+                      dynamic: bool) -> list[Check]:
+    """Run ``path`` in ONNX Runtime and compare with ``reference`` (per-dtype tolerances).
+
+    Raises:
+        VerificationError: ONNX Runtime's outputs differ.
+    """
+    session = _session(path)
+    cases = [("example inputs", inputs)]
+    other = _other_batch(inputs) if dynamic else None
+    if other is not None:
+        cases.append((f"batch {other[0].shape[0] if isinstance(other[0], torch.Tensor) else ''}"
+                      .strip(), other))
+    checks = []
+    for name, case in cases:
+        with torch.no_grad():
+            want = reference(*case)
+        got = session.run(None, _feeds(session, case))
+        checks.append(compare(f"ONNX Runtime, {name}", want,
+                              [torch.from_numpy(g) for g in got]))
+    return checks
+
+
+def _time_exports(original: torch.nn.Module, fused_path: Path, inputs: tuple[Any, ...],
+                  rounds: int, notes: list[str]) -> BenchResult | None:
+    """ONNX Runtime time of the original model's export vs the fused file, interleaved."""
+    with tempfile.TemporaryDirectory(prefix="fxfuse-onnx-") as tmp:
+        original_path = Path(tmp) / "original.onnx"
+        try:
+            _export(original, inputs, original_path, None)
+        except Exception as exc:  # noqa: BLE001 - timing is a bonus; say why it is missing
+            notes.append(f"not timed: the original model could not be exported "
+                         f"({_first_line(exc)})")
+            return None
+        samples = time_interleaved(
+            _runners({"original": original_path, "fused": fused_path}, inputs), rounds=rounds)
+    return _bench(samples["original"], samples["fused"])
+
+
+def write_onnx(original: torch.nn.Module, out: Path, inputs: tuple[Any, ...], *,
+               lowering: str = "auto", benchmark: bool = True, rounds: int = 15,
+               **fuse_options: Any) -> tuple[Any, bool, OnnxReport]:
+    """The command line's ``-o OUT.onnx``: fuse, export, check, time, write atomically.
+
+    With ``lowering="auto"`` the choice is made where the file will run: the original
+    and each lowering (``grouped``, ``grouped2d``) are exported, checked and timed in
+    ONNX Runtime, interleaved, and a fused export is kept only when it wins by 5% in
+    the median round and is not slower in the lower quartile; else the original's
+    export is written. (The layouts PyTorch runs fastest are not always ONNX Runtime's:
+    measured here, the channels-last grouped ``Conv2d`` ran 3x slower there.)
+
+    Args:
+        original: the model as loaded (not modified).
+        out: the ``.onnx`` path (checked with :func:`check_onnx_output`).
+        inputs: the example inputs.
+        lowering: ``"auto"``, ``"grouped"`` or ``"grouped2d"``.
+        benchmark: time in ONNX Runtime (always done for ``"auto"``).
+        rounds: interleaved timing rounds.
+        **fuse_options: passed to :func:`fxfuse.fuse` (``min_rows``, ``tracer``, ...).
+
+    Returns:
+        The :class:`~fxfuse.FuseResult` of the lowering written (for ``"auto"`` when the
+        original was kept: of ``grouped``, for its report), whether the fused model was
+        written, and the :class:`OnnxReport`.
+    """
+    from ..api import fuse
+    require_onnx()
+    if lowering != "auto":
+        result = fuse(original, inputs, lowering=lowering, benchmark=False, **fuse_options)
+        return result, True, export_onnx(result, out, inputs, original=original,
+                                         benchmark=benchmark, rounds=rounds)
+    with tempfile.TemporaryDirectory(prefix="fxfuse-onnx-") as tmp:
+        built: dict[str, tuple[Any, Path, tuple[bool, int], list[Check]]] = {}
+        first = None
+        for name in ("grouped", "grouped2d"):
+            result = fuse(original, inputs, lowering=name, benchmark=False, **fuse_options)
+            first = first or result
+            if result.changed:
+                built[name] = _candidate(result, result.model, inputs, original, Path(tmp), name)
+        built["original"] = _candidate(first, original, inputs, original, Path(tmp), "original")
+        samples = time_interleaved(_runners({k: v[1] for k, v in built.items()}, inputs),
+                                   rounds=rounds)
+        chosen = _faster(samples)
+        result, file, (dynamic, opset), checks = built[chosen]
+        atomic_write(out, lambda dest: shutil.copyfile(file, dest))
+    medians = ", ".join(f"{k} {timing_of(v).median_s * 1e3:.3g} ms" for k, v in samples.items())
+    wrote = "the original (no fused export was faster)" if chosen == "original" else chosen
+    notes = [f"ONNX Runtime medians: {medians}; wrote {wrote}"]
+    if not dynamic:
+        notes.append("exported with static shapes: the model did not allow a dynamic batch")
+    timing = _bench(samples["original"], samples[chosen])
+    return result, chosen != "original", OnnxReport(Path(out), opset, dynamic, "original",
+                                                    tuple(checks), timing, tuple(notes))
+
+
+def _candidate(result: Any, model: torch.nn.Module, inputs: tuple[Any, ...],
+               original: torch.nn.Module, tmp: Path,
+               name: str) -> tuple[Any, Path, tuple[bool, int], list[Check]]:
+    path = tmp / f"{name}.onnx"
+    weight_map = getattr(result, "weight_map", None) if model is not original else None
+    dynamic_opset = _export(model, inputs, path, weight_map)
+    return result, path, dynamic_opset, _check_in_runtime(path, original, inputs,
+                                                         dynamic_opset[0])
+
+
+def _runners(paths: dict[str, Path], inputs: tuple[Any, ...]) -> dict[str, Any]:
+    sessions = {k: _session(p) for k, p in paths.items()}
+    feeds = {k: _feeds(s, inputs) for k, s in sessions.items()}
+    return {k: (lambda s=s, f=feeds[k]: s.run(None, f)) for k, s in sessions.items()}
+
+
+def _bench(original: Sequence[float], fused: Sequence[float]) -> BenchResult:
+    ratio = timing_of([a / b for a, b in zip(original, fused)])
+    return BenchResult(timing_of(original), timing_of(fused), ratio.median_s, ratio.q1_s,
+                       ratio.q3_s)
+
+
+def _faster(samples: dict[str, list[float]]) -> str:
+    """The fused export that beats the original by 5% in the median round and is not
+    slower in the lower quartile, the fastest such; else ``"original"``."""
+    best, best_ratio = "original", 1.0
+    for name, times in samples.items():
+        if name == "original":
+            continue
+        ratio = timing_of([a / b for a, b in zip(samples["original"], times)])
+        if ratio.median_s >= 1.05 and ratio.q1_s >= 1.0 and ratio.median_s > best_ratio:
+            best, best_ratio = name, ratio.median_s
+    return best
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
