@@ -38,7 +38,7 @@ from ..api import apply_sites
 from ..check.verify import VerifyReport, verify_models
 from ..errors import ConfigError
 from ..match.find import find_row_sites
-from ..match.ops import conv_call
+from ..match.kinds.conv import conv_call
 from ..match.sites import RowSite
 from ..rewrite.weights import WeightMap
 from ..trace.tracing import _RecordingShapeProp
