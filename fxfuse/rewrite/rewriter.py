@@ -222,12 +222,11 @@ def _redirect(graph: fx.Graph, site: RowSite, nodes: dict[str, fx.Node],
         if out.name in site.row_exports:
             with graph.inserting_after(stacked):
                 view = graph.call_method("select", (stacked, 1, h))
-            with graph.inserting_after(view):
-                # A copy: the row escapes, and must not alias the fused result (an
-                # in-place change to one output would show in the other).
-                row = graph.call_method("clone", (view,))
+            row = view
             row.meta.update({k: v for k, v in out.meta.items() if k != "fxfuse_value"})
-            if _escapes(out, region):          # the original row was its own tensor
+            if _escapes(out, region):
+                # The row is returned or changed in place: a copy, so that it does not
+                # alias the fused result (the original row was its own tensor).
                 with graph.inserting_after(row):
                     row = graph.call_method("clone", (row,))
                 row.meta.update({k: v for k, v in out.meta.items() if k != "fxfuse_value"})
