@@ -45,6 +45,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 import torch  # noqa: E402
 
 import fxfuse  # noqa: E402
+from fxfuse.check.precision import matmul_precision  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 COMPILE_SHAPES = "seed,H256 tiny,C3->32"
@@ -69,7 +70,7 @@ class Clock:
 
 
 def precision_mode() -> dict[str, Any]:
-    mode = {"float32_matmul_precision": torch.get_float32_matmul_precision(),
+    mode = {"float32_matmul_precision": matmul_precision(),
             "cudnn_benchmark": bool(torch.backends.cudnn.benchmark)}
     if torch.cuda.is_available():
         mode.update(cudnn_allow_tf32=bool(torch.backends.cudnn.allow_tf32),

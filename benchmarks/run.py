@@ -32,6 +32,7 @@ import report  # noqa: E402
 from candidates import CANDIDATES, build_candidates, max_abs_error  # noqa: E402
 from models import RowConvLoop, self_check  # noqa: E402
 from fxfuse.check.verify import permitted_error  # noqa: E402
+from fxfuse.check.precision import matmul_precision  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ def machine_meta(args: argparse.Namespace) -> dict[str, Any]:
         notes = [*notes, "TF32: cudnn.allow_tf32="
                  f"{torch.backends.cudnn.allow_tf32}, matmul.allow_tf32="
                  f"{torch.backends.cuda.matmul.allow_tf32}, float32 matmul precision "
-                 f"{torch.get_float32_matmul_precision()!r}"]
+                 f"{matmul_precision()!r}"]
     n = 8192 if args.device == "cuda" else 2048
     peak = harness.matmul_peak_gflops(args.device, n, min_run_time=0.3 if args.quick else 1.0)
     return {"cpu_count": os.cpu_count(), "platform": platform.platform(),

@@ -19,6 +19,7 @@ import fxfuse
 from fxfuse.check.precision import detect_precision
 from fxfuse.check.verify import permitted_error
 from fxfuse.examples import RowConv1d
+from fxfuse.check.precision import matmul_precision  # noqa: E402
 
 
 class Heads(nn.Module):
@@ -85,7 +86,7 @@ def main() -> None:
     dev = parser.parse_args().device
     print(torch.__version__, torch.cuda.get_device_name() if dev == "cuda" else dev)
     print("settings:", detect_precision(dev).describe(),
-          "| matmul precision", torch.get_float32_matmul_precision())
+          "| matmul precision", matmul_precision())
     torch.manual_seed(0)
     seed = RowConv1d().to(dev).eval()
     x = torch.randn(32, 15, 10, 100, device=dev)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch.utils import benchmark as tbench
+from .precision import matmul_precision
 
 log = logging.getLogger("fxfuse")
 
@@ -54,7 +55,7 @@ def timing_settings(device: torch.device | str | None = None) -> dict[str, Any]:
             "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
             "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
             "matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
-            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "float32_matmul_precision": matmul_precision(),
         })
     return settings
 

@@ -83,32 +83,44 @@ def detect_precision(device: torch.device | str | None) -> PrecisionMode:
     return PrecisionMode(
         kind,
         conv_tf32=bool(torch.backends.cudnn.allow_tf32),
-        matmul_tf32=bool(matmul.allow_tf32) or torch.get_float32_matmul_precision() != "highest",
+        matmul_tf32=bool(matmul.allow_tf32) or matmul_precision() not in ("highest", None),
         fp16_reduction=bool(getattr(matmul, "allow_fp16_reduced_precision_reduction", False)),
         bf16_reduction=bool(getattr(matmul, "allow_bf16_reduced_precision_reduction", False)))
+
+
+def matmul_precision() -> str | None:
+    """``torch.get_float32_matmul_precision()``, or ``None`` where torch refuses to say
+    (newer torch raises when the legacy ``allow_tf32`` flags and the per-backend
+    ``fp32_precision`` settings were both used; the legacy flags then tell)."""
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:
+        return None
 
 
 @contextlib.contextmanager
 def full_precision() -> Iterator[None]:
     """Switch every reduced-precision shortcut off for the block (restored after)."""
     matmul = torch.backends.cuda.matmul
+    precision = matmul_precision()
     saved = (torch.backends.cudnn.allow_tf32, matmul.allow_tf32,
-             torch.get_float32_matmul_precision(),
              matmul.allow_fp16_reduced_precision_reduction,
              matmul.allow_bf16_reduced_precision_reduction)
     try:
+        if precision is not None:
+            torch.set_float32_matmul_precision("highest")
         torch.backends.cudnn.allow_tf32 = False
         matmul.allow_tf32 = False
-        torch.set_float32_matmul_precision("highest")
         matmul.allow_fp16_reduced_precision_reduction = False
         matmul.allow_bf16_reduced_precision_reduction = False
         yield
     finally:
+        if precision is not None:               # first: it also sets matmul.allow_tf32
+            torch.set_float32_matmul_precision(precision)
         torch.backends.cudnn.allow_tf32 = saved[0]
         matmul.allow_tf32 = saved[1]
-        torch.set_float32_matmul_precision(saved[2])
-        matmul.allow_fp16_reduced_precision_reduction = saved[3]
-        matmul.allow_bf16_reduced_precision_reduction = saved[4]
+        matmul.allow_fp16_reduced_precision_reduction = saved[2]
+        matmul.allow_bf16_reduced_precision_reduction = saved[3]
 
 
 def round_to_tf32(t: torch.Tensor) -> torch.Tensor:

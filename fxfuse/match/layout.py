@@ -13,6 +13,7 @@ import itertools
 from typing import Any, Iterable, Sequence
 
 import torch
+from torch.utils import _pytree as pytree
 from torch import fx
 
 from .sites import InputPlan, OutputPlan
@@ -46,14 +47,29 @@ def evaluate(nodes: Iterable[fx.Node], env: dict[fx.Node, Any]) -> dict[fx.Node,
         args = fx.node.map_arg(node.args, lambda a: _value(a, env))
         kwargs = dict(fx.node.map_arg(node.kwargs, lambda a: _value(a, env)))
         kwargs.pop("pin_memory", None)
+        args, kwargs = _on_cpu(args), _on_cpu(kwargs)       # index tensors live on the CPU
         try:
             if node.op == "call_method":
-                env[node] = getattr(args[0], str(node.target))(*args[1:], **kwargs)
+                method = "cpu" if node.target == "cuda" else str(node.target)
+                env[node] = getattr(args[0], method)(*args[1:], **kwargs)
             else:
                 env[node] = node.target(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - any failure means "not a plain layout"
             raise LayoutError(f"{node.name}: {exc}") from exc
     return env
+
+
+def _on_cpu(value: Any) -> Any:
+    """``value`` with every device moved to the CPU (a model on a GPU allocates its
+    buffers there; the index tensors that stand in for its data are on the CPU)."""
+    def cpu(v: Any) -> Any:
+        if isinstance(v, torch.device) or (isinstance(v, str) and v.split(":")[0] in
+                                           ("cuda", "mps", "xpu", "meta")):
+            return torch.device("cpu")
+        if isinstance(v, torch.Tensor) and v.device.type != "cpu":
+            return v.cpu()
+        return v
+    return pytree.tree_map(cpu, value)
 
 
 def _orders(items: Sequence[int]) -> list[tuple[int, ...]]:
