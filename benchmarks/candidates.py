@@ -17,7 +17,7 @@ import torch
 
 from models import HandGrouped, RowConvLoop, VmapRows
 
-CANDIDATES = ("loop", "hand_grouped", "compile", "compile(fxfuse)", "vmap", "fxfuse")
+CANDIDATES = ("loop", "hand_grouped", "hand_contiguous", "compile", "compile(fxfuse)", "vmap", "fxfuse")
 
 
 @dataclass
@@ -148,7 +148,9 @@ def build_candidates(loop: RowConvLoop, x: torch.Tensor, *, compile_: bool = Tru
                      compile_timeout_s: float = 300.0, lowering: str = "auto") -> list[Candidate]:
     """Every candidate of :data:`CANDIDATES` for this loop and input, in that order."""
     loop.eval()
-    found = [Candidate("loop", loop), Candidate("hand_grouped", HandGrouped(loop).eval())]
+    found = [Candidate("loop", loop), Candidate("hand_grouped", HandGrouped(loop).eval()),
+             Candidate("hand_contiguous", HandGrouped(loop, contiguous=True).eval(),
+                       note="the hand-written grouped conv with a contiguous output, as the loop's")]
     if compile_:
         found.append(build_compile(loop, x, compile_timeout_s))
         found.append(build_compile(loop, x, compile_timeout_s, "compile(fxfuse)"))

@@ -212,6 +212,8 @@ def sweep_summary(data: dict[str, Any]) -> list[dict[str, Any]]:
                     row["fxfuse_err"] = e.get("max_abs_err")
         if "fxfuse" in row and "hand_grouped" in row:
             row["fxfuse_vs_hand"] = round(row["fxfuse"] / row["hand_grouped"], 3)
+            if row.get("hand_contiguous"):
+                row["fxfuse_vs_hand_contiguous"] = round(row["fxfuse"] / row["hand_contiguous"], 3)
         rows.append(row)
     return rows
 

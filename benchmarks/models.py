@@ -67,8 +67,9 @@ class HandGrouped(nn.Module):
         loop: the loop model whose weights are copied.
     """
 
-    def __init__(self, loop: RowConvLoop) -> None:
+    def __init__(self, loop: RowConvLoop, contiguous: bool = False) -> None:
         super().__init__()
+        self.contiguous = contiguous          # the loop's output is contiguous; a view is not
         first = loop.layers[0]
         H = len(loop.layers)
         self.rows, self.c_out = H, first.out_channels
@@ -84,7 +85,8 @@ class HandGrouped(nn.Module):
         """(B, C, H, W) -> (B, C_out, H, W')."""
         B, C, H, W = x.shape
         y = self.conv(x.transpose(1, 2).reshape(B, H * C, W))
-        return y.view(B, H, self.c_out, y.shape[-1]).transpose(1, 2)
+        y = y.view(B, H, self.c_out, y.shape[-1]).transpose(1, 2)
+        return y.contiguous() if self.contiguous else y
 
 
 class VmapRows(nn.Module):
