@@ -34,17 +34,18 @@ def leaves(v):
     return []
 
 
+DEVICE = sys.argv[sys.argv.index("--device") + 1] if "--device" in sys.argv else "cpu"
 rows = []
 for name, factory, make, _ in CASES:
     for mode in ("eval", "train"):
         torch.manual_seed(0)
-        m = factory().train(mode == "train")
-        x = make(4)
+        m = factory().train(mode == "train").to(DEVICE)
+        x = tuple(t.to(DEVICE) for t in make(4))
         try:
             r = fxfuse.fuse(m, x, benchmark=False)
             fused = sum(s.fused for s in r.sites)
             reasons = "; ".join(sorted({s.reason for s in r.sites if not s.fused and s.reason}))[:110]
-            x2 = make(3)
+            x2 = tuple(t.to(DEVICE) for t in make(3))
             m.eval(); r.model.eval()
             ref, got = leaves(m(*x2)), leaves(r.model(*x2))
             err = max(((a - b).abs().max().item() for a, b in zip(ref, got)), default=0.0)
