@@ -382,7 +382,8 @@ def _plan_output(cand: Candidate, chains: list[RowChain]) -> OutputPlan:
     shape = _check_outputs_alike(cand, outs)
     _check_rows(chains)
     combine = cand.combine
-    nodes = set(cand.output_nodes) if cand.kind == "buffer" else cand.output_nodes | {combine}
+    nodes = set(cand.output_nodes) - cand.prelude if cand.kind == "buffer" else \
+        cand.output_nodes | {combine}
     order = cand.graph_order(nodes)
     _check_private(order, nodes | set(outs) | {combine}, combine)
 
