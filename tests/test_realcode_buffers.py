@@ -12,7 +12,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fxfuse
 from conftest import AUTO_ROUNDS, check_grads, check_outputs, fresh_inputs
 from fxfuse.trace.export import FixedModeError
-from zoo.realcode import DecompLinear, ZerosLikeConv
+from zoo.realcode import (DecompLinear, GroupedFeatureLinear, NumericEmbedding, SliceEmbedding,
+                           ZerosLikeConv)
 
 HEAVY = {"convolution", "mm", "addmm", "bmm", "baddbmm", "addbmm"}
 
@@ -164,3 +165,70 @@ def test_exported_batch_norm_refuses_the_other_mode_clearly():
     with pytest.raises(FixedModeError, match="eval mode only"):
         result.model.train()
     assert isinstance(FixedModeError("x"), fxfuse.FxFuseError)
+
+
+# ----------------------------------------------------------------- 3. last-axis features
+
+class SplitFeatureHeads(nn.Module):
+    """``x.split(k, -1)`` of a (B, T, G*k) input, a Linear(k, d) + ReLU per block, cat."""
+
+    def __init__(self, groups=3, k=2, d=4):
+        super().__init__()
+        self.k = k
+        self.lins = nn.ModuleList(nn.Linear(k, d) for _ in range(groups))
+
+    def forward(self, x):
+        parts = x.split(self.k, dim=-1)
+        return torch.cat([F.relu(lin(p)) for p, lin in zip(parts, self.lins)], dim=-1)
+
+
+class TabularEmbedding(nn.Module):
+    """Continuous columns of a (B, F) or (B, T, F) table, one Linear(1, d) each, by
+    name in a dict, stacked in key order on the last dim."""
+
+    def __init__(self, cols=("age", "fare", "fam", "deck"), d=3, narrow=False):
+        super().__init__()
+        self.cols = list(cols)
+        self.narrow = narrow
+        self.emb = nn.ModuleDict({c: nn.Linear(1, d) for c in self.cols})
+
+    def forward(self, x):
+        feats = {}
+        for i, col in enumerate(self.cols):
+            xi = x.narrow(-1, i, 1) if self.narrow else x[..., i].unsqueeze(-1)
+            feats[col] = self.emb[col](xi)
+        return torch.stack([feats[c] for c in self.cols], dim=-1)
+
+
+FEATURE_CASES = [
+    ("Linear(1,d) x[..., i].unsqueeze(-1), stack -2", lambda: NumericEmbedding(), (4, 7, 5), 0),
+    ("Linear(1,d), stack -1", lambda: NumericEmbedding(stack_dim=-1), (4, 7, 5), 0),
+    ("x[:, :, i:i+1], ModuleDict, dict", SliceEmbedding, (4, 7, 4), 0),
+    ("Linear(k,d) blocks, cat -1", GroupedFeatureLinear, (4, 7, 12), 1),
+    ("split + Linear(k,d) + relu, cat -1", SplitFeatureHeads, (3, 5, 6), 1),
+    ("dict of columns, (B, F)", TabularEmbedding, (6, 4), 0),
+    ("dict of columns, narrow, (B, T, F)", lambda: TabularEmbedding(narrow=True), (3, 5, 4), 0),
+]
+
+
+@pytest.mark.parametrize("lowering", [None, "grouped"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("name,factory,shape,calls", FEATURE_CASES,
+                         ids=[c[0] for c in FEATURE_CASES])
+def test_last_axis_features_fuse(name, factory, shape, calls, train, lowering):
+    fuse_and_check(factory(), (torch.randn(shape),), 1, calls, lowering, train)
+
+
+def test_last_axis_rows_of_another_axis_still_read_as_rows():
+    """Linear rows that are whole rows of dim 2 of a (B, T, H, L) input keep the plain
+    row layout (the last-axis reading is only a fallback)."""
+    class Rows(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.heads = nn.ModuleList(nn.Linear(4, 3) for _ in range(3))
+
+        def forward(self, x):
+            return torch.stack([h(x[:, :, i]) for i, h in enumerate(self.heads)], 2)
+
+    result = fuse_and_check(Rows(), (torch.randn(2, 5, 3, 4),), 1, 1, "grouped", False)
+    assert not result.sites[0].input_plan.feature_last
