@@ -45,7 +45,8 @@ def fuse_and_check(model: nn.Module, inputs: tuple, sites: int, calls_after: int
     summary = "; ".join(f"{s.name}: {s.reason or s.lowering}" for s in result.sites)
     assert len(result.sites) == sites and all(s.fusable for s in result.sites), summary
     assert all(s.fused for s in result.sites) or lowering is None, summary
-    other = fresh_inputs(inputs, inputs[0].shape[0] + 3)
+    other = tuple(o.to(x.device) for o, x in
+                  zip(fresh_inputs(inputs, inputs[0].shape[0] + 3), inputs))
     if all(s.fused for s in result.sites):
         result.model.eval()
         assert heavy_calls(result.model, other) == calls_after, result.model.code
@@ -232,3 +233,21 @@ def test_last_axis_rows_of_another_axis_still_read_as_rows():
 
     result = fuse_and_check(Rows(), (torch.randn(2, 5, 3, 4),), 1, 1, "grouped", False)
     assert not result.sites[0].input_plan.feature_last
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_buffer_allocated_with_cuda_fuses(train):
+    class CudaBuffer(nn.Module):
+        def __init__(self, n=4, d=6):
+            super().__init__()
+            self.heads = nn.ModuleList(nn.Linear(d, d) for _ in range(n))
+
+        def forward(self, x):
+            out = torch.zeros(x.shape[0], x.shape[1], 6).cuda()
+            for i, head in enumerate(self.heads):
+                out[:, i, :] = head(x[:, i, :])
+            return out.permute(0, 2, 1)
+
+    model = CudaBuffer().cuda()
+    fuse_and_check(model, (torch.randn(3, 4, 6, device="cuda"),), 1, 1, "grouped", train)
