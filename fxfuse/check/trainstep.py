@@ -94,8 +94,8 @@ def _train_step_checks(original: torch.nn.Module, fused: torch.nn.Module,
         inputs = tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point()
                        else x for x in inputs)
     try:
+        new_model.train()          # first: an exported graph may refuse to switch
         ref_model.train()
-        new_model.train()
         mode = "train"
     except Exception:  # noqa: BLE001 - exported graphs keep the mode they were traced in
         mode = "traced-mode"

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
-from .ops import ADD, combine_kind, combine_members, data_input, is_buffer_alloc, is_copy_into, \
-    is_index_op
+from .ops import ADD, CONVERT, META_CHECK, combine_kind, combine_members, data_input, \
+    is_buffer_alloc, is_copy_into, is_index_op
 
 
 @dataclass
@@ -23,6 +23,8 @@ class Candidate:
     convs: list[fx.Node] = field(default_factory=list)
     output_nodes: set[fx.Node] = field(default_factory=set)
     readers: list[fx.Node] = field(default_factory=list)   # buffer: who reads the result
+    prelude: set[fx.Node] = field(default_factory=set)     # buffer: allocation, conversions,
+                                                           # metadata checks (not evaluated)
     reason: str = ""
 
     def graph_order(self, nodes: set[fx.Node]) -> list[fx.Node]:
@@ -106,9 +108,26 @@ def _write_value(node: fx.Node) -> object:
     return node.args[1] if len(node.args) > 1 else node.kwargs.get("src")
 
 
-def _buffer_uses(alloc: fx.Node) -> tuple[set[fx.Node], list[fx.Node], list[fx.Node]]:
-    """The buffer's views (itself included), the writes into them, and every other reader."""
-    views, writes, readers, pending = {alloc}, [], [], [alloc]
+def converted_buffer(alloc: fx.Node) -> tuple[fx.Node, set[fx.Node]]:
+    """The buffer a fresh allocation becomes after conversions that leave it fresh
+    (``.to(device)``, ``.to(dtype)``, ``.type_as(x)``, ``.cuda()``), and the nodes passed
+    on the way (the allocation, earlier conversions, export's metadata checks)."""
+    cur, passed = alloc, set()
+    while True:
+        users = [u for u in cur.users if not META_CHECK.matches(u)]
+        if len(users) != 1 or not CONVERT.matches(users[0]) or data_input(users[0]) is not cur:
+            return cur, passed
+        passed.add(cur)
+        passed.update(u for u in cur.users if META_CHECK.matches(u))
+        cur = users[0]
+
+
+def _buffer_uses(buffer: fx.Node
+                 ) -> tuple[set[fx.Node], list[fx.Node], list[fx.Node], set[fx.Node]]:
+    """The buffer's views that lead to writes (itself included), the writes into them,
+    every reader of the result (a view that leads to no write is a reader), and the
+    metadata checks on the buffer."""
+    views, writes, readers, checks, pending = {buffer}, [], [], set(), [buffer]
     while pending:
         for user in pending.pop().users:
             if is_copy_into(user) and user.args and user.args[0] in views:
@@ -116,15 +135,26 @@ def _buffer_uses(alloc: fx.Node) -> tuple[set[fx.Node], list[fx.Node], list[fx.N
             elif is_index_op(user) and data_input(user) in views:
                 views.add(user)
                 pending.append(user)
+            elif META_CHECK.matches(user) and data_input(user) is buffer:
+                checks.add(user)
             else:
                 readers.append(user)
-    return views, writes, readers
+    feeding = {buffer}
+    for write in writes:
+        cur = write.args[0]
+        while isinstance(cur, fx.Node) and cur not in feeding:
+            feeding.add(cur)
+            cur = data_input(cur)
+    reads = views - feeding     # views of the result, read after the loop
+    readers = [r for r in readers if not any(a in reads for a in r.all_input_nodes)]
+    readers += [v for v in reads if data_input(v) in feeding]
+    return feeding, writes, readers, checks
 
 
-def _buffer_reason(cand: Candidate, alloc: fx.Node, last_write: int,
+def _buffer_reason(cand: Candidate, buffer: fx.Node, last_write: int,
                    order: dict[fx.Node, int]) -> str:
     early = [r for r in cand.readers if order[r] < last_write]
-    viewed = [r for r in cand.readers if r not in alloc.users]
+    viewed = [r for r in cand.readers if r not in buffer.users]
     if early:
         return (f"the buffer is read by {_describe(early[0])} before every row is "
                 "written (rows may depend on each other)")
@@ -138,17 +168,19 @@ def buffer_candidate(alloc: fx.Node, convs: set[fx.Node],
     """A preallocated tensor written row by row (``out[:, :, h] = conv_h(...)``), or None."""
     if not is_buffer_alloc(alloc):
         return None
-    views, writes, readers = _buffer_uses(alloc)
+    buffer, prelude = converted_buffer(alloc)
+    views, writes, readers, checks = _buffer_uses(buffer)
     if not writes:
         return None
-    cand = Candidate(alloc, "buffer", readers=readers)
+    cand = Candidate(buffer, "buffer", readers=readers, prelude=prelude | checks)
     writes.sort(key=order.__getitem__)
-    cand.output_nodes.update(views - {alloc})
+    cand.output_nodes.update(views - {buffer})
     cand.output_nodes.update(writes)
+    cand.output_nodes.update(cand.prelude)
     _gather_rows([_write_value(w) for w in writes], convs, cand)
     if not cand.convs and not cand.reason:
         return None
-    cand.reason = cand.reason or _buffer_reason(cand, alloc, order[writes[-1]], order)
+    cand.reason = cand.reason or _buffer_reason(cand, buffer, order[writes[-1]], order)
     return cand
 
 

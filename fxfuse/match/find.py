@@ -22,7 +22,8 @@ from ..trace.tracing import tensor_dtype, tensor_shape
 from .candidates import Candidate, find_candidates, walk_back
 from .chains import RowChain, family, family_problem, group_rows, key_difference, row_chain
 from .kinds import row_op
-from .layout import LayoutError, evaluate, index_tensor, solve_input, solve_output
+from .layout import LayoutError, evaluate, index_tensor, solve_feature_input, solve_input, \
+    solve_output
 from .params import WeightUses, get_tensor, tied_keys, twin_key
 from .reduce import can_reduce, identity_plan, reduce_kind, reduced_plan
 from .sites import ConvSpec, InputPlan, OutputPlan, RowMatch, RowSite
@@ -353,7 +354,8 @@ def _plan_input(cand: Candidate, chains: list[RowChain]
     order = cand.graph_order({n for w in walks for n in w[:w.index(source)]})
     try:
         env = evaluate(order, {source: index_tensor(tensor_shape(source))})
-        plan = solve_input(tensor_shape(source), [env[c.input] for c in chains])
+        solve = solve_feature_input if family(chains[0]) == "linear" else solve_input
+        plan = solve(tensor_shape(source), [env[c.input] for c in chains])
     except LayoutError as exc:
         raise Refused(f"rows are not plain slices of `{source.name}`: {exc}") from exc
     return source, order, plan
@@ -382,7 +384,8 @@ def _plan_output(cand: Candidate, chains: list[RowChain]) -> OutputPlan:
     shape = _check_outputs_alike(cand, outs)
     _check_rows(chains)
     combine = cand.combine
-    nodes = set(cand.output_nodes) if cand.kind == "buffer" else cand.output_nodes | {combine}
+    nodes = set(cand.output_nodes) - cand.prelude if cand.kind == "buffer" else \
+        cand.output_nodes | {combine}
     order = cand.graph_order(nodes)
     _check_private(order, nodes | set(outs) | {combine}, combine)
 

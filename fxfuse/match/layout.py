@@ -9,6 +9,7 @@ rewrite can emit. No spelling is special-cased.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any, Iterable, Sequence
 
@@ -111,6 +112,26 @@ def solve_input(source_shape: Sequence[int], rows: Sequence[torch.Tensor]) -> In
             if plan is not None:
                 return plan
     raise LayoutError("rows are not whole rows or channel blocks of the source")
+
+
+def solve_feature_input(source_shape: Sequence[int], rows: Sequence[torch.Tensor]) -> InputPlan:
+    """:func:`solve_input` for rows a ``Linear`` reads: when the rows are not plain rows or
+    channel blocks, their *last* axis (the one a Linear reads) may be the block of the
+    source (``x[..., i].unsqueeze(-1)``, ``x[:, :, i:i+k]`` of a (B, T, F) input).
+
+    Raises:
+        LayoutError: neither reading fits (the first reason is kept).
+    """
+    try:
+        return solve_input(source_shape, rows)
+    except LayoutError as first:
+        if rows[0].dim() < 3:
+            raise
+        try:
+            plan = solve_input(source_shape, [r.movedim(-1, 1) for r in rows])
+        except LayoutError:
+            raise first from None
+    return dataclasses.replace(plan, feature_last=True)
 
 
 def _try_axes(kind: str, view: torch.Tensor, axes: tuple[int, ...],

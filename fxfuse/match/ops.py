@@ -74,6 +74,12 @@ BUFFER = OpTable(
     methods=("new_zeros", "new_empty", "new_full"),
     aten=(aten.zeros, aten.empty, aten.full, aten.new_zeros, aten.new_empty, aten.new_full,
           aten.zeros_like, aten.empty_like, aten.full_like))
+# Conversions of a fresh buffer (``torch.zeros(...).to(x.device)``, ``.type_as(x)``,
+# ``.cuda()``): the result is still a fresh tensor the loop fills.
+CONVERT = OpTable(methods=("to", "type_as", "type", "cuda", "cpu", "float", "double", "half",
+                           "bfloat16"),
+                  aten=(aten.to, aten._to_copy, aten.type_as, aten.lift_fresh_copy))
+META_CHECK = OpTable(aten=(aten._assert_tensor_metadata,))
 COPY = OpTable(functions=(operator.setitem,), methods=("copy_",), aten=(aten.copy_, aten.copy))
 ADD = OpTable(functions=(operator.add, torch.add), aten=(aten.add,))
 SUM = OpTable(functions=(torch.sum,), methods=("sum",), aten=(aten.sum,))

@@ -73,6 +73,8 @@ class InputPlan:
     rows: tuple[int, ...]          # row index (select) or first channel (block), in combine order
     width: int                      # channels per row
     source_rows: int                # size of the source's row axis (select) or channel axis (block)
+    feature_last: bool = False      # Linear rows: the row's last axis is the sliced one
+                                    # (dim 1 above); the rewrite moves it back to the end
 
     @property
     def is_identity_order(self) -> bool:

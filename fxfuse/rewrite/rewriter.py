@@ -144,9 +144,11 @@ def make_rows_input(graph: fx.Graph, source: fx.Node, site: RowSite) -> fx.Node:
         if not plan.is_identity_order:
             index = [r + j for r in plan.rows for j in range(plan.width)]
             node = graph.call_function(operator.getitem, (node, (slice(None), index)))
-        return graph.call_method("unflatten", (node, 1, (len(plan.rows), plan.width)))
-    if not plan.is_identity_order:
+        node = graph.call_method("unflatten", (node, 1, (len(plan.rows), plan.width)))
+    elif not plan.is_identity_order:
         node = graph.call_function(operator.getitem, (node, (slice(None), list(plan.rows))))
+    if plan.feature_last:           # (N, H, C, ...) -> (N, H, ..., C): a Linear reads C
+        node = graph.call_method("movedim", (node, 2, -1))
     return node
 
 

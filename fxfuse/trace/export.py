@@ -3,11 +3,16 @@ that follows ``train()``/``eval()``."""
 from __future__ import annotations
 
 import inspect
+import types
 from typing import Any
 
 import torch
 from torch import fx
 from torch.utils import _pytree as pytree
+
+from ..errors import TraceError
+
+MODE_KEY = "fxfuse_traced_training"   # gm.meta: the mode a batch-norm export graph fixes
 
 
 def export_model(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> fx.GraphModule:
@@ -21,6 +26,7 @@ def export_model(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> fx.
         program = torch.export.export(model, example_inputs, strict=False)
     gm = program.module()
     dropout_as_modules(gm)
+    follow_mode(gm, model.training)
     return gm
 
 
@@ -75,10 +81,47 @@ def dropout_as_modules(gm: fx.GraphModule) -> int:
     if count:
         gm.graph.lint()
         gm.recompile()
-        if not _has_mode_dependent_ops(gm):
-            for attr in ("train", "eval"):   # the only mode-dependent ops now follow train()
-                gm.__dict__.pop(attr, None)
     return count
+
+
+class FixedModeError(TraceError, NotImplementedError):
+    """The exported graph computes one train/eval mode only (batch norm fixed by export)."""
+
+
+def _fixed_mode_train(self: fx.GraphModule, mode: bool = True) -> fx.GraphModule:
+    traced = self.meta.get(MODE_KEY)
+    if traced is None or bool(mode) == traced:
+        return torch.nn.Module.train(self, mode)
+    given, asked = ("train", "eval") if traced else ("eval", "train")
+    raise FixedModeError(f"this torch.export graph runs batch norm in {given} mode only and "
+                         f"cannot switch to {asked} mode; fuse the model in {asked} mode")
+
+
+def _fixed_mode_eval(self: fx.GraphModule) -> fx.GraphModule:
+    return self.train(False)
+
+
+def _install_fixed_mode(gm: fx.GraphModule) -> None:
+    """Bind the fixed-mode ``train``/``eval`` to ``gm`` (also to each deep copy: a copy
+    of a GraphModule keeps ``meta`` and its deepcopy hooks, not instance methods)."""
+    gm.train = types.MethodType(_fixed_mode_train, gm)
+    gm.eval = types.MethodType(_fixed_mode_eval, gm)
+
+
+def follow_mode(gm: fx.GraphModule, training: bool) -> None:
+    """Make ``gm.train()``/``gm.eval()`` work like any module's. ``torch.export``'s module
+    refuses both; once dropout follows the mode (:func:`dropout_as_modules`) and nothing
+    else depends on it, the stock methods are right. With batch norm (its mode fixed by
+    the trace) the traced mode is accepted and the other refused with one clear line."""
+    for attr in ("train", "eval"):
+        gm.__dict__.pop(attr, None)
+    gm.train(training)
+    if _has_mode_dependent_ops(gm):
+        gm.meta[MODE_KEY] = bool(training)
+        _install_fixed_mode(gm)
+        register = getattr(gm, "_register_deepcopy_hook", None)
+        if register is not None:
+            register(_install_fixed_mode)
 
 
 def _has_mode_dependent_ops(gm: fx.GraphModule) -> bool:

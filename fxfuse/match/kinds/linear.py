@@ -75,8 +75,12 @@ class LinearKind(RowKind):
         weight = get_tensor(lane.gm, ops[0].param("weight"))
         w = graph.get_attr(f"{name}.weight")
         b = graph.get_attr(f"{name}.bias") if has_bias else None
-        if ndim == 2 and weight.shape[1] == 1:   # Linear(1, P) per row: a broadcast multiply-add
+        if weight.shape[1] == 1:   # Linear(1, P) per row: a broadcast multiply-add
             w0 = graph.call_function(operator.getitem, (w, (Ellipsis, 0)))
+            if ndim > 2:           # (G, P) -> (G, 1, ..., P) against (N, G, ..., 1)
+                shape = (len(ops),) + (1,) * (ndim - 2) + (weight.shape[0],)
+                w0 = graph.call_method("view", (w0, *shape))
+                b = None if b is None else graph.call_method("view", (b, *shape))
             lane.node = graph.call_function(torch.mul, (cur, w0)) if b is None else \
                 graph.call_function(torch.addcmul, (b, cur, w0))
         elif ndim == 2:           # (N, G, L): G matmuls (N, L) @ (L, P) in one baddbmm
