@@ -12,7 +12,7 @@ import torch
 
 from ..api import fuse
 from ..io.checkpoints import read_weights, existing_file, first_line
-from .main import EXIT_OK, MAP_NAME, _progress, dump_json, shown, user_code, warn
+from .console import EXIT_OK, MAP_NAME, progress, dump_json, shown, user_code, warn
 from ..errors import ConfigError, VerificationError
 from ..match.find import find_row_sites
 from ..io.loading import LoadedModel, load_model, parse_input_shapes
@@ -31,7 +31,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".pt")
 
 
 def _load(args: argparse.Namespace) -> tuple[LoadedModel, tuple[torch.Tensor, ...]]:
-    _progress(f"loading {args.model}")
+    progress(f"loading {args.model}")
     inputs = parse_input_shapes(args.input_shape, args.dtype, args.device)
     with user_code("loading the model"):
         loaded = load_model(args.model, weights=args.weights, allow_pickle=args.allow_pickle,
@@ -58,7 +58,7 @@ def _check_runs(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
 def inspect(args: argparse.Namespace) -> int:
     """Dry run: list every loop site, its rows and conv, and whether it would fuse."""
     loaded, inputs = _load(args)
-    _progress("tracing")
+    progress("tracing")
     with user_code("tracing the model"):
         gm = trace_model(loaded.model, inputs, tracer=args.tracer)
         sites = find_row_sites(gm, min_rows=args.min_rows)
@@ -87,7 +87,7 @@ def _run_fuse(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple, o
               report_json: Path | None, outputs: OutputSet) -> int:
     if is_onnx_path(out):
         return _run_fuse_onnx(args, model, inputs, out, report_json, outputs)
-    _progress("tracing, matching, rewriting and verifying")
+    progress("tracing, matching, rewriting and verifying")
     with user_code("fusing the model"):
         result = fuse(model, inputs, lowering=args.lowering, benchmark=not args.no_bench,
                       min_rows=args.min_rows, tracer=args.tracer,
@@ -95,7 +95,7 @@ def _run_fuse(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple, o
     print(result.report())
     if not result.changed:
         print("no loop was rewritten; writing the traced model unchanged")
-    _progress(f"writing {out}")
+    progress(f"writing {out}")
     with user_code("saving the model"):
         saved, checked = write_outputs(result, model, inputs, out, report_json, outputs)
     signals = outputs.commit()
@@ -113,7 +113,7 @@ def _run_fuse_onnx(args: argparse.Namespace, model: torch.nn.Module, inputs: tup
                    report_json: Path | None, outputs: OutputSet) -> int:
     """``-o x.onnx``: fuse, export, check and time in ONNX Runtime (fxfuse.deploy.onnx);
     the file and the report are committed together like every other output."""
-    _progress("fusing, exporting to ONNX and checking in ONNX Runtime")
+    progress("fusing, exporting to ONNX and checking in ONNX Runtime")
     with tempfile.TemporaryDirectory(prefix="fxfuse-onnx-") as tmp:
         staged = Path(tmp) / out.name
         with user_code("fusing the model"):
@@ -180,7 +180,7 @@ def _demo_dir(out_dir: str | None) -> Iterator[Path]:
 
 def _check_reloaded(out: Path, model: torch.nn.Module) -> None:
     """Load the written .pt2 with bare torch and compare it with the model on batch 7."""
-    _progress("reloading the .pt2 with torch.export.load")
+    progress("reloading the .pt2 with torch.export.load")
     reloaded = torch.export.load(str(out)).module()
     x = torch.randn(7, *SEED_SHAPE[1:])
     with torch.no_grad():

@@ -14,7 +14,7 @@ from ..deploy.onnx import check_onnx_output, is_onnx_path
 from ..errors import ConfigError
 from ..io.saving import SavedModel, check_output_path, non_persistent_keys, render_model
 from ..io.transaction import OutputSet
-from .main import MAP_NAME, MAP_SUFFIX, dump_json, user_code, warn
+from .console import MAP_NAME, MAP_SUFFIX, dump_json, user_code, warn
 
 
 def weight_map_path(out: Path) -> Path:
