@@ -20,7 +20,7 @@ from ..examples import SEED_SHAPE, seed_model
 from ..check.report import site_table
 from ..deploy.onnx import is_onnx_path
 from ..deploy.onnx_choice import write_onnx
-from ..io.saving import atomic_write, check_output_path
+from ..io.writing import atomic_write, check_output_path
 from ..io.transaction import OutputSet
 from .outputs import (check_out, check_report_path, describe_saved, output_paths,
                       weight_map_path, write_outputs)

@@ -12,7 +12,8 @@ import torch
 from ..api import FuseResult
 from ..deploy.onnx import check_onnx_output, is_onnx_path
 from ..errors import ConfigError
-from ..io.saving import SavedModel, check_output_path, non_persistent_keys, render_model
+from ..io.saving import SavedModel, non_persistent_keys, render_model
+from ..io.writing import check_output_path
 from ..io.transaction import OutputSet
 from .console import MAP_NAME, MAP_SUFFIX, dump_json, user_code, warn
 

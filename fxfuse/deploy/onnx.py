@@ -33,7 +33,7 @@ from torch import fx
 from ..check.bench import BenchResult, time_interleaved
 from ..check.verify import Check
 from ..errors import ConfigError, TraceError
-from ..io.saving import atomic_write
+from ..io.writing import atomic_write
 from .onnx_runtime import _bench, _check_in_runtime, _runners  # noqa: F401 - _runners: benchmarks
 
 log = logging.getLogger("fxfuse")

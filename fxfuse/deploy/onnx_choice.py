@@ -12,7 +12,7 @@ import torch
 
 from ..check.bench import time_interleaved, timing_of
 from ..check.verify import Check
-from ..io.saving import atomic_write
+from ..io.writing import atomic_write
 from .onnx import OnnxReport, _export, export_onnx, require_onnx
 from .onnx_runtime import _bench, _check_in_runtime, _runners
 
