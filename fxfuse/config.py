@@ -47,28 +47,65 @@ class FuseConfig:
     auto_rounds: int = 9
 
     def __post_init__(self) -> None:
-        if self.lowering not in LOWERING_CHOICES:
-            raise ConfigError(f"lowering={self.lowering!r} is not one of "
-                              f"{', '.join(LOWERING_CHOICES)}")
-        if self.tracer not in TRACER_CHOICES:
-            raise ConfigError(f"tracer={self.tracer!r} is not one of {', '.join(TRACER_CHOICES)}")
-        if isinstance(self.min_rows, bool) or not isinstance(self.min_rows, int) \
-                or self.min_rows < 1:
-            raise ConfigError(f"min_rows must be an int >= 1, got {self.min_rows!r}")
-        for name in ("bench_rounds", "auto_rounds"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
-        for name in ("verify", "benchmark", "inplace", "check_grads"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if self.concrete_args is not None and not isinstance(self.concrete_args, Mapping):
-            raise ConfigError("concrete_args must be a dict of argument name to value, got "
-                              f"{type(self.concrete_args).__name__}")
-        for name in ("rtol", "atol"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and value >= 0):
-                raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
+        for name, check in _VALIDATORS:
+            problem = check(name, getattr(self, name))
+            if problem is not None:
+                raise ConfigError(problem)
+
+
+def _choice(choices: tuple[str, ...]):
+    """A validator: the value is one of ``choices``."""
+    def check(name: str, value: Any) -> str | None:
+        if value not in choices:
+            return f"{name}={value!r} is not one of {', '.join(choices)}"
+        return None
+    return check
+
+
+def _positive_int(name: str, value: Any) -> str | None:
+    """An int (not a bool) of at least 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return f"{name} must be an int >= 1, got {value!r}"
+    return None
+
+
+def _flag(name: str, value: Any) -> str | None:
+    """Exactly True or False."""
+    if not isinstance(value, bool):
+        return f"{name} must be True or False, got {value!r}"
+    return None
+
+
+def _mapping_or_none(name: str, value: Any) -> str | None:
+    """None, or a mapping of argument name to value."""
+    if value is not None and not isinstance(value, Mapping):
+        return (f"{name} must be a dict of argument name to value, got "
+                f"{type(value).__name__}")
+    return None
+
+
+def _tolerance(name: str, value: Any) -> str | None:
+    """None, or a non-negative number."""
+    if value is not None and not (isinstance(value, (int, float)) and value >= 0):
+        return f"{name} must be a non-negative number, got {value!r}"
+    return None
+
+
+# Checked in this order; the first problem found is the one reported.
+_VALIDATORS = (
+    ("lowering", _choice(LOWERING_CHOICES)),
+    ("tracer", _choice(TRACER_CHOICES)),
+    ("min_rows", _positive_int),
+    ("bench_rounds", _positive_int),
+    ("auto_rounds", _positive_int),
+    ("verify", _flag),
+    ("benchmark", _flag),
+    ("inplace", _flag),
+    ("check_grads", _flag),
+    ("concrete_args", _mapping_or_none),
+    ("rtol", _tolerance),
+    ("atol", _tolerance),
+)
 
 
 def merge_config(config: FuseConfig | None = None, **overrides: Any) -> FuseConfig:

@@ -35,41 +35,63 @@ def site_table(sites: Sequence[RowSite]) -> str:
                                    "candidate times"], tablefmt="simple")
 
 
+def _error_rows(verification: VerifyReport) -> list[list[str]]:
+    """The worst absolute and relative error, for outputs and for gradients apart."""
+    rows = []
+    for label, part in (("outputs", [c for c in verification.checks if "grad" not in c.name]),
+                        ("gradients", [c for c in verification.checks if "grad" in c.name])):
+        if part:
+            rows.append([f"max error, {label}",
+                         f"abs {max(c.max_abs for c in part):.3g}, rel "
+                         f"{max(c.max_rel for c in part):.3g} (of the largest value)"])
+    return rows
+
+
+def _batch_row(verification: VerifyReport) -> list[list[str]]:
+    """The batch sizes checked, and those the program refuses, if any were checked."""
+    if not verification.batch_sizes:
+        return []
+    refused = (f" (the program refuses {', '.join(map(str, verification.batch_refused))})"
+               if verification.batch_refused else "")
+    return [["batch sizes checked", ", ".join(map(str, verification.batch_sizes)) + refused]]
+
+
+def _verification_rows(verification: VerifyReport | None) -> list[list[str]]:
+    """Errors, checks run, precision, batch sizes, modes and what was skipped."""
+    if verification is None:
+        return [["verification", "not run"]]
+    rows = _error_rows(verification)
+    rows.append(["checks", ", ".join(c.name for c in verification.checks)])
+    if verification.precision:
+        rows.append(["precision", verification.precision])
+    rows += [["precision note", n] for n in verification.notes]
+    rows += _batch_row(verification)
+    if verification.modes:
+        rows.append(["modes checked", ", ".join(verification.modes)])
+    rows += [["skipped", s] for s in verification.skipped]
+    return rows
+
+
+def _timing_rows(timing: BenchResult | None) -> list[list[str]]:
+    """Original and fused median time with their IQR, and the speedup."""
+    if timing is None:
+        return [["timing", "not run"]]
+    return [["original time", f"{_ms(timing.original.median_s)} "
+             f"(IQR {_ms(timing.original.q1_s)}–{_ms(timing.original.q3_s)})"],
+            ["fused time", f"{_ms(timing.fused.median_s)} "
+             f"(IQR {_ms(timing.fused.q1_s)}–{_ms(timing.fused.q3_s)})"],
+            ["speedup", f"{timing.speedup:.2f}x (IQR {timing.speedup_q1:.2f}–"
+             f"{timing.speedup_q3:.2f}x, {timing.original.rounds} interleaved rounds)"]]
+
+
 def summary_table(sites: Sequence[RowSite], verification: VerifyReport | None,
                   timing: BenchResult | None) -> str:
     """Sites fused, worst errors, original vs fused time and speedup with spread."""
     fused = sum(s.fused for s in sites)
     rows = [["sites fused", f"{fused} of {len(sites)}"],
             ["rows fused", str(sum(s.rows for s in sites if s.fused))]]
-    if verification is not None:
-        for label, part in (("outputs", [c for c in verification.checks if "grad" not in c.name]),
-                            ("gradients", [c for c in verification.checks if "grad" in c.name])):
-            if part:
-                rows.append([f"max error, {label}",
-                             f"abs {max(c.max_abs for c in part):.3g}, rel "
-                             f"{max(c.max_rel for c in part):.3g} (of the largest value)"])
-        rows.append(["checks", ", ".join(c.name for c in verification.checks)])
-        if verification.precision:
-            rows.append(["precision", verification.precision])
-        rows += [["precision note", n] for n in verification.notes]
-        if verification.batch_sizes:
-            rows.append(["batch sizes checked", ", ".join(map(str, verification.batch_sizes))
-                         + (f" (the program refuses {', '.join(map(str, verification.batch_refused))})"
-                            if verification.batch_refused else "")])
-        if verification.modes:
-            rows.append(["modes checked", ", ".join(verification.modes)])
-        rows += [["skipped", s] for s in verification.skipped]
-    else:
-        rows.append(["verification", "not run"])
-    if timing is not None:
-        rows += [["original time", f"{_ms(timing.original.median_s)} "
-                  f"(IQR {_ms(timing.original.q1_s)}–{_ms(timing.original.q3_s)})"],
-                 ["fused time", f"{_ms(timing.fused.median_s)} "
-                  f"(IQR {_ms(timing.fused.q1_s)}–{_ms(timing.fused.q3_s)})"],
-                 ["speedup", f"{timing.speedup:.2f}x (IQR {timing.speedup_q1:.2f}–"
-                  f"{timing.speedup_q3:.2f}x, {timing.original.rounds} interleaved rounds)"]]
-    else:
-        rows.append(["timing", "not run"])
+    rows += _verification_rows(verification)
+    rows += _timing_rows(timing)
     return tabulate(rows, tablefmt="simple")
 
 

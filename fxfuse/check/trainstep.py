@@ -82,12 +82,11 @@ def grad_checks(original: torch.nn.Module, fused: torch.nn.Module, inputs: tuple
         return checks
 
 
-def _train_step_checks(original: torch.nn.Module, fused: torch.nn.Module,
-                       inputs: tuple[Any, ...], weight_map: WeightMap, seed: int,
-                       rtol: float | None, atol: float | None, skipped: list[str],
-                       dtype: torch.dtype | None) -> list[Check]:
-    """One train-mode forward/backward of both models (cast to ``dtype`` when given):
-    outputs, input gradients, parameter gradients and buffers after the step."""
+def _train_copies(original: torch.nn.Module, fused: torch.nn.Module,
+                  inputs: tuple[Any, ...], dtype: torch.dtype | None
+                  ) -> tuple[torch.nn.Module, torch.nn.Module, tuple[Any, ...], str]:
+    """Copies of both models (and the floating inputs) cast to ``dtype`` when given, put in
+    train mode with dropout quiet; and the mode's name for the checks' labels."""
     ref_model, new_model = copy.deepcopy(original), copy.deepcopy(fused)
     if dtype is not None:
         ref_model, new_model = ref_model.to(dtype), new_model.to(dtype)
@@ -101,36 +100,39 @@ def _train_step_checks(original: torch.nn.Module, fused: torch.nn.Module,
         mode = "traced-mode"
     for model in (ref_model, new_model):
         quiet_dropout(model)
-    random_ops = random_nodes(new_model)
-    if random_ops:
-        skipped.append(f"gradients: the model calls {random_ops[0]} (random) in train mode")
-        return []
-    results = []
-    grads = []
-    for model in (ref_model, new_model):
-        xs = tuple(x.detach().clone().requires_grad_(x.is_floating_point())
-                   if isinstance(x, torch.Tensor) else x for x in inputs)
-        out = run(model, xs, seed)
-        leaves = [o for o in _leaves(out) if o.requires_grad]
-        if not leaves:
-            skipped.append("gradients: the output does not require grad")
-            return []
-        gen = torch.Generator().manual_seed(seed + 2)
-        loss = sum((o * torch.randn(o.shape, generator=gen).to(o)).sum() for o in leaves)
-        loss.backward()
-        input_grads = [x.grad for x in xs if isinstance(x, torch.Tensor) and x.grad is not None]
-        param_grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
-        results.append(out)
-        grads.append((input_grads, param_grads))
-    checks = [compare(f"{mode} outputs", results[0], results[1], rtol, atol),
-              compare(f"{mode} input grads", grads[0][0], grads[1][0], rtol, atol)]
-    mapped = weight_map.to_original(grads[1][1], strict=False)
-    lost = sorted(set(grads[0][1]) ^ set(mapped))
+    return ref_model, new_model, inputs, mode
+
+
+def _step(model: torch.nn.Module, inputs: tuple[Any, ...], seed: int
+          ) -> tuple[Any, list[torch.Tensor], dict[str, torch.Tensor]] | None:
+    """One forward and backward of a seeded random projection of the outputs: the outputs,
+    the input gradients and the parameter gradients; None when no output needs grad."""
+    xs = tuple(x.detach().clone().requires_grad_(x.is_floating_point())
+               if isinstance(x, torch.Tensor) else x for x in inputs)
+    out = run(model, xs, seed)
+    leaves = [o for o in _leaves(out) if o.requires_grad]
+    if not leaves:
+        return None
+    gen = torch.Generator().manual_seed(seed + 2)
+    loss = sum((o * torch.randn(o.shape, generator=gen).to(o)).sum() for o in leaves)
+    loss.backward()
+    input_grads = [x.grad for x in xs if isinstance(x, torch.Tensor) and x.grad is not None]
+    param_grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+    return out, input_grads, param_grads
+
+
+def _param_check(mode: str, ref_model: torch.nn.Module, new_model: torch.nn.Module,
+                 ref_grads: dict[str, torch.Tensor], new_grads: dict[str, torch.Tensor],
+                 weight_map: WeightMap, rtol: float | None, atol: float | None) -> Check:
+    """Parameter gradients and floating buffers after the step, the fused model's mapped
+    back to the original's keys, summed up in one check (worst error over all keys)."""
+    mapped = weight_map.to_original(new_grads, strict=False)
+    lost = sorted(set(ref_grads) ^ set(mapped))
     if lost:
         raise VerificationError(f"{mode} gradients: {lost[0]} gets a gradient in only one of "
                                 "the two models", check=f"{mode} param grads")
-    common = sorted(set(grads[0][1]) & set(mapped))
-    per_key = [compare(f"{mode} grad of {k}", grads[0][1][k], mapped[k], rtol, atol)
+    common = sorted(set(ref_grads) & set(mapped))
+    per_key = [compare(f"{mode} grad of {k}", ref_grads[k], mapped[k], rtol, atol)
                for k in common]
     buffers_ref = dict(ref_model.named_buffers())
     buffers_new = weight_map.to_original(dict(new_model.named_buffers()), strict=False)
@@ -139,7 +141,31 @@ def _train_step_checks(original: torch.nn.Module, fused: torch.nn.Module,
     if shared:
         per_key += [compare(f"{mode} buffer {k} after the step", buffers_ref[k], buffers_new[k],
                             rtol, atol) for k in shared]
-    checks.append(Check(f"{mode} param grads and buffers ({len(common) + len(shared)})",
-                        max((c.max_abs for c in per_key), default=0.0),
-                        max((c.max_rel for c in per_key), default=0.0)))
-    return checks
+    return Check(f"{mode} param grads and buffers ({len(common) + len(shared)})",
+                 max((c.max_abs for c in per_key), default=0.0),
+                 max((c.max_rel for c in per_key), default=0.0))
+
+
+def _train_step_checks(original: torch.nn.Module, fused: torch.nn.Module,
+                       inputs: tuple[Any, ...], weight_map: WeightMap, seed: int,
+                       rtol: float | None, atol: float | None, skipped: list[str],
+                       dtype: torch.dtype | None) -> list[Check]:
+    """One train-mode forward/backward of both models (cast to ``dtype`` when given):
+    outputs, input gradients, parameter gradients and buffers after the step."""
+    ref_model, new_model, inputs, mode = _train_copies(original, fused, inputs, dtype)
+    random_ops = random_nodes(new_model)
+    if random_ops:
+        skipped.append(f"gradients: the model calls {random_ops[0]} (random) in train mode")
+        return []
+    steps = []
+    for model in (ref_model, new_model):
+        step = _step(model, inputs, seed)
+        if step is None:
+            skipped.append("gradients: the output does not require grad")
+            return []
+        steps.append(step)
+    (ref_out, ref_inputs, ref_params), (new_out, new_inputs, new_params) = steps
+    return [compare(f"{mode} outputs", ref_out, new_out, rtol, atol),
+            compare(f"{mode} input grads", ref_inputs, new_inputs, rtol, atol),
+            _param_check(mode, ref_model, new_model, ref_params, new_params, weight_map,
+                         rtol, atol)]

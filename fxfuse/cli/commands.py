@@ -4,27 +4,26 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import re
-import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 
-from ..api import FuseResult, fuse
+from ..api import fuse
 from ..io.checkpoints import read_weights, existing_file, first_line
-from .main import (EXIT_OK, MAP_NAME, MAP_SUFFIX, _progress, dump_json, shown, user_code,
-                   warn)
+from .console import EXIT_OK, MAP_NAME, progress, dump_json, shown, user_code, warn
 from ..errors import ConfigError, VerificationError
 from ..match.find import find_row_sites
 from ..io.loading import LoadedModel, load_model, parse_input_shapes
 from ..examples import SEED_SHAPE, seed_model
 from ..check.report import site_table
-from ..deploy.onnx import check_onnx_output, is_onnx_path, write_onnx
-from ..io.saving import (SavedModel, atomic_write, check_output_path, non_persistent_keys,
-                         render_model)
+from ..deploy.onnx import is_onnx_path
+from ..deploy.onnx_choice import write_onnx
+from ..io.writing import atomic_write, check_output_path
 from ..io.transaction import OutputSet
+from .outputs import (check_out, check_report_path, describe_saved, output_paths,
+                      weight_map_path, write_outputs)
 from ..trace.tracing import trace_model
 from ..rewrite.weights import WeightMap
 
@@ -32,7 +31,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".pt")
 
 
 def _load(args: argparse.Namespace) -> tuple[LoadedModel, tuple[torch.Tensor, ...]]:
-    _progress(f"loading {args.model}")
+    progress(f"loading {args.model}")
     inputs = parse_input_shapes(args.input_shape, args.dtype, args.device)
     with user_code("loading the model"):
         loaded = load_model(args.model, weights=args.weights, allow_pickle=args.allow_pickle,
@@ -59,7 +58,7 @@ def _check_runs(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
 def inspect(args: argparse.Namespace) -> int:
     """Dry run: list every loop site, its rows and conv, and whether it would fuse."""
     loaded, inputs = _load(args)
-    _progress("tracing")
+    progress("tracing")
     with user_code("tracing the model"):
         gm = trace_model(loaded.model, inputs, tracer=args.tracer)
         sites = find_row_sites(gm, min_rows=args.min_rows)
@@ -75,53 +74,20 @@ def inspect(args: argparse.Namespace) -> int:
 
 def fuse_command(args: argparse.Namespace) -> int:
     """Fuse, verify, benchmark, print the report, write OUT (+ OUT.map.json)."""
-    out = _check_out(args.out)
-    report = _check_report_path(args.report_json, out)
-    with OutputSet(_output_paths(out, report)) as outputs:  # every temp made before any work
+    out = check_out(args.out)
+    report = check_report_path(args.report_json, out)
+    with OutputSet(output_paths(out, report)) as outputs:  # every temp made before any work
         loaded, inputs = _load(args)
-        _check_out(out, loaded.paths)
-        _check_report_path(args.report_json, out, loaded.paths)
+        check_out(out, loaded.paths)
+        check_report_path(args.report_json, out, loaded.paths)
         return _run_fuse(args, loaded.model, inputs, out, report, outputs)
-
-
-def _map_path(out: Path) -> Path:
-    return out.with_name(out.name + MAP_SUFFIX)
-
-
-def _output_paths(out: Path, report: Path | None) -> list[Path]:
-    maps = [] if is_onnx_path(out) else [_map_path(out)]     # an .onnx carries its map inside
-    return [out, *maps] + ([report] if report is not None else [])
-
-
-def _check_report_path(report_json: str | None, out: Path,
-                       inputs: tuple[Path, ...] = ()) -> Path | None:
-    """Refuse a bad ``--report-json`` before any work is done (its temp file, made with
-    the others, is the writability check)."""
-    if not report_json:
-        return None
-    path = Path(report_json).expanduser().absolute()
-    if path.suffix != ".json":
-        raise ConfigError(f"--report-json {path} should end in .json")
-    taken = {Path(p).resolve() for p in (*inputs, out, _map_path(out))}
-    if path.resolve() in taken:
-        raise ConfigError(f"--report-json {path} is the output, its weight map or an input "
-                          "file; choose another name")
-    if not path.parent.is_dir():
-        raise ConfigError(f"cannot write --report-json {path}: {path.parent} is not an "
-                          "existing directory; create it first")
-    return path
-
-
-def _check_out(out: str | Path, inputs: tuple[Path, ...] = ()) -> Path:
-    """``check_output_path``, or its ONNX counterpart for ``-o x.onnx``."""
-    return check_onnx_output(out, inputs) if is_onnx_path(out) else check_output_path(out, inputs)
 
 
 def _run_fuse(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple, out: Path,
               report_json: Path | None, outputs: OutputSet) -> int:
     if is_onnx_path(out):
         return _run_fuse_onnx(args, model, inputs, out, report_json, outputs)
-    _progress("tracing, matching, rewriting and verifying")
+    progress("tracing, matching, rewriting and verifying")
     with user_code("fusing the model"):
         result = fuse(model, inputs, lowering=args.lowering, benchmark=not args.no_bench,
                       min_rows=args.min_rows, tracer=args.tracer,
@@ -129,13 +95,13 @@ def _run_fuse(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple, o
     print(result.report())
     if not result.changed:
         print("no loop was rewritten; writing the traced model unchanged")
-    _progress(f"writing {out}")
+    progress(f"writing {out}")
     with user_code("saving the model"):
-        saved, checked = _write_outputs(result, model, inputs, out, report_json, outputs)
+        saved, checked = write_outputs(result, model, inputs, out, report_json, outputs)
     signals = outputs.commit()
     also = f" and the report {shown(report_json)}" if report_json is not None else ""
-    print(f"\nwrote {shown(out)} ({_describe(saved, checked)}), its weight map "
-          f"{shown(_map_path(out))}{also}")
+    print(f"\nwrote {shown(out)} ({describe_saved(saved, checked)}), its weight map "
+          f"{shown(weight_map_path(out))}{also}")
     if signals:
         warn(f"interrupted while the outputs were being moved into place; the move was "
              f"finished: {shown(out)} and its weight map{also} are all the new files")
@@ -147,7 +113,7 @@ def _run_fuse_onnx(args: argparse.Namespace, model: torch.nn.Module, inputs: tup
                    report_json: Path | None, outputs: OutputSet) -> int:
     """``-o x.onnx``: fuse, export, check and time in ONNX Runtime (fxfuse.deploy.onnx);
     the file and the report are committed together like every other output."""
-    _progress("fusing, exporting to ONNX and checking in ONNX Runtime")
+    progress("fusing, exporting to ONNX and checking in ONNX Runtime")
     with tempfile.TemporaryDirectory(prefix="fxfuse-onnx-") as tmp:
         staged = Path(tmp) / out.name
         with user_code("fusing the model"):
@@ -168,120 +134,6 @@ def _run_fuse_onnx(args: argparse.Namespace, model: torch.nn.Module, inputs: tup
     return 128 + signals[0] if signals else EXIT_OK
 
 
-def _render_out(result: FuseResult, inputs: tuple, out: Path, map_text: str,
-                non_persistent: frozenset[str]) -> tuple[bytes, SavedModel]:
-    """OUT's bytes, in the format its suffix names (the map rides inside where it can)."""
-    extra = {MAP_NAME: map_text} if out.suffix != ".pt" else None
-    return render_model(result.model, out, inputs, extra_files=extra,
-                        non_persistent=non_persistent)
-
-
-def _write_outputs(result: FuseResult, model: torch.nn.Module, inputs: tuple, out: Path,
-                   report_json: Path | None, outputs: OutputSet) -> tuple[SavedModel, list[int]]:
-    """Write OUT, OUT.map.json and the report to their temps (committed by the caller).
-    The map is bound to the fused weights (content hash, shapes, dtypes).
-
-    Returns:
-        What OUT holds, and the batch sizes a dynamic ``.pt2`` was checked at.
-    """
-    non_persistent = non_persistent_keys(model)
-    fused_state = {k: v for k, v in result.model.state_dict().items() if k not in non_persistent}
-    text = result.weight_map.bind(fused_state).to_json()
-    data, saved = _render_out(result, inputs, out, text, non_persistent)
-    checked = (_batch_claim(model, saved, result, inputs) if saved.format == "export"
-               else _checked_batches(result, inputs))
-    outputs.write(out, data)
-    outputs.write(_map_path(out), text.encode("utf-8"))
-    if report_json is not None:
-        report = dict(result.to_dict(), output=str(out), weight_map=str(_map_path(out)),
-                      batch_sizes_checked=checked)
-        outputs.write(report_json, dump_json(report).encode("utf-8"))
-    return saved, checked
-
-
-def _checked_batches(result: FuseResult, inputs: tuple) -> list[int]:
-    """The batch sizes the fused model was verified at (the verification's own list where
-    it gives one, else read from its checks' names)."""
-    v = result.verification
-    if v is None:
-        return []
-    given = getattr(v, "batch_sizes", None) or getattr(result, "batch_sizes", None)
-    if given:
-        return sorted({int(b) for b in given})
-    found = {int(m.group(1)) for c in getattr(v, "checks", ())
-             for m in [re.search(r"batch (\d+)", str(getattr(c, "name", c)))] if m}
-    first = next((x for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0), None)
-    if first is not None:
-        found.add(int(first.shape[0]))
-    return sorted(found)
-
-
-_CLAIM_TOL = {torch.float16: (1e-2, 1e-3), torch.bfloat16: (2e-2, 1e-2)}
-
-
-def _at_batch(inputs: tuple, batch: int) -> tuple:
-    """The inputs with ``batch`` rows: fresh random floats (seeded), other rows drawn."""
-    gen = torch.Generator().manual_seed(batch)
-    out = []
-    for x in inputs:
-        if not isinstance(x, torch.Tensor) or x.dim() == 0:
-            out.append(x)
-        elif x.is_floating_point():
-            out.append(torch.randn((batch, *x.shape[1:]), generator=gen).to(x.dtype).to(x.device))
-        else:
-            out.append(x[torch.randint(0, x.shape[0], (batch,), generator=gen)])
-    return tuple(out)
-
-
-def _program_matches(original: torch.nn.Module, saved: SavedModel, inputs: tuple) -> bool:
-    """Whether the written program gives the original model's outputs on ``inputs``."""
-    dtype = next((x.dtype for x in inputs if isinstance(x, torch.Tensor)), torch.float32)
-    rtol, atol = _CLAIM_TOL.get(dtype, (1e-4, 1e-5))
-    try:
-        with torch.no_grad(), user_code("checking the batch sizes of the .pt2"):
-            want = original(*inputs)
-            got = saved.program.module()(*inputs)
-            torch.testing.assert_close(got, want, rtol=rtol, atol=atol, equal_nan=True)
-    except (Exception, ConfigError):  # noqa: BLE001 - a guard error or a mismatch
-        return False
-    return True
-
-
-def _batch_claim(original: torch.nn.Module, saved: SavedModel, result: FuseResult,
-                 inputs: tuple) -> list[int]:
-    """The batch sizes the written dynamic program was checked at: those the
-    verification ran, plus batch 1 and a large batch compared here with the original."""
-    checked = set(_checked_batches(result, inputs))
-    first = next((x for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0), None)
-    if first is None or saved.program is None or not saved.dynamic_batch:
-        return sorted(checked)
-    for batch in (1, max(2 * int(first.shape[0]) + 1, 9)):
-        if batch in checked:
-            continue
-        if _program_matches(original, saved, _at_batch(inputs, batch)):
-            checked.add(batch)
-        else:
-            warn(f"the written program was not confirmed at batch {batch} (it fails there or "
-                 "differs from the original); use it at the verified batch sizes only")
-    return sorted(checked)
-
-
-def _describe(saved: SavedModel, checked: list[int] = ()) -> str:
-    if saved.format == "export":
-        if not saved.dynamic_batch:
-            return "torch.export program, runs with the traced shapes only"
-        if not checked:
-            return "torch.export program with a dynamic batch size (not verified)"
-        if 1 in checked and max(checked) >= 8:
-            return ("torch.export program, runs with any batch size (checked at "
-                    f"{', '.join(map(str, checked))})")
-        return ("torch.export program with a dynamic batch size, verified at batch "
-                f"{', '.join(map(str, checked))} only")
-    if saved.format == "pickle":
-        return "pickled GraphModule, load with torch.load(..., weights_only=False)"
-    return "the fused model's weights"
-
-
 def demo(args: argparse.Namespace) -> int:
     """The seed model end to end through the saved-model path: save, load, fuse, reload."""
     with _demo_dir(args.out_dir) as root:
@@ -297,8 +149,8 @@ def demo(args: argparse.Namespace) -> int:
             allow_pickle=False, device="cpu", dtype=None, input_shape=[shape], min_rows=2,
             tracer="auto", out=str(root / "seed_rowconv_fused.pt2")))
         out = check_output_path(Path(ns.out).absolute())
-        report = _check_report_path(ns.report_json, out)
-        with OutputSet(_output_paths(out, report)) as outputs:
+        report = check_report_path(ns.report_json, out)
+        with OutputSet(output_paths(out, report)) as outputs:
             loaded, inputs = _load(ns)
             code = _run_fuse(ns, loaded.model, inputs, out, report, outputs)
         if code != EXIT_OK:
@@ -328,7 +180,7 @@ def _demo_dir(out_dir: str | None) -> Iterator[Path]:
 
 def _check_reloaded(out: Path, model: torch.nn.Module) -> None:
     """Load the written .pt2 with bare torch and compare it with the model on batch 7."""
-    _progress("reloading the .pt2 with torch.export.load")
+    progress("reloading the .pt2 with torch.export.load")
     reloaded = torch.export.load(str(out)).module()
     x = torch.randn(7, *SEED_SHAPE[1:])
     with torch.no_grad():

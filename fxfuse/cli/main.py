@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import logging
 import os
 import signal
@@ -23,58 +22,16 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from ..errors import ConfigError, FxFuseError, VerificationError
+from .console import (EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_OK, EXIT_REFUSED,  # noqa: F401
+                      EXIT_USAGE, MAP_NAME, MAP_SUFFIX, SHOWN, SIGNALLED, dump_json, progress,
+                      shown, user_code, warn)
 
 log = logging.getLogger("fxfuse")
-
-EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
-EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports it
-MAP_SUFFIX = ".map.json"
-MAP_NAME = "fxfuse_weight_map.json"
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line and exit 2, like every other error
         self.exit(EXIT_USAGE, f"fxfuse: error: {message} (see {self.prog} -h)\n")
-
-
-def _progress(message: str) -> None:
-    """Say what is happening, on the real stderr and only when it is a terminal."""
-    console = sys.__stderr__
-    if console is not None and console.isatty():
-        print(f"fxfuse: {message}...", file=console, flush=True)
-    log.info(message)
-
-
-_SIGNALLED: list[int] = []     # signals received by this process (not raised by user code)
-
-
-def warn(message: str) -> None:
-    """One ``fxfuse: warning:`` line on the real stderr (shown even when quiet)."""
-    console = sys.__stderr__
-    if console is not None:
-        print(f"fxfuse: warning: {message}", file=console, flush=True)
-
-
-@contextlib.contextmanager
-def user_code(doing: str) -> Iterator[None]:
-    """Run the model's own code: its prints go to stderr (stdout stays the report or the
-    JSON), and ``sys.exit`` / ``KeyboardInterrupt`` raised by it become one ConfigError
-    (a real Ctrl-C or SIGTERM still interrupts)."""
-    try:
-        with contextlib.redirect_stdout(sys.__stderr__ or io.StringIO()):
-            yield
-    except SystemExit as exc:
-        raise ConfigError(f"the model's code called sys.exit({exc.code!r}) while {doing}; "
-                          "remove the exit from the model (fxfuse runs its forward several "
-                          "times)") from exc
-    except KeyboardInterrupt as exc:
-        if _SIGNALLED:
-            raise
-        raise ConfigError(f"the model's code raised KeyboardInterrupt while {doing}; remove "
-                          "the raise from the model") from exc
-    except RecursionError as exc:
-        raise ConfigError(f"RecursionError while {doing}: the model is nested too deeply for "
-                          "Python's recursion limit; flatten its module tree") from exc
 
 
 @contextlib.contextmanager
@@ -86,7 +43,7 @@ def _signals_interrupt() -> Iterator[None]:
         return
 
     def handler(num: int, _frame: object) -> None:
-        _SIGNALLED.append(num)
+        SIGNALLED.append(num)
         raise KeyboardInterrupt
     old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -97,18 +54,6 @@ def _signals_interrupt() -> Iterator[None]:
 
 
 _PATH_ARGS = ("weights", "out", "report_json", "map", "checkpoint", "out_dir")
-_SHOWN: dict[str, str] = {}    # absolute path -> as the user wrote it
-
-
-def shown(path: object) -> str:
-    """``path`` as the user wrote it on the command line (messages), else as given."""
-    text = str(path)
-    for full in sorted(_SHOWN, key=len, reverse=True):  # OUT.map.json shown like OUT
-        if text.startswith(full) and "/" not in text[len(full):]:
-            return _SHOWN[full] + text[len(full):]
-    return text
-
-
 def _absolute_paths(args: argparse.Namespace) -> None:
     """Resolve every path the user gave against the current directory, before any user
     code runs (a factory that calls os.chdir must not move the outputs)."""
@@ -116,7 +61,7 @@ def _absolute_paths(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if isinstance(value, str) and value:
             full = os.path.abspath(os.path.expanduser(value))
-            _SHOWN[full] = value
+            SHOWN[full] = value
             setattr(args, name, full)
     model = getattr(args, "model", None)
     if isinstance(model, str) and model:
@@ -220,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (also used by ``python -m fxfuse``)."""
     args = build_parser().parse_args(argv)
-    _SIGNALLED.clear()
+    SIGNALLED.clear()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="fxfuse: %(message)s")
     from . import commands
@@ -239,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
-        sig = _SIGNALLED[0] if _SIGNALLED else signal.SIGINT
+        sig = SIGNALLED[0] if SIGNALLED else signal.SIGINT
         print("fxfuse: interrupted; nothing was written (any previous output is unchanged)",
               file=sys.stderr)
         return 128 + int(sig)
@@ -264,10 +209,5 @@ def _fail(args: argparse.Namespace, exc: BaseException, code: int, internal: boo
         text = f"internal error: {type(exc).__name__}: {text} (rerun with --debug and report it)"
     print(f"fxfuse: error: {text}", file=sys.stderr)
     return code
-
-
-def dump_json(data: object) -> str:
-    """JSON text for reports (tensors' dtypes and devices as strings)."""
-    return json.dumps(data, indent=2, default=str)
 
 

@@ -9,6 +9,10 @@ exported too and both files are timed in ONNX Runtime, interleaved.
 The file is written to a temporary name next to ``path`` and moved into place only
 after every check passed; on any failure nothing is left. Needs the ``onnx`` extra
 (``pip install "fxfuse[onnx]"``); ``import fxfuse`` does not.
+
+ONNX Runtime's side (sessions, the comparison, timing runners) is in
+:mod:`.onnx_runtime`; the command line's ``-o OUT.onnx`` with its ``auto`` choice among
+the exported lowerings is in :mod:`.onnx_choice`.
 """
 from __future__ import annotations
 
@@ -17,7 +21,6 @@ import importlib
 import io
 import logging
 import os
-import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -27,10 +30,11 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import fx
 
-from ..check.bench import BenchResult, timing_of, time_interleaved
-from ..check.verify import Check, compare
+from ..check.bench import BenchResult, time_interleaved
+from ..check.verify import Check
 from ..errors import ConfigError, TraceError
-from ..io.saving import atomic_write
+from ..io.writing import atomic_write
+from .onnx_runtime import _bench, _check_in_runtime, _runners  # noqa: F401 - _runners: benchmarks
 
 log = logging.getLogger("fxfuse")
 
@@ -257,65 +261,6 @@ def _export(model: torch.nn.Module, inputs: tuple[Any, ...], tmp: Path,
     return dynamic, int(opset)
 
 
-def _session(path: Path) -> Any:
-    import onnxruntime as ort
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _feeds(session: Any, inputs: Sequence[Any]) -> dict[str, Any]:
-    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
-    names = [i.name for i in session.get_inputs()]
-    if len(names) != len(tensors):
-        raise ConfigError(f"the ONNX model takes {len(names)} inputs, the example has "
-                          f"{len(tensors)} tensors; give one tensor per model input")
-    if any(t.dtype == torch.bfloat16 for t in tensors):
-        raise ConfigError("ONNX Runtime's Python API cannot take bfloat16 inputs; export a "
-                          "float32 or float16 model")
-    return {n: t.detach().cpu().contiguous().numpy() for n, t in zip(names, tensors)}
-
-
-def _other_batch(inputs: tuple[Any, ...]) -> tuple[Any, ...] | None:
-    """Fresh random inputs with the batch dim one larger (None without a batched input)."""
-    gen = torch.Generator().manual_seed(1)
-    if not any(isinstance(x, torch.Tensor) and x.dim() > 0 for x in inputs):
-        return None
-    out = []
-    for x in inputs:
-        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.is_floating_point():
-            out.append(torch.randn((x.shape[0] + 1, *x.shape[1:]), generator=gen).to(x))
-        elif isinstance(x, torch.Tensor) and x.dim() > 0:
-            out.append(torch.cat([x, x[:1]]))
-        else:
-            out.append(x)
-    return tuple(out)
-
-
-def _check_in_runtime(path: Path, reference: torch.nn.Module, inputs: tuple[Any, ...],
-                      dynamic: bool) -> list[Check]:
-    """Run ``path`` in ONNX Runtime and compare with ``reference`` (per-dtype tolerances).
-
-    Raises:
-        VerificationError: ONNX Runtime's outputs differ.
-    """
-    session = _session(path)
-    cases = [("example inputs", inputs)]
-    other = _other_batch(inputs) if dynamic else None
-    if other is not None:
-        cases.append((f"batch {other[0].shape[0] if isinstance(other[0], torch.Tensor) else ''}"
-                      .strip(), other))
-    checks = []
-    for name, case in cases:
-        with torch.no_grad():
-            want = reference(*case)
-        got = session.run(None, _feeds(session, case))
-        checks.append(compare(f"ONNX Runtime, {name}", want,
-                              [torch.from_numpy(g) for g in got]))
-    return checks
-
-
 def _time_exports(original: torch.nn.Module, fused_path: Path, inputs: tuple[Any, ...],
                   rounds: int, notes: list[str]) -> BenchResult | None:
     """ONNX Runtime time of the original model's export vs the fused file, interleaved."""
@@ -330,97 +275,6 @@ def _time_exports(original: torch.nn.Module, fused_path: Path, inputs: tuple[Any
         samples = time_interleaved(
             _runners({"original": original_path, "fused": fused_path}, inputs), rounds=rounds)
     return _bench(samples["original"], samples["fused"])
-
-
-def write_onnx(original: torch.nn.Module, out: Path, inputs: tuple[Any, ...], *,
-               lowering: str = "auto", benchmark: bool = True, rounds: int = 15,
-               **fuse_options: Any) -> tuple[Any, bool, OnnxReport]:
-    """The command line's ``-o OUT.onnx``: fuse, export, check, time, write atomically.
-
-    With ``lowering="auto"`` the choice is made where the file will run: the original
-    and each lowering (``grouped``, ``grouped2d``) are exported, checked and timed in
-    ONNX Runtime, interleaved, and a fused export is kept only when it wins by 5% in
-    the median round and is not slower in the lower quartile; else the original's
-    export is written. (The layouts PyTorch runs fastest are not always ONNX Runtime's:
-    measured here, the channels-last grouped ``Conv2d`` ran 3x slower there.)
-
-    Args:
-        original: the model as loaded (not modified).
-        out: the ``.onnx`` path (checked with :func:`check_onnx_output`).
-        inputs: the example inputs.
-        lowering: ``"auto"``, ``"grouped"`` or ``"grouped2d"``.
-        benchmark: time in ONNX Runtime (always done for ``"auto"``).
-        rounds: interleaved timing rounds.
-        **fuse_options: passed to :func:`fxfuse.fuse` (``min_rows``, ``tracer``, ...).
-
-    Returns:
-        The :class:`~fxfuse.FuseResult` of the lowering written (for ``"auto"`` when the
-        original was kept: of ``grouped``, for its report), whether the fused model was
-        written, and the :class:`OnnxReport`.
-    """
-    from ..api import fuse
-    require_onnx()
-    if lowering != "auto":
-        result = fuse(original, inputs, lowering=lowering, benchmark=False, **fuse_options)
-        return result, True, export_onnx(result, out, inputs, original=original,
-                                         benchmark=benchmark, rounds=rounds)
-    with tempfile.TemporaryDirectory(prefix="fxfuse-onnx-") as tmp:
-        built: dict[str, tuple[Any, Path, tuple[bool, int], list[Check]]] = {}
-        first = None
-        for name in ("grouped", "grouped2d"):
-            result = fuse(original, inputs, lowering=name, benchmark=False, **fuse_options)
-            first = first or result
-            if result.changed:
-                built[name] = _candidate(result, result.model, inputs, original, Path(tmp), name)
-        built["original"] = _candidate(first, original, inputs, original, Path(tmp), "original")
-        samples = time_interleaved(_runners({k: v[1] for k, v in built.items()}, inputs),
-                                   rounds=rounds)
-        chosen = _faster(samples)
-        result, file, (dynamic, opset), checks = built[chosen]
-        atomic_write(out, lambda dest: shutil.copyfile(file, dest))
-    medians = ", ".join(f"{k} {timing_of(v).median_s * 1e3:.3g} ms" for k, v in samples.items())
-    wrote = "the original (no fused export was faster)" if chosen == "original" else chosen
-    notes = [f"ONNX Runtime medians: {medians}; wrote {wrote}"]
-    if not dynamic:
-        notes.append("exported with static shapes: the model did not allow a dynamic batch")
-    timing = _bench(samples["original"], samples[chosen])
-    return result, chosen != "original", OnnxReport(Path(out), opset, dynamic, "original",
-                                                    tuple(checks), timing, tuple(notes))
-
-
-def _candidate(result: Any, model: torch.nn.Module, inputs: tuple[Any, ...],
-               original: torch.nn.Module, tmp: Path,
-               name: str) -> tuple[Any, Path, tuple[bool, int], list[Check]]:
-    path = tmp / f"{name}.onnx"
-    weight_map = getattr(result, "weight_map", None) if model is not original else None
-    dynamic_opset = _export(model, inputs, path, weight_map)
-    return result, path, dynamic_opset, _check_in_runtime(path, original, inputs,
-                                                         dynamic_opset[0])
-
-
-def _runners(paths: dict[str, Path], inputs: tuple[Any, ...]) -> dict[str, Any]:
-    sessions = {k: _session(p) for k, p in paths.items()}
-    feeds = {k: _feeds(s, inputs) for k, s in sessions.items()}
-    return {k: (lambda s=s, f=feeds[k]: s.run(None, f)) for k, s in sessions.items()}
-
-
-def _bench(original: Sequence[float], fused: Sequence[float]) -> BenchResult:
-    ratio = timing_of([a / b for a, b in zip(original, fused)])
-    return BenchResult(timing_of(original), timing_of(fused), ratio.median_s, ratio.q1_s,
-                       ratio.q3_s)
-
-
-def _faster(samples: dict[str, list[float]]) -> str:
-    """The fused export that beats the original by 5% in the median round and is not
-    slower in the lower quartile, the fastest such; else ``"original"``."""
-    best, best_ratio = "original", 1.0
-    for name, times in samples.items():
-        if name == "original":
-            continue
-        ratio = timing_of([a / b for a, b in zip(samples["original"], times)])
-        if ratio.median_s >= 1.05 and ratio.q1_s >= 1.0 and ratio.median_s > best_ratio:
-            best, best_ratio = name, ratio.median_s
-    return best
 
 
 def _first_line(exc: BaseException) -> str:

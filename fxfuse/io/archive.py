@@ -140,6 +140,41 @@ def _check_sample_inputs(zf: zipfile.ZipFile, path: Path, name: str, allow: bool
         _refuse(path, name, "sample inputs that need full unpickling", allow, runs)
 
 
+def _open_zip(path: Path, data: bytes) -> zipfile.ZipFile:
+    """The bytes of ``path`` as a zip, or a one-line refusal when they are not one."""
+    try:
+        return zipfile.ZipFile(io.BytesIO(data))
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read torch.export archive {str(path)!r} ({type(exc).__name__}"
+                          f": {exc}); the file looks truncated or corrupt: save or download "
+                          "it again") from exc
+
+
+def _single_root(path: Path, infos: list[zipfile.ZipInfo]) -> str:
+    """The one root folder (with its trailing slash) every entry lives under."""
+    roots = {i.filename.split("/", 1)[0] + "/" for i in infos}
+    if len(roots) != 1 or any("/" not in i.filename for i in infos):
+        raise ConfigError(f"{str(path)!r} is not a torch.export archive (no single root "
+                          "folder); re-export the model with torch.export.save")
+    return roots.pop()
+
+
+def _check_entries(zf: zipfile.ZipFile, path: Path, root: str,
+                   infos: list[zipfile.ZipInfo], allow_pickle: bool, runs: list[str]) -> None:
+    """Refuse (or, with ``allow_pickle``, report in ``runs``) every entry that is not part
+    of a plain exported program; name the command a compile-flags entry would run."""
+    for info in infos:
+        short = info.filename[len(root):]
+        if info.is_dir() or any(p.fullmatch(short) for p in _ALLOWED):
+            continue
+        why = next((w for prefix, w in _WHAT.items() if short.startswith(prefix)),
+                   "not part of a plain exported program")
+        _refuse(path, info.filename, why, allow_pickle, runs)
+        if short.endswith("compile_flags.json") and allow_pickle:
+            flags = _read_json(zf, path, info.filename)
+            runs.append(f"{info.filename}: runs the command {flags.get('compiler')!r}")
+
+
 def inspect_archive(path: Path, allow_pickle: bool = False) -> ArchiveReport:
     """Read ``path`` once and check it is a plain ``torch.export`` program.
 
@@ -154,31 +189,13 @@ def inspect_archive(path: Path, allow_pickle: bool = False) -> ArchiveReport:
         ConfigError: one line naming the entry at fault and the way out.
     """
     data = path.read_bytes()
-    try:
-        zf = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read torch.export archive {str(path)!r} ({type(exc).__name__}"
-                          f": {exc}); the file looks truncated or corrupt: save or download "
-                          "it again") from exc
+    zf = _open_zip(path, data)
     with zf:
         infos = zf.infolist()
         _check_sizes(path, infos, len(data))
-        roots = {i.filename.split("/", 1)[0] + "/" for i in infos}
-        if len(roots) != 1 or any("/" not in i.filename for i in infos):
-            raise ConfigError(f"{str(path)!r} is not a torch.export archive (no single root "
-                              "folder); re-export the model with torch.export.save")
-        root = roots.pop()
+        root = _single_root(path, infos)
         runs: list[str] = []
-        for info in infos:
-            short = info.filename[len(root):]
-            if info.is_dir() or any(p.fullmatch(short) for p in _ALLOWED):
-                continue
-            why = next((w for prefix, w in _WHAT.items() if short.startswith(prefix)),
-                       "not part of a plain exported program")
-            _refuse(path, info.filename, why, allow_pickle, runs)
-            if short.endswith("compile_flags.json") and allow_pickle:
-                flags = _read_json(zf, path, info.filename)
-                runs.append(f"{info.filename}: runs the command {flags.get('compiler')!r}")
+        _check_entries(zf, path, root, infos, allow_pickle, runs)
         _check_payloads(zf, path, root, allow_pickle, runs)
         for info in infos:
             if info.filename[len(root):].startswith("data/sample_inputs/"):

@@ -109,16 +109,27 @@ def read_weights(path: Path, allow_pickle: bool) -> Mapping[str, Any]:
     return _state_dict_of(obj, path)
 
 
+def _shape_clash(file_value: Any, own_value: Any) -> bool:
+    """Both are materialised tensors and their shapes differ."""
+    return (isinstance(file_value, torch.Tensor) and isinstance(own_value, torch.Tensor)
+            and not isinstance(own_value, nn.parameter.UninitializedTensorMixin)
+            and file_value.shape != own_value.shape)
+
+
+def _listed(label: str, items: list[str]) -> str:
+    """``"N label (a, b, c, d, ...)"``: the count and the first four items."""
+    more = ", ..." if len(items) > 4 else ""
+    return f"{len(items)} {label} ({', '.join(items[:4])}{more})"
+
+
 def _mismatch(model: nn.Module, sd: Mapping[str, Any]) -> str | None:
     """One line listing missing, unexpected and wrongly shaped keys, or None if all fit."""
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in sd and isinstance(sd[k], torch.Tensor) and isinstance(own[k], torch.Tensor)
-              and not isinstance(own[k], nn.parameter.UninitializedTensorMixin)
-              and sd[k].shape != own[k].shape]
-    parts = [f"{len(items)} {label} ({', '.join(items[:4])}{', ...' if len(items) > 4 else ''})"
+              if k in sd and _shape_clash(sd[k], own[k])]
+    parts = [_listed(label, items)
              for label, items in (("missing", missing), ("unexpected", unexpected),
                                   ("shape mismatches file vs model", shapes)) if items]
     if unexpected and all(k.startswith("module.") for k in unexpected):

@@ -30,14 +30,8 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _entry(index: int, raw: Any) -> "WeightEntry":
-    from .weights import MAX_DIM, OPS, WeightEntry
-    if not isinstance(raw, dict):
-        raise _bad(f"entry {index} is a {type(raw).__name__}, not an object")
-    key = raw.get("fused_key")
-    where = f"entry {index} ({key!r})" if isinstance(key, str) else f"entry {index}"
-    if not isinstance(key, str) or not key:
-        raise _bad(f"{where} has no 'fused_key' string")
+def _entry_parts(where: str, raw: dict) -> list[str]:
+    """The entry's ``parts``: a non-empty list of non-empty key strings."""
     parts = raw.get("parts")
     if isinstance(parts, str) or not isinstance(parts, list):
         raise _bad(f"{where}: 'parts' is a {type(parts).__name__}, not a list of keys")
@@ -45,6 +39,12 @@ def _entry(index: int, raw: Any) -> "WeightEntry":
         raise _bad(f"{where}: 'parts' is empty")
     if not all(isinstance(p, str) and p for p in parts):
         raise _bad(f"{where}: every part must be a non-empty key string")
+    return parts
+
+
+def _entry_layout(where: str, raw: dict) -> tuple[int, int | None, str]:
+    """The entry's ``dim``, ``unsqueeze`` and ``op``, each checked against its range."""
+    from .weights import MAX_DIM, OPS
     dim, unsqueeze, op = raw.get("dim", 0), raw.get("unsqueeze"), raw.get("op", "cat")
     if not _is_int(dim) or not -MAX_DIM <= dim < MAX_DIM:
         raise _bad(f"{where}: 'dim' is {dim!r}, not a dimension")
@@ -52,6 +52,20 @@ def _entry(index: int, raw: Any) -> "WeightEntry":
         raise _bad(f"{where}: 'unsqueeze' is {unsqueeze!r}, not a dimension or null")
     if op not in OPS:
         raise _bad(f"{where}: unknown op {op!r} (expected one of {', '.join(OPS)})")
+    return dim, unsqueeze, op
+
+
+def _entry(index: int, raw: Any) -> "WeightEntry":
+    """Entry ``index`` of a map's JSON as a :class:`WeightEntry`, validated."""
+    from .weights import WeightEntry
+    if not isinstance(raw, dict):
+        raise _bad(f"entry {index} is a {type(raw).__name__}, not an object")
+    key = raw.get("fused_key")
+    where = f"entry {index} ({key!r})" if isinstance(key, str) else f"entry {index}"
+    if not isinstance(key, str) or not key:
+        raise _bad(f"{where} has no 'fused_key' string")
+    parts = _entry_parts(where, raw)
+    dim, unsqueeze, op = _entry_layout(where, raw)
     return WeightEntry(key, tuple(parts), dim, unsqueeze, op)
 
 

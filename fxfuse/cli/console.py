@@ -1,0 +1,77 @@
+"""What every ``fxfuse`` subcommand shares: exit codes, the weight-map names, progress
+and warning lines on the real stderr, running the model's own code with its prints and
+exits contained, paths shown as the user wrote them, and JSON for reports."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import sys
+from typing import Iterator
+
+from ..errors import ConfigError
+
+log = logging.getLogger("fxfuse")
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports it
+MAP_SUFFIX = ".map.json"
+MAP_NAME = "fxfuse_weight_map.json"
+
+
+def progress(message: str) -> None:
+    """Say what is happening, on the real stderr and only when it is a terminal."""
+    console = sys.__stderr__
+    if console is not None and console.isatty():
+        print(f"fxfuse: {message}...", file=console, flush=True)
+    log.info(message)
+
+
+SIGNALLED: list[int] = []     # signals received by this process (not raised by user code)
+
+
+def warn(message: str) -> None:
+    """One ``fxfuse: warning:`` line on the real stderr (shown even when quiet)."""
+    console = sys.__stderr__
+    if console is not None:
+        print(f"fxfuse: warning: {message}", file=console, flush=True)
+
+
+@contextlib.contextmanager
+def user_code(doing: str) -> Iterator[None]:
+    """Run the model's own code: its prints go to stderr (stdout stays the report or the
+    JSON), and ``sys.exit`` / ``KeyboardInterrupt`` raised by it become one ConfigError
+    (a real Ctrl-C or SIGTERM still interrupts)."""
+    try:
+        with contextlib.redirect_stdout(sys.__stderr__ or io.StringIO()):
+            yield
+    except SystemExit as exc:
+        raise ConfigError(f"the model's code called sys.exit({exc.code!r}) while {doing}; "
+                          "remove the exit from the model (fxfuse runs its forward several "
+                          "times)") from exc
+    except KeyboardInterrupt as exc:
+        if SIGNALLED:
+            raise
+        raise ConfigError(f"the model's code raised KeyboardInterrupt while {doing}; remove "
+                          "the raise from the model") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"RecursionError while {doing}: the model is nested too deeply for "
+                          "Python's recursion limit; flatten its module tree") from exc
+
+
+SHOWN: dict[str, str] = {}    # absolute path -> as the user wrote it
+
+
+def shown(path: object) -> str:
+    """``path`` as the user wrote it on the command line (messages), else as given."""
+    text = str(path)
+    for full in sorted(SHOWN, key=len, reverse=True):  # OUT.map.json shown like OUT
+        if text.startswith(full) and "/" not in text[len(full):]:
+            return SHOWN[full] + text[len(full):]
+    return text
+
+
+def dump_json(data: object) -> str:
+    """JSON text for reports (tensors' dtypes and devices as strings)."""
+    return json.dumps(data, indent=2, default=str)

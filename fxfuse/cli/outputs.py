@@ -1,0 +1,169 @@
+"""What ``fxfuse fuse`` writes: the output paths checked before any work, OUT and
+OUT.map.json (the map bound to the fused weights) and the JSON report staged in one
+:class:`~fxfuse.io.transaction.OutputSet`, and the batch sizes a written dynamic ``.pt2``
+is claimed to run at (those verified, plus batch 1 and a large batch checked here)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from ..api import FuseResult
+from ..deploy.onnx import check_onnx_output, is_onnx_path
+from ..errors import ConfigError
+from ..io.saving import SavedModel, non_persistent_keys, render_model
+from ..io.writing import check_output_path
+from ..io.transaction import OutputSet
+from .console import MAP_NAME, MAP_SUFFIX, dump_json, user_code, warn
+
+
+def weight_map_path(out: Path) -> Path:
+    """OUT.map.json, next to OUT."""
+    return out.with_name(out.name + MAP_SUFFIX)
+
+
+def output_paths(out: Path, report: Path | None) -> list[Path]:
+    """Every file ``fxfuse fuse`` writes: OUT, its map (an .onnx carries its map inside)
+    and the report when asked for."""
+    maps = [] if is_onnx_path(out) else [weight_map_path(out)]
+    return [out, *maps] + ([report] if report is not None else [])
+
+
+def check_report_path(report_json: str | None, out: Path,
+                      inputs: tuple[Path, ...] = ()) -> Path | None:
+    """Refuse a bad ``--report-json`` before any work is done (its temp file, made with
+    the others, is the writability check)."""
+    if not report_json:
+        return None
+    path = Path(report_json).expanduser().absolute()
+    if path.suffix != ".json":
+        raise ConfigError(f"--report-json {path} should end in .json")
+    taken = {Path(p).resolve() for p in (*inputs, out, weight_map_path(out))}
+    if path.resolve() in taken:
+        raise ConfigError(f"--report-json {path} is the output, its weight map or an input "
+                          "file; choose another name")
+    if not path.parent.is_dir():
+        raise ConfigError(f"cannot write --report-json {path}: {path.parent} is not an "
+                          "existing directory; create it first")
+    return path
+
+
+def check_out(out: str | Path, inputs: tuple[Path, ...] = ()) -> Path:
+    """``check_output_path``, or its ONNX counterpart for ``-o x.onnx``."""
+    return check_onnx_output(out, inputs) if is_onnx_path(out) else check_output_path(out, inputs)
+
+
+def _render_out(result: FuseResult, inputs: tuple, out: Path, map_text: str,
+                non_persistent: frozenset[str]) -> tuple[bytes, SavedModel]:
+    """OUT's bytes, in the format its suffix names (the map rides inside where it can)."""
+    extra = {MAP_NAME: map_text} if out.suffix != ".pt" else None
+    return render_model(result.model, out, inputs, extra_files=extra,
+                        non_persistent=non_persistent)
+
+
+def write_outputs(result: FuseResult, model: torch.nn.Module, inputs: tuple, out: Path,
+                  report_json: Path | None, outputs: OutputSet) -> tuple[SavedModel, list[int]]:
+    """Write OUT, OUT.map.json and the report to their temps (committed by the caller).
+    The map is bound to the fused weights (content hash, shapes, dtypes).
+
+    Returns:
+        What OUT holds, and the batch sizes a dynamic ``.pt2`` was checked at.
+    """
+    non_persistent = non_persistent_keys(model)
+    fused_state = {k: v for k, v in result.model.state_dict().items() if k not in non_persistent}
+    text = result.weight_map.bind(fused_state).to_json()
+    data, saved = _render_out(result, inputs, out, text, non_persistent)
+    checked = (_batch_claim(model, saved, result, inputs) if saved.format == "export"
+               else _checked_batches(result, inputs))
+    outputs.write(out, data)
+    outputs.write(weight_map_path(out), text.encode("utf-8"))
+    if report_json is not None:
+        report = dict(result.to_dict(), output=str(out), weight_map=str(weight_map_path(out)),
+                      batch_sizes_checked=checked)
+        outputs.write(report_json, dump_json(report).encode("utf-8"))
+    return saved, checked
+
+
+def _checked_batches(result: FuseResult, inputs: tuple) -> list[int]:
+    """The batch sizes the fused model was verified at (the verification's own list where
+    it gives one, else read from its checks' names)."""
+    v = result.verification
+    if v is None:
+        return []
+    given = getattr(v, "batch_sizes", None) or getattr(result, "batch_sizes", None)
+    if given:
+        return sorted({int(b) for b in given})
+    found = {int(m.group(1)) for c in getattr(v, "checks", ())
+             for m in [re.search(r"batch (\d+)", str(getattr(c, "name", c)))] if m}
+    first = next((x for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0), None)
+    if first is not None:
+        found.add(int(first.shape[0]))
+    return sorted(found)
+
+
+_CLAIM_TOL = {torch.float16: (1e-2, 1e-3), torch.bfloat16: (2e-2, 1e-2)}
+
+
+def _at_batch(inputs: tuple, batch: int) -> tuple:
+    """The inputs with ``batch`` rows: fresh random floats (seeded), other rows drawn."""
+    gen = torch.Generator().manual_seed(batch)
+    out = []
+    for x in inputs:
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            out.append(x)
+        elif x.is_floating_point():
+            out.append(torch.randn((batch, *x.shape[1:]), generator=gen).to(x.dtype).to(x.device))
+        else:
+            out.append(x[torch.randint(0, x.shape[0], (batch,), generator=gen)])
+    return tuple(out)
+
+
+def _program_matches(original: torch.nn.Module, saved: SavedModel, inputs: tuple) -> bool:
+    """Whether the written program gives the original model's outputs on ``inputs``."""
+    dtype = next((x.dtype for x in inputs if isinstance(x, torch.Tensor)), torch.float32)
+    rtol, atol = _CLAIM_TOL.get(dtype, (1e-4, 1e-5))
+    try:
+        with torch.no_grad(), user_code("checking the batch sizes of the .pt2"):
+            want = original(*inputs)
+            got = saved.program.module()(*inputs)
+            torch.testing.assert_close(got, want, rtol=rtol, atol=atol, equal_nan=True)
+    except (Exception, ConfigError):  # noqa: BLE001 - a guard error or a mismatch
+        return False
+    return True
+
+
+def _batch_claim(original: torch.nn.Module, saved: SavedModel, result: FuseResult,
+                 inputs: tuple) -> list[int]:
+    """The batch sizes the written dynamic program was checked at: those the
+    verification ran, plus batch 1 and a large batch compared here with the original."""
+    checked = set(_checked_batches(result, inputs))
+    first = next((x for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0), None)
+    if first is None or saved.program is None or not saved.dynamic_batch:
+        return sorted(checked)
+    for batch in (1, max(2 * int(first.shape[0]) + 1, 9)):
+        if batch in checked:
+            continue
+        if _program_matches(original, saved, _at_batch(inputs, batch)):
+            checked.add(batch)
+        else:
+            warn(f"the written program was not confirmed at batch {batch} (it fails there or "
+                 "differs from the original); use it at the verified batch sizes only")
+    return sorted(checked)
+
+
+def describe_saved(saved: SavedModel, checked: list[int] = ()) -> str:
+    """What OUT holds and how it may be run, in a few words for the closing line."""
+    if saved.format == "export":
+        if not saved.dynamic_batch:
+            return "torch.export program, runs with the traced shapes only"
+        if not checked:
+            return "torch.export program with a dynamic batch size (not verified)"
+        if 1 in checked and max(checked) >= 8:
+            return ("torch.export program, runs with any batch size (checked at "
+                    f"{', '.join(map(str, checked))})")
+        return ("torch.export program with a dynamic batch size, verified at batch "
+                f"{', '.join(map(str, checked))} only")
+    if saved.format == "pickle":
+        return "pickled GraphModule, load with torch.load(..., weights_only=False)"
+    return "the fused model's weights"
