@@ -52,6 +52,15 @@ def _entry(index: int, raw: Any) -> "WeightEntry":
         raise _bad(f"{where}: 'unsqueeze' is {unsqueeze!r}, not a dimension or null")
     if op not in OPS:
         raise _bad(f"{where}: unknown op {op!r} (expected one of {', '.join(OPS)})")
+    window = raw.get("window")
+    if op == "pad":
+        if (not isinstance(window, list) or len(window) != len(parts)
+                or not all(isinstance(w, list) and len(w) == 2 and all(_is_int(v) for v in w)
+                           and w[0] >= 0 and w[1] > 0 for w in window)):
+            raise _bad(f"{where}: a 'pad' entry needs 'window', one [offset, size] per part")
+        return WeightEntry(key, tuple(parts), dim, unsqueeze, op, tuple(tuple(w) for w in window))
+    if window is not None:
+        raise _bad(f"{where}: 'window' belongs only to 'pad' entries")
     return WeightEntry(key, tuple(parts), dim, unsqueeze, op)
 
 
