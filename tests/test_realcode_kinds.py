@@ -16,7 +16,7 @@ from fxfuse.rewrite.weights import WeightMap
 from fxfuse.errors import ConfigError
 from conftest import assert_left_alone, check, check_counts, check_grads, check_outputs, \
     fresh_inputs, set_mode
-from zoo.realcode import MultiScaleRows
+from zoo.realcode import MultiScaleRows, PooledTowers
 
 MODES = [False, True]
 
@@ -176,3 +176,55 @@ def test_pad_entry_validation():
     good["entries"][0].update(op="cat", window=[[0, 1], [0, 1]])
     with pytest.raises(ConfigError, match="window"):
         WeightMap.from_json(json.dumps(good))
+
+
+# ------------------------------------------------------------------ pooling in towers
+
+class FunctionalPoolTowers(nn.Module):
+    """Pools written as functions inside the loop, the row picked with ``select``."""
+
+    def __init__(self, H=3, C=2):
+        super().__init__()
+        self.c1 = nn.ModuleList([nn.Conv1d(C, 4, 3, padding=1) for _ in range(H)])
+        self.c2 = nn.ModuleList([nn.Conv1d(4, 4, 3) for _ in range(H)])
+
+    def forward(self, x):  # (B, C, H, L)
+        feats = []
+        for h in range(len(self.c1)):
+            y = F.relu(self.c1[h](x.select(2, h)))
+            y = F.max_pool1d(y, kernel_size=2, stride=2)
+            y = F.avg_pool1d(self.c2[h](y), 2, ceil_mode=True)
+            feats.append(F.adaptive_max_pool1d(y, 2))
+        return torch.cat(feats, dim=1)
+
+
+class IndexPoolTowers(FunctionalPoolTowers):
+    """A pool that also returns its indices: a tuple per row, not fused."""
+
+    def forward(self, x):
+        feats = []
+        for h in range(len(self.c1)):
+            y, _ = F.max_pool1d(self.c1[h](x[:, :, h]), 2, return_indices=True)
+            feats.append(y)
+        return torch.stack(feats, 1)
+
+
+@pytest.mark.parametrize("train", MODES)
+@pytest.mark.parametrize("factory,shape", [(PooledTowers, (2, 3, 4, 16)),
+                                           (FunctionalPoolTowers, (2, 2, 3, 17))],
+                         ids=["modules", "functions"])
+def test_pools_apply_once_on_the_grouped_layout(factory, shape, train):
+    torch.manual_seed(0)
+    model = set_mode(factory(), train)
+    x = (torch.randn(shape),)
+    before = heavy_calls(fxfuse.trace_model(model, x))
+    for lowering in (None, "grouped"):
+        result = check(model, x, 1, lowering=lowering)
+        assert heavy_calls(result.model) == 2 < before
+        assert any("pool" in step for step in result.sites[0].steps), result.sites[0].steps
+        round_trip(model, result)
+
+
+def test_pool_returning_indices_is_not_a_row_op():
+    result = fxfuse.fuse(IndexPoolTowers(), (torch.randn(2, 2, 3, 16),), benchmark=False)
+    assert not any(s.fused for s in result.sites)
