@@ -5,6 +5,7 @@ eval and train, checked at another batch size (conftest.check)."""
 from __future__ import annotations
 
 import json
+import operator
 
 import pytest
 import torch
@@ -14,9 +15,10 @@ from torch import nn
 import fxfuse
 from fxfuse.rewrite.weights import WeightMap
 from fxfuse.errors import ConfigError
+from fxfuse.match.kinds.rawparam import attr_row
 from conftest import assert_left_alone, check, check_counts, check_grads, check_outputs, \
     fresh_inputs, set_mode
-from zoo.realcode import MultiScaleRows, PooledTowers
+from zoo.realcode import MultiScaleRows, PooledTowers, RawParamHeads
 
 MODES = [False, True]
 
@@ -28,9 +30,25 @@ def heavy_calls(gm) -> int:
         if node.op == "call_module":
             n += isinstance(gm.get_submodule(str(node.target)), (nn.Conv1d, nn.Conv2d, nn.Linear))
         elif node.op == "call_function":
-            n += node.target in (F.conv1d, F.conv2d, F.linear, torch.matmul, torch.bmm,
+            name = getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
+            n += name in ("convolution", "linear", "matmul", "einsum", "bmm", "mm", "addmm")
+            n += node.target in (F.conv1d, F.conv2d, F.linear, torch.matmul, operator.matmul,
+                                 torch.bmm,
                                  torch.einsum, torch.baddbmm)
     return n
+
+
+def check_rows(model: nn.Module, x: tuple, lowering: str | None) -> fxfuse.FuseResult:
+    """``conftest.check`` for sites that are not convs (no ConvSpec, no fused conv
+    module): one site fused, outputs at another batch size and train-mode gradients
+    (mapped back through the weight map) match the original."""
+    result = fxfuse.fuse(model, x, benchmark=False, lowering=lowering or "auto")
+    assert [s.fused for s in result.sites] == [True], [s.reason for s in result.sites]
+    result.model.graph.lint()
+    other = fresh_inputs(x, x[0].shape[0] + 2)
+    check_outputs(model, result.model, other)
+    check_grads(model, result.model, other, result.weight_map)
+    return result
 
 
 def round_trip(model: nn.Module, result: fxfuse.FuseResult) -> None:
@@ -228,3 +246,59 @@ def test_pools_apply_once_on_the_grouped_layout(factory, shape, train):
 def test_pool_returning_indices_is_not_a_row_op():
     result = fxfuse.fuse(IndexPoolTowers(), (torch.randn(2, 2, 3, 16),), benchmark=False)
     assert not any(s.fused for s in result.sites)
+
+
+# ------------------------------------------------------------------ raw-parameter layers
+
+class EinsumHeads(nn.Module):
+    """``torch.einsum`` with a per-row weight on (B, T, n, d) rows, a registered buffer
+    scale; rows taken from ``unbind``."""
+
+    def __init__(self, n=3, d_in=4, d_out=5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n, d_in, d_out) * 0.3)
+        self.bias = nn.Parameter(torch.randn(n, d_out) * 0.1)
+
+    def forward(self, x):  # (B, T, n, d_in)
+        outs = [torch.einsum("btd,de->bte", xi, self.weight[i]) + self.bias[i]
+                for i, xi in enumerate(x.unbind(2))]
+        return torch.stack(outs, dim=2)
+
+
+class StackedFLinear(nn.Module):
+    """``F.linear`` on rows of one stacked (n, out, in) weight, rows in reverse order,
+    no bias; a ReLU after each."""
+
+    def __init__(self, n=4, d_in=6, d_out=3):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(n, d_out, d_in) * 0.3)
+        self.n = n
+
+    def forward(self, x):  # (B, n, d_in)
+        outs = []
+        for i in range(self.n):
+            outs.append(torch.relu(F.linear(x[:, i, :], self.w[self.n - 1 - i])))
+        return torch.cat(outs, dim=-1)
+
+
+RAW_CASES = [(RawParamHeads, (2, 4, 6)), (EinsumHeads, (2, 5, 3, 4)),
+             (StackedFLinear, (2, 4, 6))]
+
+
+@pytest.mark.parametrize("train", MODES)
+@pytest.mark.parametrize("factory,shape", RAW_CASES, ids=lambda v: getattr(v, "__name__", ""))
+def test_raw_parameter_rows_one_batched_matmul(factory, shape, train):
+    torch.manual_seed(0)
+    model = set_mode(factory(), train)
+    x = (torch.randn(shape),)
+    traced = fxfuse.trace_model(model, x)
+    before = heavy_calls(traced)
+    for lowering in (None, "grouped"):
+        result = check_rows(model, x, lowering)
+        assert heavy_calls(result.model) == 1 < before, result.model.code
+        # the fused graph reads the model's own stacked parameters: nothing copied
+        assert sorted(result.model.state_dict()) == sorted(model.state_dict())
+        assert not result.weight_map.entries
+        round_trip(model, result)
+        assert not any(n.op == "call_function" and n.target is operator.getitem and n.args[0].op == "get_attr" and isinstance(n.args[1], int)
+                       for n in result.model.graph.nodes), result.model.code

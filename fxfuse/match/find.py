@@ -167,7 +167,8 @@ def _match(ctx: _Context, cand: Candidate, good: list[RowChain], facts: dict,
                      output_nodes=tuple(n.name for n in cand.graph_order(region)),
                      chains=tuple(tuple(op.node.name for op in c.ops) for c in good),
                      groups=groups, family=family(good[0]), shared_module=shared)
-    return RowSite(match, notes=_notes(shared, groups) + padded_note(good))
+    padded = padded_note(good) if len(groups) == 1 else ()
+    return RowSite(match, notes=_notes(shared, groups) + padded)
 
 
 def _joined_by(cand: Candidate, reduced: Reduction | None, facts: dict
@@ -255,7 +256,8 @@ def _groups(chains: list[RowChain]) -> tuple[tuple[int, ...], ...]:
     groups = group_rows(chains)
     if len(groups) == 1:
         return groups
-    padded = mixed_kernels(chains)      # rows differ only in kernel size: pad, one group
+    # rows differ only in kernel size, some alone in their group: pad them, one group
+    padded = mixed_kernels(chains) if any(len(g) == 1 for g in groups) else None
     if isinstance(padded, list):
         return (tuple(range(len(chains))),)
     other = chains[groups[1][0]]

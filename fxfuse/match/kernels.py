@@ -6,6 +6,8 @@ holds when, for every row, the largest row's left padding exceeds the row's by a
 number of dilation steps ``o`` and the right paddings differ by the rest of the padded
 width: then every output position reads the same inputs with the same weights, and the
 output lengths agree. Otherwise the rows are refused with the offsets that do not fit.
+Rows are padded only when some kernel size has a single row: when every size has two
+or more rows, one grouped conv per size computes no zero taps (the matcher's groups).
 """
 from __future__ import annotations
 
