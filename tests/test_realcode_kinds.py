@@ -18,7 +18,7 @@ from fxfuse.errors import ConfigError
 from fxfuse.match.kinds.rawparam import attr_row
 from conftest import assert_left_alone, check, check_counts, check_grads, check_outputs, \
     fresh_inputs, set_mode
-from zoo.realcode import MultiScaleRows, PooledTowers, RawParamHeads
+from zoo.realcode import InceptionBranches, MultiScaleRows, PooledTowers, RawParamHeads
 
 MODES = [False, True]
 
@@ -302,3 +302,37 @@ def test_raw_parameter_rows_one_batched_matmul(factory, shape, train):
         round_trip(model, result)
         assert not any(n.op == "call_function" and n.target is operator.getitem and n.args[0].op == "get_attr" and isinstance(n.args[1], int)
                        for n in result.model.graph.nodes), result.model.code
+
+
+# ------------------------------------------------------------------ shared-input branches
+
+class MixedKernelBlock(nn.Module):
+    """Branches on one input with their own kernel sizes and biases, summed into a
+    dict output after a cat (written as in mixed-kernel blocks)."""
+
+    def __init__(self, C=3, out=2, kernels=(1, 3, 5, 7)):
+        super().__init__()
+        self.branches = nn.ModuleList()
+        for k in kernels:
+            self.branches.append(nn.Conv1d(C, out, kernel_size=k, padding=(k - 1) // 2))
+
+    def forward(self, x):
+        feats = torch.cat([branch(x) for branch in self.branches], 1)
+        return {"features": F.relu(feats), "mean": feats.mean(-1)}
+
+
+@pytest.mark.parametrize("train", MODES)
+@pytest.mark.parametrize("factory,shape", [(InceptionBranches, (2, 4, 50)),
+                                           (MixedKernelBlock, (2, 3, 20))],
+                         ids=["inception", "mixed-kernels"])
+def test_shared_input_branches_one_conv(factory, shape, train):
+    torch.manual_seed(0)
+    model = set_mode(factory(), train)
+    x = (torch.randn(shape),)
+    before = heavy_calls(fxfuse.trace_model(model, x))
+    branches = len(factory().convs if hasattr(factory(), "convs") else factory().branches)
+    for lowering in (None, "grouped"):
+        result = check_rows(model, x, lowering)
+        assert any("zero-padded" in note for note in result.sites[0].notes)
+        assert heavy_calls(result.model) == before - branches + 1, result.model.code
+        round_trip(model, result)
