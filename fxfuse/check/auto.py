@@ -55,6 +55,12 @@ def _site_nodes(gm: fx.GraphModule, site: RowSite) -> set[fx.Node]:
     return {nodes[n] for n in names}
 
 
+def _is_attr_row(node: fx.Node) -> bool:
+    """``W[i]`` of an attribute (a per-row raw weight)."""
+    from ..match.kinds.rawparam import attr_row
+    return attr_row(node) is not None
+
+
 def _is_size_query(node: fx.Node, source: fx.Node) -> bool:
     """``source.size(d)``, ``source.shape`` and the like: recomputed in the cut-out."""
     if not node.args or node.args[0] is not source:
@@ -87,7 +93,7 @@ def extract_loop(gm: fx.GraphModule, site: RowSite) -> fx.GraphModule:
             continue
         for inp in node.all_input_nodes:
             if inp in keep or inp in outside or inp.op == "get_attr" or VALUE_KEY in inp.meta \
-                    or _is_size_query(inp, source):
+                    or _is_size_query(inp, source) or _is_attr_row(inp):
                 continue
             if "tensor_meta" not in inp.meta:
                 raise CannotTime(f"the loop reads `{inp.name}`, which has no traced shape")
@@ -103,7 +109,7 @@ def extract_loop(gm: fx.GraphModule, site: RowSite) -> fx.GraphModule:
             return env[node]
         if VALUE_KEY in node.meta:
             return node.meta[VALUE_KEY]
-        if node.op == "get_attr" or _is_size_query(node, source):
+        if node.op == "get_attr" or _is_size_query(node, source) or _is_attr_row(node):
             env[node] = graph.node_copy(node, arg)
             return env[node]
         raise CannotTime(f"the loop reads `{node.name}` from outside")

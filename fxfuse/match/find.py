@@ -21,6 +21,7 @@ from ..errors import ConfigError
 from ..trace.tracing import tensor_dtype, tensor_shape
 from .candidates import Candidate, find_candidates, walk_back
 from .chains import RowChain, family, family_problem, group_rows, key_difference, row_chain
+from .kernels import mixed_kernels, padded_note
 from .kinds import row_op
 from .layout import LayoutError, evaluate, index_tensor, solve_feature_input, solve_input, \
     solve_output
@@ -167,7 +168,8 @@ def _match(ctx: _Context, cand: Candidate, good: list[RowChain], facts: dict,
                      output_nodes=tuple(n.name for n in cand.graph_order(region)),
                      chains=tuple(tuple(op.node.name for op in c.ops) for c in good),
                      groups=groups, family=family(good[0]), shared_module=shared)
-    return RowSite(match, notes=_notes(shared, groups))
+    padded = padded_note(good) if len(groups) == 1 else ()
+    return RowSite(match, notes=_notes(shared, groups) + padded)
 
 
 def _joined_by(cand: Candidate, reduced: Reduction | None, facts: dict
@@ -255,10 +257,14 @@ def _groups(chains: list[RowChain]) -> tuple[tuple[int, ...], ...]:
     groups = group_rows(chains)
     if len(groups) == 1:
         return groups
+    # rows differ only in kernel size, some alone in their group: pad them, one group
+    padded = mixed_kernels(chains) if any(len(g) == 1 for g in groups) else None
+    if isinstance(padded, list):
+        return (tuple(range(len(chains))),)
     other = chains[groups[1][0]]
     why = f"rows differ: row 0 and row {groups[1][0]} have {key_difference(chains[0], other)}"
     if all(len(g) == 1 for g in groups):
-        raise Refused(why)
+        raise Refused(f"{why}; {padded}" if padded else why)
     if len({tensor_shape(c.output) for c in chains}) != 1:
         raise Refused(f"{why}, and their outputs differ in shape")
     return groups

@@ -261,8 +261,15 @@ def _erase_dead(graph: fx.Graph, candidates: list[fx.Node]) -> None:
         if not node.users:
             graph.erase_node(node)
     for node in reversed(list(graph.nodes)):
-        if not node.users and (node.op == "get_attr" or _is_size_query(node)):
+        if not node.users and (node.op == "get_attr" or _is_size_query(node)
+                               or _is_attr_row(node)):
             graph.erase_node(node)
+
+
+def _is_attr_row(node: fx.Node) -> bool:
+    """``W[i]`` of an attribute (a per-row raw weight)."""
+    from ..match.kinds.rawparam import attr_row
+    return attr_row(node) is not None
 
 
 def _is_size_query(node: fx.Node) -> bool:

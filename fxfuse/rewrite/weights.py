@@ -23,7 +23,7 @@ import torch
 from ..errors import ConfigError
 
 FORMAT = "fxfuse-weight-map/1"
-OPS = ("cat", "stack", "same")
+OPS = ("cat", "stack", "same", "pad")
 MAX_ENTRIES = 1_000_000
 MAX_DIM = 64
 
@@ -33,7 +33,10 @@ class WeightEntry:
     """``fused_key`` holds ``parts`` joined along ``dim`` (then ``unsqueeze`` applied).
 
     ``op`` is ``"cat"`` (concatenated), ``"stack"`` (stacked on a new dim) or
-    ``"same"`` (every part holds the same value, e.g. BatchNorm's batch counter).
+    ``"same"`` (every part holds the same value, e.g. BatchNorm's batch counter) or
+    ``"pad"`` (concatenated after zero-padding each part's last dim: part ``i`` sits at
+    ``window[i] = (offset, size)`` of the fused last dim, e.g. conv kernels of different
+    sizes padded to the largest; splitting slices the windows back out).
     """
 
     fused_key: str
@@ -41,6 +44,7 @@ class WeightEntry:
     dim: int = 0
     unsqueeze: int | None = None
     op: str = "cat"
+    window: tuple[tuple[int, int], ...] | None = None
 
     def join(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """The fused tensor made from the parts' tensors.
@@ -63,6 +67,8 @@ class WeightEntry:
             fused = tensors[0].clone()
         elif self.op == "stack":
             fused = torch.stack(tensors, dim=self.dim)
+        elif self.op == "pad":
+            fused = torch.cat(self._padded(tensors), dim=self.dim)
         else:
             fused = torch.cat(tensors, dim=self.dim)
         return fused if self.unsqueeze is None else fused.unsqueeze(self.unsqueeze)
@@ -96,7 +102,30 @@ class WeightEntry:
         if rem:
             raise ConfigError(f"{self.fused_key} has {fused.shape[self.dim]} entries on dim "
                               f"{self.dim}, not a multiple of {len(self.parts)} rows")
-        return [t.clone() for t in torch.split(fused, size, dim=self.dim)]
+        parts = torch.split(fused, size, dim=self.dim)
+        if self.op == "pad":
+            if fused.shape[-1] != self._width():
+                raise ConfigError(f"{self.fused_key} has {fused.shape[-1]} entries on its last "
+                                  f"dim, the map says {self._width()}")
+            return [t[..., o:o + k].clone() for t, (o, k) in zip(parts, self._windows())]
+        return [t.clone() for t in parts]
+
+    def _windows(self) -> tuple[tuple[int, int], ...]:
+        if not self.window or len(self.window) != len(self.parts):
+            raise ConfigError(f"{self.fused_key}: a 'pad' entry needs one (offset, size) "
+                              "window per part")
+        return self.window
+
+    def _width(self) -> int:
+        return max(o + k for o, k in self._windows())
+
+    def _padded(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        width, out = self._width(), []
+        for t, (o, k) in zip(tensors, self._windows()):
+            if t.shape[-1] != k:
+                raise ValueError(f"a part has {t.shape[-1]} entries on its last dim, not {k}")
+            out.append(torch.nn.functional.pad(t, (o, width - o - k)))
+        return out
 
 
 @dataclass(frozen=True)
@@ -170,7 +199,15 @@ class WeightMap:
 
     def entries_json(self) -> list[dict[str, Any]]:
         """The entries as JSON-ready dicts."""
-        return [dict(asdict(e), parts=list(e.parts)) for e in self.entries]
+        out = []
+        for e in self.entries:
+            raw = dict(asdict(e), parts=list(e.parts))
+            if e.window is None:
+                del raw["window"]
+            else:
+                raw["window"] = [list(w) for w in e.window]
+            out.append(raw)
+        return out
 
     def to_json(self) -> str:
         """The map as JSON text (see :meth:`from_json`)."""

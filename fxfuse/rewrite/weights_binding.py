@@ -55,6 +55,21 @@ def _entry_layout(where: str, raw: dict) -> tuple[int, int | None, str]:
     return dim, unsqueeze, op
 
 
+def _entry_window(where: str, raw: dict, op: str, n_parts: int
+                  ) -> tuple[tuple[int, int], ...] | None:
+    """A ``pad`` entry's ``window``: one ``[offset, size]`` per part (no other op has one)."""
+    window = raw.get("window")
+    if op != "pad":
+        if window is not None:
+            raise _bad(f"{where}: 'window' belongs only to 'pad' entries")
+        return None
+    if (not isinstance(window, list) or len(window) != n_parts
+            or not all(isinstance(w, list) and len(w) == 2 and all(_is_int(v) for v in w)
+                       and w[0] >= 0 and w[1] > 0 for w in window)):
+        raise _bad(f"{where}: a 'pad' entry needs 'window', one [offset, size] per part")
+    return tuple(tuple(w) for w in window)
+
+
 def _entry(index: int, raw: Any) -> "WeightEntry":
     """Entry ``index`` of a map's JSON as a :class:`WeightEntry`, validated."""
     from .weights import WeightEntry
@@ -66,6 +81,9 @@ def _entry(index: int, raw: Any) -> "WeightEntry":
         raise _bad(f"{where} has no 'fused_key' string")
     parts = _entry_parts(where, raw)
     dim, unsqueeze, op = _entry_layout(where, raw)
+    window = _entry_window(where, raw, op, len(parts))
+    if window is not None:
+        return WeightEntry(key, tuple(parts), dim, unsqueeze, op, window)
     return WeightEntry(key, tuple(parts), dim, unsqueeze, op)
 
 

@@ -10,12 +10,13 @@ from .spellings import Seed
 
 
 class KernelSizes(RowLoop):
-    """Every row's conv has its own kernel size (padding keeps the length)."""
+    """Every row's conv has its own kernel size (padding keeps the length), padded
+    circularly: a kernel zero-padded to the largest would not compute a row."""
 
     def __init__(self, kernels: tuple[int, ...] = (1, 3, 5, 7)) -> None:
         super().__init__(H=len(kernels), padding=1)
-        self.layers = nn.ModuleList(nn.Conv1d(self.C, self.C_out, k, padding=k // 2)
-                                    for k in kernels)
+        self.layers = nn.ModuleList(nn.Conv1d(self.C, self.C_out, k, padding=k // 2,
+                                              padding_mode="circular") for k in kernels)
 
     def forward(self, x):
         return torch.stack([self.layers[h](x[:, :, h]) for h in range(self.H)], 2)

@@ -117,6 +117,9 @@ class ConvKind(RowKind):
                      f"conv {spec.describe()}")
 
     def emit(self, lane: Lane, ops: list[RowOp]) -> None:
+        if len({op.key for op in ops}) > 1:      # kernel sizes differ (checked to line up)
+            from .padded_conv import emit_padded
+            return emit_padded(lane, ops)
         spec, g, graph = ops[0].key, len(ops), lane.graph
         kw = dict(groups=g * spec.groups, bias=spec.bias, padding_mode=spec.padding_mode,
                   dtype=spec.dtype, device=spec.device)
