@@ -147,6 +147,10 @@ def make_rows_input(graph: fx.Graph, source: fx.Node, site: RowSite) -> fx.Node:
         return graph.call_method("unflatten", (node, 1, (len(plan.rows), plan.width)))
     if not plan.is_identity_order:
         node = graph.call_function(operator.getitem, (node, (slice(None), list(plan.rows))))
+    if plan.row_shape:           # rows reshaped (Flatten modules): once, on all rows
+        node = graph.call_method("flatten", (node, 2))
+        if len(plan.row_shape) > 1:
+            node = graph.call_method("unflatten", (node, 2, plan.row_shape))
     return node
 
 
@@ -179,7 +183,7 @@ def _make_chain(gm: fx.GraphModule, rows: fx.Node, chains: list[list[RowOp]], pr
     graph, count, plan = gm.graph, len(chains), site.input_plan
     if site.family == "linear":
         lane = Lane(gm, rows, "linear", count, prefix, lowering,
-                    row_ndim=len(plan.axes) - (1 if plan.kind == "select" else 0))
+                    row_ndim=plan.row_ndim)
     else:
         two_d = lowering == "grouped2d"
         start = _channels_last_input(graph, rows) if two_d else \
