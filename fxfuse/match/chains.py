@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from torch import fx, nn
 
 from .kinds import RowOp, row_op
+from .rowdag import links, row_dag
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,7 @@ class RowChain:
 
     ops: tuple[RowOp, ...]
     input: fx.Node
+    links: tuple[tuple[int, ...], ...] = ()   # a DAG row: per op, its operands (rowdag)
 
     @property
     def output(self) -> fx.Node:
@@ -31,7 +33,8 @@ class RowChain:
 
     @property
     def key(self) -> tuple:
-        return tuple(op.key for op in self.ops)
+        keys = tuple(op.key for op in self.ops)
+        return keys + (self.links,) if self.links else keys
 
     @property
     def head(self) -> RowOp | None:
@@ -56,6 +59,12 @@ def row_chain(out: fx.Node, root: nn.Module) -> RowChain | None:
         if len(nxt.users) != 1 or row_op(nxt, root) is None:
             break
         cur = nxt
+    binary = next((i for i, op in enumerate(ops) if op.kind == "binary"), None)
+    if binary is not None:      # an op reads two per-row tensors: the row may be a DAG
+        dag = row_dag(out, root)
+        if dag is not None:
+            return RowChain(dag[0], dag[1], links(*dag))
+        ops = ops[:binary]           # else the row starts after it
     if not ops:
         return None
     ops.reverse()

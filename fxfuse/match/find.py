@@ -84,13 +84,22 @@ def find_row_sites(gm: fx.GraphModule, *, min_rows: int = 2) -> tuple[RowSite, .
 def _loops(gm: fx.GraphModule) -> list[tuple[Candidate, list[RowChain | None]]]:
     """The candidates that are loops of layers (not, say, a cat of activations), with
     each row's chain."""
-    row_ops = {n for n in gm.graph.nodes if row_op(n, gm) is not None}
+    row_ops = {n for n in gm.graph.nodes if _ends_row(n, gm)}
     found = []
     for cand in find_candidates(gm.graph, row_ops):
         chains = [row_chain(n, gm) for n in cand.convs]
         if cand.reason or sum(1 for c in chains if c is not None and c.head) >= 2:
             found.append((cand, chains))
-    return found
+    inside = {op.node for _, chains in found for c in chains
+              if c is not None and c.links for op in c.ops[:-1]}
+    return [(cand, chains) for cand, chains in found if cand.combine not in inside]
+
+
+def _ends_row(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """A per-row op that can end a row (an op on two tensors only when they are the same
+    row's: a gate or a residual inside a row, not a sum across rows)."""
+    op = row_op(node, gm)
+    return op is not None and (op.kind != "binary" or row_chain(node, gm) is not None)
 
 
 def _signature(chains: list[RowChain | None]) -> tuple | None:

@@ -189,9 +189,22 @@ def _make_chain(gm: fx.GraphModule, rows: fx.Node, chains: list[list[RowOp]], pr
         start = _channels_last_input(graph, rows) if two_d else \
             graph.call_method("flatten", (rows, 1, 2))
         lane = Lane(gm, start, "conv", count, prefix, lowering, channels=plan.width, two_d=two_d)
-    for ops in zip(*chains):
-        ops[0].row_kind.emit(lane, list(ops))
+    emit_rows(lane, chains)
     return lane.per_row(), lane.entries
+
+
+def emit_rows(lane: Lane, chains: list[list[RowOp]]) -> None:
+    """Emit each step once for all rows, in the rows' order; a step reads the fused
+    values of its operands (the previous step, or for a row that is a DAG, any earlier
+    step or the rows' input)."""
+    first = chains[0]
+    lane.values = {first[0].input: (lane.node, lane.two_d)}
+    for ops in zip(*chains):
+        op = ops[0]
+        lane.node, lane.two_d = lane.values[op.input]
+        op.row_kind.emit(lane, list(ops))
+        lane.values[op.node] = (lane.node, lane.two_d)
+    lane.node, lane.two_d = lane.values[first[-1].node]
 
 
 def _channels_last_input(graph: fx.Graph, rows: fx.Node) -> fx.Node:
