@@ -6,6 +6,7 @@ Rows fuse when their chains have the same steps with equal keys.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -101,9 +102,13 @@ def key_difference(a: RowChain, b: RowChain) -> str:
     """Which step and which settings differ between two rows' chains."""
     for x, y in zip(a.ops, b.ops):
         if x.key != y.key:
-            if hasattr(x.key, "differences"):
+            names = x.key.differences(y.key) if hasattr(x.key, "differences") else \
+                [f.name for f in dataclasses.fields(x.key) if getattr(x.key, f.name) !=
+                 getattr(y.key, f.name)] if dataclasses.is_dataclass(x.key) and \
+                type(x.key) is type(y.key) else []
+            if names:
                 fields = ", ".join(f"{f} {getattr(x.key, f)!r} vs {getattr(y.key, f)!r}"
-                                   for f in x.key.differences(y.key))
+                                   for f in names)
                 return f"{x.label.split()[0]} {fields}"
             return f"{x.label} vs {y.label}"
     return "their chains"
