@@ -34,10 +34,34 @@ def row_dag(out: fx.Node, root: nn.Module) -> tuple[tuple[RowOp, ...], fx.Node] 
             break
         ops = kept
     leaves = {a for op in ops.values() for a in op_operands(op) if a not in ops}
-    if len(leaves) != 1:
-        return None
     order = {n: i for i, n in enumerate(out.graph.nodes)}
-    return tuple(ops[n] for n in sorted(ops, key=order.__getitem__)), leaves.pop()
+    first = min(leaves, key=order.__getitem__, default=None)
+    if first is None or not all(same_value(leaf, first) for leaf in leaves):
+        return None
+    return tuple(ops[n] for n in sorted(ops, key=order.__getitem__)), first
+
+
+def same_value(a: object, b: object, depth: int = 8) -> bool:
+    """True when ``a`` and ``b`` compute the same value: the same node, or the same
+    side-effect-free call on the same arguments (``x[:, :, h]`` written twice in a row)."""
+    if a is b:
+        return True
+    if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+            return len(a) == len(b) and all(same_value(x, y, depth) for x, y in zip(a, b))
+        return type(a) is type(b) and not isinstance(a, fx.Node) and a == b
+    if depth == 0 or a.op != b.op or a.target != b.target or a.op not in (
+            "call_function", "call_method") or a.kwargs.keys() != b.kwargs.keys() or \
+            a.is_impure() or b.is_impure():
+        return False
+    return same_value(tuple(a.args), tuple(b.args), depth - 1) and all(
+        same_value(a.kwargs[k], b.kwargs[k], depth - 1) for k in a.kwargs)
+
+
+def row_leaves(ops: list[RowOp]) -> set[fx.Node]:
+    """The nodes a row's ops read from outside the row (its input, written once or more)."""
+    inside = {op.node for op in ops}
+    return {a for op in ops for a in op_operands(op) if a not in inside}
 
 
 def _reach(out: fx.Node, root: nn.Module, allowed: dict[fx.Node, RowOp] | None
@@ -61,5 +85,4 @@ def links(ops: tuple[RowOp, ...], row_input: fx.Node) -> tuple[tuple[int, ...], 
     """Per op, where each operand comes from: the position of an earlier op, or
     :data:`ROW_INPUT`. Rows with equal links are wired the same way."""
     where = {op.node: i for i, op in enumerate(ops)}
-    where[row_input] = ROW_INPUT
-    return tuple(tuple(where[a] for a in op_operands(op)) for op in ops)
+    return tuple(tuple(where.get(a, ROW_INPUT) for a in op_operands(op)) for op in ops)

@@ -82,7 +82,9 @@ def stacked_holder(gm: fx.GraphModule, ops: Sequence[Any], roles: Sequence[str])
 
 def batched_chain(graph: fx.Graph, rows: fx.Node, ops: Sequence[Any], count: int) -> fx.Node:
     """All rows run the very same layers: fold rows into the batch, run them once."""
-    values = {ops[0].input: graph.call_method("flatten", (rows, 0, 1))}
+    from ..match.rowdag import row_leaves      # the kinds this module serves import it
+    flat = graph.call_method("flatten", (rows, 0, 1))
+    values = {leaf: flat for leaf in row_leaves(list(ops))}
     for op in ops:      # a row that is a DAG reads earlier steps, not only the last one
         values[op.node] = graph.create_node(
             op.node.op, op.node.target, fx.node.map_arg(op.node.args, lambda a: values.get(a, a)),

@@ -27,7 +27,8 @@ from torch import fx
 from ..errors import RewriteError
 from .emit import batched_chain, dense_sum
 from ..match.kinds import Lane, RowOp, row_op
-from ..match.ops import SIZE_QUERY
+from ..match.rowdag import row_leaves
+from ..match.ops import SIZE_QUERY, is_index_op
 from ..match.sites import RowSite
 from .weights import WeightMap
 
@@ -63,7 +64,9 @@ def rewrite_site(gm: fx.GraphModule, site: RowSite, lowering: str = "grouped", *
         rows = make_rows_input(graph, nodes[site.source], site)
         stacked, wmap = _fused_rows(gm, rows, chains, site, lowering)
         result = make_output(graph, stacked, site)
+    leaves = [leaf for chain in chains for leaf in row_leaves(chain)]
     _redirect(graph, site, nodes, [c[-1].node for c in chains], everything, stacked, result)
+    _erase_unused_slices(graph, leaves)
     for node in graph.nodes:
         if node not in before:
             node.meta[INSERTED_KEY] = site.name
@@ -198,7 +201,7 @@ def emit_rows(lane: Lane, chains: list[list[RowOp]]) -> None:
     values of its operands (the previous step, or for a row that is a DAG, any earlier
     step or the rows' input)."""
     first = chains[0]
-    lane.values = {first[0].input: (lane.node, lane.two_d)}
+    lane.values = {leaf: (lane.node, lane.two_d) for leaf in row_leaves(first)}
     for ops in zip(*chains):
         op = ops[0]
         lane.node, lane.two_d = lane.values[op.input]
@@ -280,8 +283,28 @@ def _erase_dead(graph: fx.Graph, candidates: list[fx.Node]) -> None:
             graph.erase_node(node)
 
 
+def _erase_unused_slices(graph: fx.Graph, leaves: list[fx.Node]) -> None:
+    """Erase row slices nothing reads any more (a row that slices its input twice,
+    ``x[:, h] + f(x[:, h])``), with the index ops above them."""
+    pending, alive = list(leaves), set(graph.nodes)
+    while pending:
+        node = pending.pop()
+        if node in alive and not node.users and is_index_op(node):
+            above = node.all_input_nodes
+            graph.erase_node(node)
+            alive.discard(node)
+            pending.extend(above)
+
+
 def _is_size_query(node: fx.Node) -> bool:
-    return SIZE_QUERY.calls_function(node)
+    """``aten.sym_size``, ``x.shape``, ``x.size(...)``, or an item of one (``x.shape[0]``,
+    left unused when a per-row ``reshape(B, -1)`` goes)."""
+    if SIZE_QUERY.calls_function(node) or node.op == "call_method" and node.target == "size":
+        return True
+    if node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",):
+        return True
+    return node.op == "call_function" and node.target is operator.getitem and \
+        isinstance(node.args[0], fx.Node) and _is_size_query(node.args[0])
 
 
 def _drop_unused_attrs(gm: fx.GraphModule, keys: list[str]) -> None:
