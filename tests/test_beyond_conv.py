@@ -83,7 +83,7 @@ def test_consecutive_sites_share_layout():
 
 
 @pytest.mark.parametrize("factory,words", [
-    (CarriedDependency, ["rows", "different"]),
+    (CarriedDependency, ["loop-carried", "row 1", "row 0"]),
     (SourceReassigned, ["different tensors"]),
     (SoftmaxRows, ["softmax"]),
     (SharedBatchNorm, ["BatchNorm1d", "statistics"]),

@@ -59,8 +59,23 @@ def _per_row_op_reason(stops: list[fx.Node], convs: set[fx.Node], kind: str) -> 
         walk_back(arg, convs)[1] in convs for arg in stop.all_input_nodes)]
     if len(per_row) < 2:
         return ""
-    return (f"per-row op {_describe(per_row[0])} between the conv and the {kind}; "
-            "only convs and index ops may sit inside the loop")
+    layers = [walk_back(arg, convs)[1] for arg in per_row[0].all_input_nodes]
+    word = layer_word([n for n in layers if n in convs])
+    return (f"per-row op {_describe(per_row[0])} between the {word} and the {kind}; "
+            f"only {word}s, per-row ops fxfuse knows and index ops may sit inside the loop")
+
+
+def layer_word(nodes: list[fx.Node]) -> str:
+    """What the rows' layers are, for reasons: ``conv``, ``Linear``, or ``layer`` when
+    they are mixed or unknown (a reason about Linear rows must not say conv)."""
+    from .chains import row_chain     # chains need the kinds; candidates need neither
+    words = set()
+    for node in nodes:
+        root = node.graph.owning_module
+        chain = row_chain(node, root) if root is not None else None
+        head = chain.head if chain is not None else None
+        words.add({"conv": "conv", "linear": "Linear"}.get(head.kind if head else "", "layer"))
+    return words.pop() if len(words) == 1 else "layer"
 
 
 def _gather_rows(values: list[object], convs: set[fx.Node], cand: Candidate) -> None:
@@ -78,10 +93,10 @@ def _gather_rows(values: list[object], convs: set[fx.Node], cand: Candidate) -> 
         else:
             stops.append(base if base is not None else value)
     if len(set(cand.convs)) != len(cand.convs):
-        cand.reason = "the same conv output is joined more than once"
+        cand.reason = f"the same {layer_word(cand.convs)} output is joined more than once"
     elif stops and len(cand.convs) >= 2:
-        cand.reason = (f"{len(stops)} of the {len(values)} joined tensors are not per-row conv "
-                       f"outputs (first: {_describe(stops[0])})")
+        cand.reason = (f"{len(stops)} of the {len(values)} joined tensors are not per-row "
+                       f"{layer_word(cand.convs)} outputs (first: {_describe(stops[0])})")
     elif stops and not cand.convs:
         cand.reason = _per_row_op_reason([s for s in stops if isinstance(s, fx.Node)],
                                          convs, cand.kind)

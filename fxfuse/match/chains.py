@@ -6,12 +6,14 @@ Rows fuse when their chains have the same steps with equal keys.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from torch import fx, nn
 
 from .kinds import RowOp, row_op
+from .rowdag import links, row_dag
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,7 @@ class RowChain:
 
     ops: tuple[RowOp, ...]
     input: fx.Node
+    links: tuple[tuple[int, ...], ...] = ()   # a DAG row: per op, its operands (rowdag)
 
     @property
     def output(self) -> fx.Node:
@@ -31,7 +34,8 @@ class RowChain:
 
     @property
     def key(self) -> tuple:
-        return tuple(op.key for op in self.ops)
+        keys = tuple(op.key for op in self.ops)
+        return keys + (self.links,) if self.links else keys
 
     @property
     def head(self) -> RowOp | None:
@@ -56,6 +60,12 @@ def row_chain(out: fx.Node, root: nn.Module) -> RowChain | None:
         if len(nxt.users) != 1 or row_op(nxt, root) is None:
             break
         cur = nxt
+    binary = next((i for i, op in enumerate(ops) if op.kind == "binary"), None)
+    if binary is not None:      # an op reads two per-row tensors: the row may be a DAG
+        dag = row_dag(out, root)
+        if dag is not None:
+            return RowChain(dag[0], dag[1], links(*dag))
+        ops = ops[:binary]           # else the row starts after it
     if not ops:
         return None
     ops.reverse()
@@ -92,9 +102,13 @@ def key_difference(a: RowChain, b: RowChain) -> str:
     """Which step and which settings differ between two rows' chains."""
     for x, y in zip(a.ops, b.ops):
         if x.key != y.key:
-            if hasattr(x.key, "differences"):
+            names = x.key.differences(y.key) if hasattr(x.key, "differences") else \
+                [f.name for f in dataclasses.fields(x.key) if getattr(x.key, f.name) !=
+                 getattr(y.key, f.name)] if dataclasses.is_dataclass(x.key) and \
+                type(x.key) is type(y.key) else []
+            if names:
                 fields = ", ".join(f"{f} {getattr(x.key, f)!r} vs {getattr(y.key, f)!r}"
-                                   for f in x.key.differences(y.key))
+                                   for f in names)
                 return f"{x.label.split()[0]} {fields}"
             return f"{x.label} vs {y.label}"
     return "their chains"

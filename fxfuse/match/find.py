@@ -86,13 +86,22 @@ def find_row_sites(gm: fx.GraphModule, *, min_rows: int = 2) -> tuple[RowSite, .
 def _loops(gm: fx.GraphModule) -> list[tuple[Candidate, list[RowChain | None]]]:
     """The candidates that are loops of layers (not, say, a cat of activations), with
     each row's chain."""
-    row_ops = {n for n in gm.graph.nodes if row_op(n, gm) is not None}
+    row_ops = {n for n in gm.graph.nodes if _ends_row(n, gm)}
     found = []
     for cand in find_candidates(gm.graph, row_ops):
         chains = [row_chain(n, gm) for n in cand.convs]
         if cand.reason or sum(1 for c in chains if c is not None and c.head) >= 2:
             found.append((cand, chains))
-    return found
+    inside = {op.node for _, chains in found for c in chains
+              if c is not None and c.links for op in c.ops[:-1]}
+    return [(cand, chains) for cand, chains in found if cand.combine not in inside]
+
+
+def _ends_row(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """A per-row op that can end a row (an op on two tensors only when they are the same
+    row's: a gate or a residual inside a row, not a sum across rows)."""
+    op = row_op(node, gm)
+    return op is not None and (op.kind != "binary" or row_chain(node, gm) is not None)
 
 
 def _signature(chains: list[RowChain | None]) -> tuple | None:
@@ -204,12 +213,30 @@ def _check_chains(gm: fx.GraphModule, chains: list[RowChain | None]) -> list[Row
     if any(c is None or c.head is None for c in chains):
         raise Refused("some joined tensors are not outputs of a per-row conv or Linear")
     good: list[RowChain] = list(chains)  # type: ignore[arg-type]
+    _check_not_carried(good)
     for c in good:
         _check_modules(gm, c)
     _check_same_steps(good)
     _check_trainable(gm, good)
     _check_row_ndim(good)
     return good
+
+
+def _check_not_carried(chains: list[RowChain]) -> None:
+    """A row whose input is computed from another row's ops (directly, or through a
+    ``split``, an add, ...) must wait for that row: the loop is loop-carried."""
+    owner = {op.node: h for h, c in enumerate(chains) for op in c.ops}
+    for h, chain in enumerate(chains):
+        seen, pending = set(), [chain.input]
+        while pending:
+            node = pending.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            if owner.get(node, h) != h:
+                raise Refused(f"the loop is loop-carried: row {h} reads `{node.name}`, computed "
+                              f"by row {owner[node]}: rows depend on each other")
+            pending.extend(node.all_input_nodes)
 
 
 def _check_modules(gm: fx.GraphModule, chain: RowChain) -> None:
@@ -226,9 +253,12 @@ def _check_same_steps(chains: list[RowChain]) -> None:
 
 
 def _check_trainable(gm: fx.GraphModule, chains: list[RowChain]) -> None:
-    trainable = {tuple(get_tensor(gm, k).requires_grad for op in c.ops for _, k in op.params)
-                 for c in chains}
-    if len(trainable) > 1:     # one fused tensor has one requires_grad for every row
+    trainable: dict[tuple[int, str], set[bool]] = {}   # rows differing in having a bias
+    for c in chains:                                  # are told apart by their keys
+        for j, op in enumerate(c.ops):
+            for role, k in op.params:
+                trainable.setdefault((j, role), set()).add(get_tensor(gm, k).requires_grad)
+    if any(len(flags) > 1 for flags in trainable.values()):   # one fused tensor: one flag
         raise Refused("some rows' weights are frozen (requires_grad=False) and others' are "
                       "not; fusing would change which weights train")
 

@@ -50,7 +50,9 @@ def evaluate(nodes: Iterable[fx.Node], env: dict[fx.Node, Any]) -> dict[fx.Node,
         kwargs.pop("pin_memory", None)
         args, kwargs = _on_cpu(args), _on_cpu(kwargs)       # index tensors live on the CPU
         try:
-            if node.op == "call_method":
+            if node.op == "call_module":        # nn.Flatten / nn.Unflatten
+                env[node] = node.graph.owning_module.get_submodule(str(node.target))(*args)
+            elif node.op == "call_method":
                 method = "cpu" if node.target == "cuda" else str(node.target)
                 env[node] = getattr(args[0], method)(*args[1:], **kwargs)
             else:
@@ -104,14 +106,43 @@ def solve_input(source_shape: Sequence[int], rows: Sequence[torch.Tensor]) -> In
     elif ndim == len(shape):
         kind = "block"
     else:
-        raise LayoutError(f"{len(shape)}-D rows come from a {ndim}-D tensor")
+        plan = _try_reshaped(src, rows, shape)
+        if plan is None:
+            raise LayoutError(f"{len(shape)}-D rows come from a {ndim}-D tensor")
+        return plan
     for row_axis in range(ndim):
         for rest in _axis_orders(ndim, row_axis):
             axes = (rest[0], row_axis, *rest[1:])
             plan = _try_axes(kind, src.permute(axes), axes, rows, shape)
             if plan is not None:
                 return plan
-    raise LayoutError("rows are not whole rows or channel blocks of the source")
+    plan = _try_reshaped(src, rows, shape)
+    if plan is None:
+        raise LayoutError("rows are not whole rows or channel blocks of the source")
+    return plan
+
+
+def _try_reshaped(src: torch.Tensor, rows: Sequence[torch.Tensor], shape: torch.Size
+                  ) -> InputPlan | None:
+    """Rows that are whole rows of the source with their non-batch dims merged or split
+    (``nn.Flatten(start_dim=-2)``, ``x[:, i].reshape(B, -1)``): a layout op applied once
+    to all rows. The batch dim must stay whole and first."""
+    ndim, row_numel = src.dim(), 1
+    for s in shape[1:]:
+        row_numel *= int(s)
+    if ndim < 3:
+        return None
+    for row_axis in range(ndim):
+        for rest in _axis_orders(ndim, row_axis):
+            axes = (rest[0], row_axis, *rest[1:])
+            view = src.permute(axes)
+            if view.shape[0] != shape[0] or view[0, 0].numel() != row_numel:
+                continue
+            plan = _try_axes("select", view.reshape(shape[0], view.shape[1], *shape[1:]), axes,
+                             rows, shape)
+            if plan is not None:
+                return dataclasses.replace(plan, row_shape=tuple(int(s) for s in shape[1:]))
+    return None
 
 
 def solve_feature_input(source_shape: Sequence[int], rows: Sequence[torch.Tensor]) -> InputPlan:

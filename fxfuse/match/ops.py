@@ -114,9 +114,25 @@ LAYER_NORM = OpTable(functions=(F.layer_norm, torch.layer_norm), aten=(aten.laye
 GROUP_NORM = OpTable(functions=(F.group_norm, torch.group_norm), aten=(aten.group_norm,))
 
 
+INDEX_MODULES = (nn.Flatten, nn.Unflatten)
+
+
 def is_index_op(node: fx.Node) -> bool:
-    """True when ``node`` only rearranges the elements of its first argument."""
-    return INDEX.matches(node)
+    """True when ``node`` only rearranges the elements of its first argument (including
+    a call of an ``nn.Flatten``/``nn.Unflatten`` module without hooks)."""
+    return INDEX.matches(node) or _index_module(node) is not None
+
+
+def _index_module(node: fx.Node) -> nn.Module | None:
+    """The ``nn.Flatten``/``nn.Unflatten`` module ``node`` calls on one tensor, or None."""
+    root = node.graph.owning_module
+    if node.op != "call_module" or root is None or len(node.args) != 1 or node.kwargs:
+        return None
+    try:
+        mod = root.get_submodule(str(node.target))
+    except AttributeError:
+        return None
+    return mod if type(mod) in INDEX_MODULES and not hooks_of(mod) else None
 
 
 def data_input(node: fx.Node) -> fx.Node | None:

@@ -65,7 +65,8 @@ class InputPlan:
     ``axes = (batch_axis, row_axis, channel_axis, length_axis)`` (a 4-D source).
     ``kind == "block"``: row ``r`` is ``source.permute(axes)[:, r : r + width]`` where
     ``axes = (batch_axis, row_axis, length_axis)`` (a 3-D source whose channels the
-    rows split into blocks; the hand-written grouped conv).
+    rows split into blocks; the hand-written grouped conv). With ``row_shape``, each
+    selected row's non-batch dims are then reshaped (row-major) to ``row_shape``.
     """
 
     kind: SliceKind
@@ -75,6 +76,15 @@ class InputPlan:
     source_rows: int                # size of the source's row axis (select) or channel axis (block)
     feature_last: bool = False      # Linear rows: the row's last axis is the sliced one
                                     # (dim 1 above); the rewrite moves it back to the end
+    row_shape: tuple[int, ...] = () # select only: each row's non-batch dims after a reshape
+    #                                 (``x[:, i].flatten(-2)``), () when rows are plain slices
+
+    @property
+    def row_ndim(self) -> int:
+        """Dims of one row, the batch dim included."""
+        if self.row_shape:
+            return 1 + len(self.row_shape)
+        return len(self.axes) - (1 if self.kind == "select" else 0)
 
     @property
     def is_identity_order(self) -> bool:

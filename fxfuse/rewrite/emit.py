@@ -82,10 +82,14 @@ def stacked_holder(gm: fx.GraphModule, ops: Sequence[Any], roles: Sequence[str])
 
 def batched_chain(graph: fx.Graph, rows: fx.Node, ops: Sequence[Any], count: int) -> fx.Node:
     """All rows run the very same layers: fold rows into the batch, run them once."""
-    cur = graph.call_method("flatten", (rows, 0, 1))
-    for op in ops:
-        cur = reemit(graph, op.node, op.input, cur)
-    return graph.call_method("unflatten", (cur, 0, (-1, count)))
+    from ..match.rowdag import row_leaves      # the kinds this module serves import it
+    flat = graph.call_method("flatten", (rows, 0, 1))
+    values = {leaf: flat for leaf in row_leaves(list(ops))}
+    for op in ops:      # a row that is a DAG reads earlier steps, not only the last one
+        values[op.node] = graph.create_node(
+            op.node.op, op.node.target, fx.node.map_arg(op.node.args, lambda a: values.get(a, a)),
+            dict(fx.node.map_arg(op.node.kwargs, lambda a: values.get(a, a))))
+    return graph.call_method("unflatten", (values[ops[-1].node], 0, (-1, count)))
 
 
 def dense_sum(gm: fx.GraphModule, rows: fx.Node, chains: list[list[Any]], prefix: str,

@@ -27,7 +27,8 @@ from torch import fx
 from ..errors import RewriteError
 from .emit import batched_chain, dense_sum
 from ..match.kinds import Lane, RowOp, row_op
-from ..match.ops import SIZE_QUERY
+from ..match.rowdag import row_leaves
+from ..match.ops import SIZE_QUERY, is_index_op
 from ..match.sites import RowSite
 from .weights import WeightMap
 
@@ -63,7 +64,9 @@ def rewrite_site(gm: fx.GraphModule, site: RowSite, lowering: str = "grouped", *
         rows = make_rows_input(graph, nodes[site.source], site)
         stacked, wmap = _fused_rows(gm, rows, chains, site, lowering)
         result = make_output(graph, stacked, site)
+    leaves = [leaf for chain in chains for leaf in row_leaves(chain)]
     _redirect(graph, site, nodes, [c[-1].node for c in chains], everything, stacked, result)
+    _erase_unused_slices(graph, leaves)
     for node in graph.nodes:
         if node not in before:
             node.meta[INSERTED_KEY] = site.name
@@ -149,6 +152,10 @@ def make_rows_input(graph: fx.Graph, source: fx.Node, site: RowSite) -> fx.Node:
         node = graph.call_function(operator.getitem, (node, (slice(None), list(plan.rows))))
     if plan.feature_last:           # (N, H, C, ...) -> (N, H, ..., C): a Linear reads C
         node = graph.call_method("movedim", (node, 2, -1))
+    if plan.row_shape:           # rows reshaped (Flatten modules): once, on all rows
+        node = graph.call_method("flatten", (node, 2))
+        if len(plan.row_shape) > 1:
+            node = graph.call_method("unflatten", (node, 2, plan.row_shape))
     return node
 
 
@@ -181,15 +188,28 @@ def _make_chain(gm: fx.GraphModule, rows: fx.Node, chains: list[list[RowOp]], pr
     graph, count, plan = gm.graph, len(chains), site.input_plan
     if site.family == "linear":
         lane = Lane(gm, rows, "linear", count, prefix, lowering,
-                    row_ndim=len(plan.axes) - (1 if plan.kind == "select" else 0))
+                    row_ndim=plan.row_ndim)
     else:
         two_d = lowering == "grouped2d"
         start = _channels_last_input(graph, rows) if two_d else \
             graph.call_method("flatten", (rows, 1, 2))
         lane = Lane(gm, start, "conv", count, prefix, lowering, channels=plan.width, two_d=two_d)
-    for ops in zip(*chains):
-        ops[0].row_kind.emit(lane, list(ops))
+    emit_rows(lane, chains)
     return lane.per_row(), lane.entries
+
+
+def emit_rows(lane: Lane, chains: list[list[RowOp]]) -> None:
+    """Emit each step once for all rows, in the rows' order; a step reads the fused
+    values of its operands (the previous step, or for a row that is a DAG, any earlier
+    step or the rows' input)."""
+    first = chains[0]
+    lane.values = {leaf: (lane.node, lane.two_d) for leaf in row_leaves(first)}
+    for ops in zip(*chains):
+        op = ops[0]
+        lane.node, lane.two_d = lane.values[op.input]
+        op.row_kind.emit(lane, list(ops))
+        lane.values[op.node] = (lane.node, lane.two_d)
+    lane.node, lane.two_d = lane.values[first[-1].node]
 
 
 def _channels_last_input(graph: fx.Graph, rows: fx.Node) -> fx.Node:
@@ -272,8 +292,28 @@ def _is_attr_row(node: fx.Node) -> bool:
     return attr_row(node) is not None
 
 
+def _erase_unused_slices(graph: fx.Graph, leaves: list[fx.Node]) -> None:
+    """Erase row slices nothing reads any more (a row that slices its input twice,
+    ``x[:, h] + f(x[:, h])``), with the index ops above them."""
+    pending, alive = list(leaves), set(graph.nodes)
+    while pending:
+        node = pending.pop()
+        if node in alive and not node.users and is_index_op(node):
+            above = node.all_input_nodes
+            graph.erase_node(node)
+            alive.discard(node)
+            pending.extend(above)
+
+
 def _is_size_query(node: fx.Node) -> bool:
-    return SIZE_QUERY.calls_function(node)
+    """``aten.sym_size``, ``x.shape``, ``x.size(...)``, or an item of one (``x.shape[0]``,
+    left unused when a per-row ``reshape(B, -1)`` goes)."""
+    if SIZE_QUERY.calls_function(node) or node.op == "call_method" and node.target == "size":
+        return True
+    if node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",):
+        return True
+    return node.op == "call_function" and node.target is operator.getitem and \
+        isinstance(node.args[0], fx.Node) and _is_size_query(node.args[0])
 
 
 def _drop_unused_attrs(gm: fx.GraphModule, keys: list[str]) -> None:

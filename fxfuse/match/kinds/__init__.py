@@ -9,7 +9,8 @@ from __future__ import annotations
 from torch import fx, nn
 
 from .base import REGISTRY, Lane, RowKind, RowOp, register, twin_key
-from . import conv, linear, batchnorm, layernorm, groupnorm, pad, pointwise, pool, rawparam  # noqa: F401,E402
+from . import (conv, linear, batchnorm, layernorm, groupnorm, pad, pointwise,  # noqa: F401,E402
+               pool, rawparam, binary)
 
 __all__ = ["REGISTRY", "Lane", "RowKind", "RowOp", "register", "row_op", "twin_key"]
 

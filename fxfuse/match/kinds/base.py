@@ -94,6 +94,7 @@ class Lane:
     row_ndim: int = 0
     two_d: bool = False
     entries: list = field(default_factory=list)
+    values: dict = field(default_factory=dict)   # row op node (first row) → (node, two_d)
 
     @property
     def graph(self) -> fx.Graph:
@@ -104,6 +105,12 @@ class Lane:
         if self.two_d:
             self.node, self.two_d = self.graph.call_method("squeeze", (self.node, 2)), False
         return self.node
+
+    def value(self, orig: fx.Node) -> fx.Node:
+        """The fused value of ``orig`` (a node of the group's first row: its input or one
+        of its ops already emitted), in the flat layout; for ops with two per-row operands."""
+        node, two_d = self.values[orig]
+        return self.graph.call_method("squeeze", (node, 2)) if two_d else node
 
     def per_row(self) -> fx.Node:
         """The node as (N, G, ...): one slot per row."""
