@@ -196,6 +196,9 @@ def verify_models(original: torch.nn.Module, fused: torch.nn.Module, example_inp
     to_eval = fused.training and bool(random_nodes(fused))
     exported = _is_exported(fused)
     original, fused = _copy_for_checks(original, to_eval), _copy_for_checks(fused, to_eval)
+    # The train step starts from the state both models came in with: the forward checks
+    # below move train-mode BatchNorm statistics, each model by its own rounding.
+    step_models = (copy.deepcopy(original), copy.deepcopy(fused)) if check_grads else None
     if to_eval:
         skipped.append("outputs compared in eval mode: the model calls a random op in train mode")
     judge = _Judge(original, mode, rtol, atol, seed)
@@ -214,7 +217,7 @@ def verify_models(original: torch.nn.Module, fused: torch.nn.Module, example_inp
                              skipped, batches, refused)
         modes = _mode_checks(original, fused, inputs, seed, judge, check_grads, checks, skipped)
     if check_grads:
-        checks.extend(grad_checks(original, fused, inputs, weight_map or WeightMap(),
+        checks.extend(grad_checks(*step_models, inputs, weight_map or WeightMap(),
                                    seed, rtol, atol, skipped, mode))
     report = VerifyReport(tuple(checks), tuple(skipped), mode.describe(), tuple(judge.notes),
                           tuple(sorted(batches)), tuple(refused), modes)
