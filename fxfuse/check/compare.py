@@ -95,6 +95,12 @@ def compare(name: str, ref: Any, got: Any, rtol: float | None = None,
     """
     worst_abs = worst_rel = 0.0
     for i, (r, g) in enumerate(_pairs(name, ref, got)):
+        if r.device != g.device:
+            raise VerificationError(
+                f"the rewrite changes the numbers ({name}): output {i} is on {r.device} in the "
+                f"original and on {g.device} in the rewrite (the model fills a buffer made on "
+                f"another device than its input: allocate it with device=x.device); the "
+                "rewrite is refused", max_abs=float("inf"), max_rel=float("inf"), check=name)
         if r.numel() == 0:
             continue
         finite = check_nonfinite(name, i, r, g)
