@@ -47,7 +47,7 @@ class RowConvNet(nn.Module):
 
 
 def seed_model() -> nn.Module:
-    """The seed model, in eval mode (a factory for ``fxfuse fuse fxfuse.models:seed_model``)."""
+    """The seed model, in eval mode (a factory for ``fxfuse fuse fxfuse.examples:seed_model``)."""
     torch.manual_seed(0)
     return RowConv1d().eval()
 
