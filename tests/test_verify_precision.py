@@ -16,7 +16,8 @@ from torch import nn
 
 import fxfuse
 from fxfuse.check import precision
-from fxfuse.check.precision import PrecisionMode, detect_precision, emulate_tf32, round_to_tf32
+from fxfuse.check.precision import (PrecisionMode, detect_precision, emulate_tf32, full_precision,
+                                    round_to_tf32)
 from fxfuse.check.verify import permitted_error
 
 from zoo import spellings as M
@@ -77,13 +78,11 @@ def test_emulate_tf32_rounds_conv_operands():
         assert torch.equal(F.conv1d(x, w), F.conv1d(x, w.clone()))
 
 
-def test_detect_precision_reads_the_settings(monkeypatch):
+def test_detect_precision_reads_the_settings():
     assert detect_precision("cpu") == PrecisionMode("cpu")
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    saved = torch.get_float32_matmul_precision()
-    try:
+    with full_precision():          # restores every flag after, whatever the test sets
         torch.set_float32_matmul_precision("highest")
+        torch.backends.cudnn.allow_tf32 = True
         mode = detect_precision(torch.device("cuda", 0))
         assert mode.conv_tf32 and not mode.matmul_tf32
         assert mode.reduced_for(torch.float32) == "TF32"
@@ -93,8 +92,6 @@ def test_detect_precision_reads_the_settings(monkeypatch):
             torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
         torch.set_float32_matmul_precision("high")
         assert detect_precision("cuda").matmul_tf32
-    finally:
-        torch.set_float32_matmul_precision(saved)
 
 
 def test_tf32_rewrite_accepted_when_tf32_is_allowed():
