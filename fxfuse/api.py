@@ -15,7 +15,9 @@ from .check.bench import BenchResult, benchmark_models
 from .config import FuseConfig, merge_config
 from .errors import ConfigError
 from .match.find import find_row_sites
-from .check.auto import Choice, choose_lowering
+from .check.auto import Choice, choose_lowering, choose_siblings
+from .match.siblings import KIND as SIBLINGS, with_siblings
+from .rewrite.siblings import rewrite_siblings
 from .check.report import format_report
 from .rewrite.rewriter import LOWERINGS, finalize_graph, rewrite_site
 from .rewrite.copies import drop_needless_copies, restore_output_layout
@@ -201,7 +203,8 @@ def _fuse(model: torch.nn.Module, inputs: tuple[Any, ...], cfg: FuseConfig,
     notes += getattr(gm, NOTES_KEY, ())
     trace_check = _check_trace(model, gm, inputs, notes, cfg)
     code_before = gm.code
-    sites, wmap = apply_sites(gm, find_row_sites(gm, min_rows=cfg.min_rows), cfg.lowering,
+    found = with_siblings(gm, find_row_sites(gm, min_rows=cfg.min_rows), min_rows=cfg.min_rows)
+    sites, wmap = apply_sites(gm, found, cfg.lowering,
                               auto_rounds=cfg.auto_rounds)
     wmap = renames + getattr(gm, RENAMES_KEY, WeightMap()) + wmap
     if not any(s.fused for s in sites) and getattr(gm, TRACER_KEY, "symbolic") != "symbolic":
@@ -265,7 +268,8 @@ def apply_sites(gm: fx.GraphModule, sites: Sequence[RowSite],
         if lowering == "auto" and twin in chosen_for:   # so the fused weights stay shared
             choice = chosen_for[twin]
         elif lowering == "auto":
-            choice = choose_lowering(gm, site, rounds=auto_rounds)
+            choose = choose_siblings if site.loop_kind == SIBLINGS else choose_lowering
+            choice = choose(gm, site, rounds=auto_rounds)
         else:
             choice = Choice(lowering)
         chosen_for[twin] = choice
@@ -275,7 +279,10 @@ def apply_sites(gm: fx.GraphModule, sites: Sequence[RowSite],
             done.append(dataclasses.replace(site, lowering="loop", timings=timings,
                                             notes=notes))
             continue
-        wmap = wmap + rewrite_site(gm, site, choice.lowering, finalize=False)
+        if site.loop_kind == SIBLINGS:         # one Linear, whatever lowering was asked
+            wmap = wmap + rewrite_siblings(gm, site, finalize=False)
+        else:
+            wmap = wmap + rewrite_site(gm, site, choice.lowering, finalize=False)
         done.append(dataclasses.replace(
             site, lowering=_label(site, choice.lowering), timings=timings, notes=notes))
     simplify_layout(gm)
@@ -287,6 +294,8 @@ def apply_sites(gm: fx.GraphModule, sites: Sequence[RowSite],
 
 def _label(site: RowSite, lowering: str) -> str:
     """What the report calls the rewrite of ``site``."""
+    if site.loop_kind == SIBLINGS:
+        return SIBLINGS
     if site.shared_module:
         return "batched"
     if site.reduce:

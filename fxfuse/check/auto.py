@@ -224,3 +224,57 @@ def _top_rewrite(samples: dict[str, list[float]]) -> tuple[str, tuple[float, flo
         if med > stats[1]:
             best, stats = name, (q1, med)
     return best, stats
+
+
+def extract_siblings(gm: fx.GraphModule, site: RowSite) -> fx.GraphModule:
+    """A sibling-Linear site alone: ``forward(x) -> (y_1, ..., y_n)`` (modules shared)."""
+    nodes = node_index(gm.graph)
+    if site.source not in nodes or any(n not in nodes for n in site.convs):
+        raise CannotTime("a sibling Linear is not in the graph")
+    source = nodes[site.source]
+    if "tensor_meta" not in source.meta:
+        raise CannotTime(f"the input `{source.name}` has no traced shape")
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {source: graph.placeholder(source.name)}
+    env[source].meta = dict(source.meta)
+
+    def arg(node: fx.Node) -> fx.Node:
+        if node not in env:
+            if node.op != "get_attr":
+                raise CannotTime(f"a sibling Linear reads `{node.name}` from outside")
+            env[node] = graph.node_copy(node, arg)
+        return env[node]
+
+    outs = [graph.node_copy(nodes[n], arg) for n in site.convs]
+    graph.output(tuple(outs))
+    return fx.GraphModule(gm, graph, class_name="Siblings")
+
+
+def choose_siblings(gm: fx.GraphModule, site: RowSite, *, rounds: int = 9) -> Choice:
+    """:func:`choose_lowering` for a sibling-Linear site: the separate Linears against
+    the fused one, timed side by side; the separate ones are kept unless beaten."""
+    from ..rewrite.siblings import rewrite_siblings
+    try:
+        loop = copy.deepcopy(extract_siblings(gm, site))
+        inputs = timing_inputs(loop, _device_of(loop))
+        fused = copy.deepcopy(loop)
+        rewrite_siblings(fused, site)
+        calls = {"loop": _call(loop, inputs), "siblings": _call(fused, inputs)}
+        for fn in calls.values():
+            fn()
+    except Exception as exc:  # noqa: BLE001 - any failure means "not measured": keep the loop
+        text = str(exc).strip().splitlines()
+        reason = f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
+        log.info("%s: cannot time the siblings alone (%s); keeping them", site.name, reason)
+        return Choice("loop", (), f"kept separate: auto could not time it ({reason})")
+    samples = time_interleaved(calls, rounds=rounds, round_s=0.01)
+    top, (q1, med) = _top_rewrite(samples)
+    if 0.9 < med < 1.2 or (med > MARGIN and q1 <= 1.0):
+        more = time_interleaved(calls, rounds=2 * rounds, round_s=0.02)
+        samples = {k: samples[k] + more[k] for k in samples}
+        top, (q1, med) = _top_rewrite(samples)
+    best = top if med > MARGIN and q1 > 1.0 else "loop"
+    medians = {k: timing_of(v).median_s for k, v in samples.items()}
+    log.info("%s: %s -> %s", site.name,
+             ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in medians.items()), best)
+    return Choice(best, tuple(medians.items()))
