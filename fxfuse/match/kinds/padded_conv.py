@@ -15,8 +15,9 @@ from torch import fx, nn
 
 from ...rewrite.emit import free_name
 from ...rewrite.weights import WeightEntry
-from ..kernels import kernel_plan
+from ..kernels import KernelPlan, kernel_plan
 from ..params import get_tensor
+from ..sites import ConvSpec
 from .base import Lane, RowOp
 
 MASK = "fxfuse_pad_mask"
@@ -48,7 +49,7 @@ def emit_padded(lane: Lane, ops: list[RowOp]) -> None:
     lane.entries += entries
 
 
-def _padded_conv(spec, plan, g: int, two_d: bool) -> nn.Module:
+def _padded_conv(spec: ConvSpec, plan: KernelPlan, g: int, two_d: bool) -> nn.Module:
     """The empty grouped conv (1-D, or 2-D with a unit first axis) with the widest kernel."""
     kw = dict(groups=g * spec.groups, bias=spec.bias, dtype=spec.dtype, device=spec.device)
     pad = spec.padding
@@ -63,8 +64,8 @@ def _padded_conv(spec, plan, g: int, two_d: bool) -> nn.Module:
     return conv
 
 
-def _load_padded(gm: fx.GraphModule, conv: nn.Module, ops: list[RowOp], name: str, plan,
-                 two_d: bool, weights: list[torch.Tensor]) -> list[WeightEntry]:
+def _load_padded(gm: fx.GraphModule, conv: nn.Module, ops: list[RowOp], name: str,
+                 plan: KernelPlan, two_d: bool, weights: list[torch.Tensor]) -> list[WeightEntry]:
     """Copy the rows' padded weights (and biases) into ``conv``; their weight entries."""
     spec = ops[plan.target].key
     entry = WeightEntry(f"{name}.weight", tuple(op.param("weight") for op in ops), 0,
