@@ -87,17 +87,7 @@ def extract_loop(gm: fx.GraphModule, site: RowSite) -> fx.GraphModule:
     source = node_index(gm.graph)[site.source] if site.source else None
     if source is None:
         raise CannotTime("the loop's source tensor is unknown")
-    outside: list[fx.Node] = [source]
-    for node in gm.graph.nodes:
-        if node not in keep:
-            continue
-        for inp in node.all_input_nodes:
-            if inp in keep or inp in outside or inp.op == "get_attr" or VALUE_KEY in inp.meta \
-                    or _is_size_query(inp, source) or _is_attr_row(inp):
-                continue
-            if "tensor_meta" not in inp.meta:
-                raise CannotTime(f"the loop reads `{inp.name}`, which has no traced shape")
-            outside.append(inp)
+    outside = _outside_inputs(gm, keep, source)
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in outside:
@@ -119,6 +109,22 @@ def extract_loop(gm: fx.GraphModule, site: RowSite) -> fx.GraphModule:
             env[node] = graph.node_copy(node, arg)
     graph.output(env[node_index(gm.graph)[site.combine]])
     return fx.GraphModule(gm, graph, class_name="Loop")
+
+
+def _outside_inputs(gm: fx.GraphModule, keep: set[fx.Node], source: fx.Node) -> list[fx.Node]:
+    """The loop's inputs: ``source``, then every tensor it reads from outside, in order."""
+    outside: list[fx.Node] = [source]
+    for node in gm.graph.nodes:
+        if node not in keep:
+            continue
+        for inp in node.all_input_nodes:
+            if inp in keep or inp in outside or inp.op == "get_attr" or VALUE_KEY in inp.meta \
+                    or _is_size_query(inp, source) or _is_attr_row(inp):
+                continue
+            if "tensor_meta" not in inp.meta:
+                raise CannotTime(f"the loop reads `{inp.name}`, which has no traced shape")
+            outside.append(inp)
+    return outside
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:

@@ -142,6 +142,17 @@ def _buffer_uses(buffer: fx.Node
     """The buffer's views that lead to writes (itself included), the writes into them,
     every reader of the result (a view that leads to no write is a reader), and the
     metadata checks on the buffer."""
+    views, writes, readers, checks = _walk_buffer(buffer)
+    feeding = _feeding_views(buffer, writes)
+    reads = views - feeding     # views of the result, read after the loop
+    readers = [r for r in readers if not any(a in reads for a in r.all_input_nodes)]
+    readers += [v for v in reads if data_input(v) in feeding]
+    return feeding, writes, readers, checks
+
+
+def _walk_buffer(buffer: fx.Node
+                 ) -> tuple[set[fx.Node], list[fx.Node], list[fx.Node], set[fx.Node]]:
+    """The buffer's views, the writes into them, their other users, and its metadata checks."""
     views, writes, readers, checks, pending = {buffer}, [], [], set(), [buffer]
     while pending:
         for user in pending.pop().users:
@@ -154,16 +165,18 @@ def _buffer_uses(buffer: fx.Node
                 checks.add(user)
             else:
                 readers.append(user)
+    return views, writes, readers, checks
+
+
+def _feeding_views(buffer: fx.Node, writes: list[fx.Node]) -> set[fx.Node]:
+    """The buffer and every view on the path from it to a write's destination."""
     feeding = {buffer}
     for write in writes:
         cur = write.args[0]
         while isinstance(cur, fx.Node) and cur not in feeding:
             feeding.add(cur)
             cur = data_input(cur)
-    reads = views - feeding     # views of the result, read after the loop
-    readers = [r for r in readers if not any(a in reads for a in r.all_input_nodes)]
-    readers += [v for v in reads if data_input(v) in feeding]
-    return feeding, writes, readers, checks
+    return feeding
 
 
 def _buffer_reason(cand: Candidate, buffer: fx.Node, last_write: int,

@@ -90,11 +90,21 @@ def _loops(gm: fx.GraphModule) -> list[tuple[Candidate, list[RowChain | None]]]:
     found = []
     for cand in find_candidates(gm.graph, row_ops):
         chains = [row_chain(n, gm) for n in cand.convs]
-        if cand.reason or sum(1 for c in chains if c is not None and c.head) >= 2:
+        if _is_loop(cand, chains):
             found.append((cand, chains))
-    inside = {op.node for _, chains in found for c in chains
-              if c is not None and c.links for op in c.ops[:-1]}
+    inside = _inside_chains(found)
     return [(cand, chains) for cand, chains in found if cand.combine not in inside]
+
+
+def _is_loop(cand: Candidate, chains: list[RowChain | None]) -> bool:
+    """A refused candidate, or one with at least two rows that start with a layer."""
+    return bool(cand.reason) or sum(1 for c in chains if c is not None and c.head) >= 2
+
+
+def _inside_chains(found: list) -> set[fx.Node]:
+    """The nodes inside the found loops' linked chains (all steps but each row's last)."""
+    return {op.node for _, chains in found for c in chains
+            if c is not None and c.links for op in c.ops[:-1]}
 
 
 def _ends_row(node: fx.Node, gm: fx.GraphModule) -> bool:

@@ -47,15 +47,25 @@ def same_value(a: object, b: object, depth: int = 8) -> bool:
     if a is b:
         return True
     if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
-        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-            return len(a) == len(b) and all(same_value(x, y, depth) for x, y in zip(a, b))
-        return type(a) is type(b) and not isinstance(a, fx.Node) and a == b
-    if depth == 0 or a.op != b.op or a.target != b.target or a.op not in (
-            "call_function", "call_method") or a.kwargs.keys() != b.kwargs.keys() or \
-            a.is_impure() or b.is_impure():
+        return _same_plain(a, b, depth)
+    if not _comparable_calls(a, b, depth):
         return False
     return same_value(tuple(a.args), tuple(b.args), depth - 1) and all(
         same_value(a.kwargs[k], b.kwargs[k], depth - 1) for k in a.kwargs)
+
+
+def _same_plain(a: object, b: object, depth: int) -> bool:
+    """:func:`same_value` when one side is not a node: equal sequences or equal constants."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_value(x, y, depth) for x, y in zip(a, b))
+    return type(a) is type(b) and not isinstance(a, fx.Node) and a == b
+
+
+def _comparable_calls(a: fx.Node, b: fx.Node, depth: int) -> bool:
+    """True when two nodes are the same pure call with the same keywords (depth left)."""
+    return not (depth == 0 or a.op != b.op or a.target != b.target or a.op not in (
+        "call_function", "call_method") or a.kwargs.keys() != b.kwargs.keys() or
+        a.is_impure() or b.is_impure())
 
 
 def row_leaves(ops: list[RowOp]) -> set[fx.Node]:

@@ -242,18 +242,7 @@ def _redirect(graph: fx.Graph, site: RowSite, nodes: dict[str, fx.Node],
     region = {nodes[n] for n in site.output_nodes} | {combine}
     for h, out in enumerate(outs):
         if out.name in site.row_exports:
-            with graph.inserting_after(stacked):
-                view = graph.call_method("select", (stacked, 1, h))
-            row = view
-            row.meta.update({k: v for k, v in out.meta.items() if k != "fxfuse_value"})
-            if _escapes(out, region):
-                # The row is returned or changed in place: a copy, so that it does not
-                # alias the fused result (the original row was its own tensor).
-                with graph.inserting_after(row):
-                    row = graph.call_method("clone", (row,))
-                row.meta.update({k: v for k, v in out.meta.items() if k != "fxfuse_value"})
-            row.meta[REPLACES_KEY] = out.meta.get(REPLACES_KEY, out.name)
-            out.replace_all_uses_with(row, delete_user_cb=lambda u: u not in region)
+            _export_row(graph, out, h, stacked, region)
     result.meta.update({k: v for k, v in combine.meta.items() if k != "fxfuse_value"})
     result.meta[REPLACES_KEY] = combine.meta.get(REPLACES_KEY, combine.name)
     for user in list(combine.users):
@@ -264,6 +253,23 @@ def _redirect(graph: fx.Graph, site: RowSite, nodes: dict[str, fx.Node],
     for node in doomed:
         graph.erase_node(node)
     _erase_dead(graph, [nodes[n] for n in reversed(site.input_nodes)])
+
+
+def _export_row(graph: fx.Graph, out: fx.Node, h: int, stacked: fx.Node,
+                region: set[fx.Node]) -> None:
+    """Point the outside users of row ``h``'s result at its slice of the stacked result."""
+    with graph.inserting_after(stacked):
+        view = graph.call_method("select", (stacked, 1, h))
+    row = view
+    row.meta.update({k: v for k, v in out.meta.items() if k != "fxfuse_value"})
+    if _escapes(out, region):
+        # The row is returned or changed in place: a copy, so that it does not
+        # alias the fused result (the original row was its own tensor).
+        with graph.inserting_after(row):
+            row = graph.call_method("clone", (row,))
+        row.meta.update({k: v for k, v in out.meta.items() if k != "fxfuse_value"})
+    row.meta[REPLACES_KEY] = out.meta.get(REPLACES_KEY, out.name)
+    out.replace_all_uses_with(row, delete_user_cb=lambda u: u not in region)
 
 
 def _escapes(out: fx.Node, region: set[fx.Node]) -> bool:

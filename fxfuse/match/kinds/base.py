@@ -185,3 +185,10 @@ class RowKind:
         if hooks:
             return f"{op.module} has {', '.join(hooks)}, which a fused module would lose"
         return ""
+
+
+class MatmulKind(RowKind):
+    """A kind whose rows carry a layer's weights and fuse as one batched matmul."""
+
+    families = frozenset(("linear",))
+    heavy = True

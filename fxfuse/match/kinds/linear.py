@@ -12,7 +12,7 @@ from torch import fx, nn
 from ...rewrite.emit import fused_module, stacked_holder
 from ..ops import LINEAR, get_attr_args
 from ..params import get_tensor
-from .base import Lane, RowKind, RowOp, register, roles
+from .base import Lane, MatmulKind, RowOp, register, roles
 
 
 @dataclass(frozen=True)
@@ -44,13 +44,11 @@ def _operands(node: fx.Node, root: nn.Module) -> tuple[fx.Node, str, str | None]
 
 
 @register("linear")
-class LinearKind(RowKind):
+class LinearKind(MatmulKind):
     """Per-row ``Linear`` heads, fused as one batched matmul."""
 
     title = "Linear"
     loop_title = "Linear heads"
-    families = frozenset(("linear",))
-    heavy = True
     module_base = nn.Linear
 
     def recognise(self, node: fx.Node, root: nn.Module) -> RowOp | None:

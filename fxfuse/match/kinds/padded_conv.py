@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from ...rewrite.emit import free_name
 from ...rewrite.weights import WeightEntry
-from ..kernels import kernel_plan
+from ..kernels import KernelPlan, kernel_plan
 from ..params import get_tensor
+from ..sites import ConvSpec
 from .base import Lane, RowOp
 
 MASK = "fxfuse_pad_mask"
@@ -29,6 +30,27 @@ def emit_padded(lane: Lane, ops: list[RowOp]) -> None:
         raise ValueError(plan)
     spec, g, graph, gm = ops[plan.target].key, len(ops), lane.graph, lane.gm
     two_d = lane.lowering == "grouped2d"
+    conv = _padded_conv(spec, plan, g, two_d)
+    conv.train(gm.training)
+    name = free_name(gm, lane.prefix)
+    weights = [get_tensor(gm, op.param("weight")).detach() for op in ops]
+    entries = _load_padded(gm, conv, ops, name, plan, two_d, weights)
+    mask = torch.cat([F.pad(torch.ones_like(w), (o, plan.width - o - k))
+                      for w, (o, k) in zip(weights, plan.windows)])
+    conv.register_buffer(MASK, mask.unsqueeze(2) if two_d else mask, persistent=False)
+    gm.add_submodule(name, conv)
+    x = lane.flat()
+    if two_d:
+        x = graph.call_method("unsqueeze", (x, 2))
+    out = _padded_call(lane, conv, name, x, two_d, spec.bias)
+    lane.node = graph.call_method("squeeze", (out, 2)) if two_d else out
+    lane.two_d = False
+    lane.channels = spec.out_channels
+    lane.entries += entries
+
+
+def _padded_conv(spec: ConvSpec, plan: KernelPlan, g: int, two_d: bool) -> nn.Module:
+    """The empty grouped conv (1-D, or 2-D with a unit first axis) with the widest kernel."""
     kw = dict(groups=g * spec.groups, bias=spec.bias, dtype=spec.dtype, device=spec.device)
     pad = spec.padding
     if two_d:
@@ -39,9 +61,13 @@ def emit_padded(lane: Lane, ops: list[RowOp]) -> None:
     else:
         conv = nn.Conv1d(g * spec.in_channels, g * spec.out_channels, plan.width,
                          stride=spec.stride, padding=pad, dilation=spec.dilation, **kw)
-    conv.train(gm.training)
-    name = free_name(gm, lane.prefix)
-    weights = [get_tensor(gm, op.param("weight")).detach() for op in ops]
+    return conv
+
+
+def _load_padded(gm: fx.GraphModule, conv: nn.Module, ops: list[RowOp], name: str,
+                 plan: KernelPlan, two_d: bool, weights: list[torch.Tensor]) -> list[WeightEntry]:
+    """Copy the rows' padded weights (and biases) into ``conv``; their weight entries."""
+    spec = ops[plan.target].key
     entry = WeightEntry(f"{name}.weight", tuple(op.param("weight") for op in ops), 0,
                         2 if two_d else None, "pad", plan.windows)
     entries = [entry]
@@ -53,23 +79,19 @@ def emit_padded(lane: Lane, ops: list[RowOp]) -> None:
             conv.bias.copy_(torch.cat([get_tensor(gm, k).detach() for k in bias_keys]))
             conv.bias.requires_grad_(get_tensor(gm, bias_keys[0]).requires_grad)
             entries.append(WeightEntry(f"{name}.bias", bias_keys, 0, None, "cat"))
-    mask = torch.cat([F.pad(torch.ones_like(w), (o, plan.width - o - k))
-                      for w, (o, k) in zip(weights, plan.windows)])
-    conv.register_buffer(MASK, mask.unsqueeze(2) if two_d else mask, persistent=False)
-    gm.add_submodule(name, conv)
-    x = lane.flat()
-    if two_d:
-        x = graph.call_method("unsqueeze", (x, 2))
-    if gm.training:
+    return entries
+
+
+def _padded_call(lane: Lane, conv: nn.Module, name: str, x: fx.Node, two_d: bool,
+                 has_bias: bool) -> fx.Node:
+    """The fused conv's call: masked weights in training (so padding stays zero), else the
+    module."""
+    graph = lane.graph
+    if lane.gm.training:
         weight = graph.call_function(torch.mul, (graph.get_attr(f"{name}.weight"),
                                                  graph.get_attr(f"{name}.{MASK}")))
-        bias = graph.get_attr(f"{name}.bias") if spec.bias else None
+        bias = graph.get_attr(f"{name}.bias") if has_bias else None
         fn = F.conv2d if two_d else F.conv1d
-        out = graph.call_function(fn, (x, weight, bias, conv.stride, conv.padding,
-                                       conv.dilation, conv.groups))
-    else:
-        out = graph.call_module(name, (x,))
-    lane.node = graph.call_method("squeeze", (out, 2)) if two_d else out
-    lane.two_d = False
-    lane.channels = spec.out_channels
-    lane.entries += entries
+        return graph.call_function(fn, (x, weight, bias, conv.stride, conv.padding,
+                                        conv.dilation, conv.groups))
+    return graph.call_module(name, (x,))

@@ -16,7 +16,7 @@ from torch import fx, nn
 
 from ..ops import aten, packet
 from ..params import get_tensor
-from .base import Lane, RowKind, RowOp, register
+from .base import Lane, MatmulKind, RowOp, register
 
 MATMUL_FUNCTIONS = (operator.matmul, torch.matmul)
 MATMUL_METHODS = ("matmul", "__matmul__")
@@ -68,18 +68,30 @@ def _row_of(node: object, root: nn.Module, ndim: int) -> tuple[str, int] | None:
 def _weight_call(node: fx.Node, root: nn.Module):
     """(spelling, input, weight (key, i), bias node or None) of a raw-weight product."""
     fn = node.op == "call_function"
-    if fn and (node.target in MATMUL_FUNCTIONS or packet(node.target) is aten.matmul) or \
-            node.op == "call_method" and node.target in MATMUL_METHODS:
+    if _is_matmul(node, fn):
         if len(node.args) == 2 and not node.kwargs:
             return "matmul", node.args[0], _row_of(node.args[1], root, 3), None
     elif fn and (node.target is F.linear or packet(node.target) is aten.linear) \
             and len(node.args) >= 2:
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         return "linear", node.args[0], _row_of(node.args[1], root, 3), bias
-    elif fn and packet(node.target) is aten.einsum and len(node.args) >= 2 \
+    elif fn:
+        return _einsum_call(node, root)
+    return None
+
+
+def _is_matmul(node: fx.Node, fn: bool) -> bool:
+    """A matrix product (``@``, ``torch.matmul``, ``.matmul``, ATen ``matmul``)."""
+    return fn and (node.target in MATMUL_FUNCTIONS or packet(node.target) is aten.matmul) or \
+        node.op == "call_method" and node.target in MATMUL_METHODS
+
+
+def _einsum_call(node: fx.Node, root: nn.Module):
+    """:func:`_weight_call` of an einsum function call (ATen or torch), else None."""
+    if packet(node.target) is aten.einsum and len(node.args) >= 2 \
             and isinstance(node.args[1], (list, tuple)) and len(node.args[1]) == 2:
         return _einsum(node.args[0], *node.args[1], root)
-    elif fn and node.target is torch.einsum and len(node.args) == 3:
+    if node.target is torch.einsum and len(node.args) == 3:
         return _einsum(*node.args, root)
     return None
 
@@ -97,13 +109,11 @@ def _einsum(eq: object, x: object, w: object, root: nn.Module):
 
 
 @register("rawparam")
-class RawParamKind(RowKind):
+class RawParamKind(MatmulKind):
     """A per-row product with one row of a stacked weight, plus one row of a stacked bias."""
 
     title = "raw-parameter layer"
     loop_title = "raw-parameter layers"
-    families = frozenset(("linear",))
-    heavy = True
 
     def recognise(self, node: fx.Node, root: nn.Module) -> RowOp | None:
         call = _weight_call(node, root)
