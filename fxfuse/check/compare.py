@@ -64,6 +64,12 @@ def check_nonfinite(name: str, index: int, r: torch.Tensor, g: torch.Tensor) -> 
             (nothing could be compared).
     """
     r, g = r.detach(), g.detach()
+    if r.device != g.device:
+        raise VerificationError(
+            f"the rewrite changes the numbers ({name}): output {index} is on {r.device} in "
+            f"the original and on {g.device} in the rewrite (the model fills a buffer made "
+            "on another device than its input: allocate it with device=x.device); the "
+            "rewrite is refused", max_abs=float("inf"), max_rel=float("inf"), check=name)
     if not (r.is_floating_point() or r.is_complex()):
         return torch.ones_like(r, dtype=torch.bool)
     for label, test in (("NaN", torch.isnan), ("+inf", torch.isposinf),
@@ -95,15 +101,9 @@ def compare(name: str, ref: Any, got: Any, rtol: float | None = None,
     """
     worst_abs = worst_rel = 0.0
     for i, (r, g) in enumerate(_pairs(name, ref, got)):
-        if r.device != g.device:
-            raise VerificationError(
-                f"the rewrite changes the numbers ({name}): output {i} is on {r.device} in the "
-                f"original and on {g.device} in the rewrite (the model fills a buffer made on "
-                f"another device than its input: allocate it with device=x.device); the "
-                "rewrite is refused", max_abs=float("inf"), max_rel=float("inf"), check=name)
+        finite = check_nonfinite(name, i, r, g)
         if r.numel() == 0:
             continue
-        finite = check_nonfinite(name, i, r, g)
         r64, g64 = r.detach().double()[finite], g.detach().double()[finite]
         if r64.numel() == 0:
             continue
