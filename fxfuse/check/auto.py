@@ -189,10 +189,20 @@ def choose_lowering(gm: fx.GraphModule, site: RowSite, *, rounds: int = 9,
         for fn in calls.values():
             fn()
     except Exception as exc:  # noqa: BLE001 - any failure means "not measured": keep the loop
-        text = str(exc).strip().splitlines()
-        reason = f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
+        reason = _failure_text(exc)
         log.info("%s: cannot time the loop alone (%s); keeping the loop", site.name, reason)
         return Choice("loop", (), f"kept as a loop: auto could not time it ({reason})")
+    return _timed_choice(site, calls, rounds)
+
+
+def _failure_text(exc: Exception) -> str:
+    """One line naming why timing failed: the exception type and its first line."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
+
+
+def _timed_choice(site: RowSite, calls: dict, rounds: int) -> Choice:
+    """Time ``calls`` interleaved (longer when too close) and pick the loop unless beaten."""
     samples = time_interleaved(calls, rounds=rounds, round_s=0.01)
     top, (q1, med) = _top_rewrite(samples)
     if 0.9 < med < 1.2 or (med > MARGIN and q1 <= 1.0):
@@ -269,18 +279,7 @@ def choose_siblings(gm: fx.GraphModule, site: RowSite, *, rounds: int = 9) -> Ch
         for fn in calls.values():
             fn()
     except Exception as exc:  # noqa: BLE001 - any failure means "not measured": keep the loop
-        text = str(exc).strip().splitlines()
-        reason = f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
+        reason = _failure_text(exc)
         log.info("%s: cannot time the siblings alone (%s); keeping them", site.name, reason)
         return Choice("loop", (), f"kept separate: auto could not time it ({reason})")
-    samples = time_interleaved(calls, rounds=rounds, round_s=0.01)
-    top, (q1, med) = _top_rewrite(samples)
-    if 0.9 < med < 1.2 or (med > MARGIN and q1 <= 1.0):
-        more = time_interleaved(calls, rounds=2 * rounds, round_s=0.02)
-        samples = {k: samples[k] + more[k] for k in samples}
-        top, (q1, med) = _top_rewrite(samples)
-    best = top if med > MARGIN and q1 > 1.0 else "loop"
-    medians = {k: timing_of(v).median_s for k, v in samples.items()}
-    log.info("%s: %s -> %s", site.name,
-             ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in medians.items()), best)
-    return Choice(best, tuple(medians.items()))
+    return _timed_choice(site, calls, rounds)
