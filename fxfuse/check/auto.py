@@ -185,9 +185,7 @@ def choose_lowering(gm: fx.GraphModule, site: RowSite, *, rounds: int = 9,
         loop = copy.deepcopy(extract_loop(gm, site))   # timing must not touch gm's buffers
         inputs = timing_inputs(loop, _device_of(loop))
         fns = _candidates(loop, site, candidates)
-        calls = {k: _call(f, inputs) for k, f in fns.items()}
-        for fn in calls.values():
-            fn()
+        calls = _warmed({k: _call(f, inputs) for k, f in fns.items()})
     except Exception as exc:  # noqa: BLE001 - any failure means "not measured": keep the loop
         reason = _failure_text(exc)
         log.info("%s: cannot time the loop alone (%s); keeping the loop", site.name, reason)
@@ -199,6 +197,13 @@ def _failure_text(exc: Exception) -> str:
     """One line naming why timing failed: the exception type and its first line."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
+
+
+def _warmed(calls: dict) -> dict:
+    """Run each call once (warm-up; a failure here means the site cannot be timed)."""
+    for fn in calls.values():
+        fn()
+    return calls
 
 
 def _timed_choice(site: RowSite, calls: dict, rounds: int) -> Choice:
@@ -275,9 +280,7 @@ def choose_siblings(gm: fx.GraphModule, site: RowSite, *, rounds: int = 9) -> Ch
         inputs = timing_inputs(loop, _device_of(loop))
         fused = copy.deepcopy(loop)
         rewrite_siblings(fused, site)
-        calls = {"loop": _call(loop, inputs), "siblings": _call(fused, inputs)}
-        for fn in calls.values():
-            fn()
+        calls = _warmed({"loop": _call(loop, inputs), "siblings": _call(fused, inputs)})
     except Exception as exc:  # noqa: BLE001 - any failure means "not measured": keep the loop
         reason = _failure_text(exc)
         log.info("%s: cannot time the siblings alone (%s); keeping them", site.name, reason)
