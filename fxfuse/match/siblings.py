@@ -35,31 +35,46 @@ def _linear_of(gm: fx.GraphModule, node: fx.Node, x: fx.Node):
     """(weight key, bias key or None, weight, bias) when ``node`` is a plain Linear of
     ``x`` that may be fused; else None."""
     if node.op == "call_module":
-        if node.args != (x,) or node.kwargs:
-            return None
-        mod = gm.get_submodule(node.target)
-        if type(mod) is not nn.Linear or mod._forward_hooks or mod._forward_pre_hooks \
-                or getattr(mod, "_backward_hooks", None) or mod._state_dict_hooks \
-                or torch.nn.utils.parametrize.is_parametrized(mod):
-            return None
-        if not isinstance(mod.weight, nn.Parameter):
-            return None
-        return (f"{node.target}.weight", None if mod.bias is None else f"{node.target}.bias",
-                mod.weight, mod.bias)
+        return _module_linear(gm, node, x)
     if node.op == "call_function" and node.target in _FLINEAR:
-        a = node.args
-        if not a or a[0] is not x or set(node.kwargs) - {"weight", "bias"}:
-            return None
-        w_node = a[1] if len(a) > 1 else node.kwargs.get("weight")
-        b_node = a[2] if len(a) > 2 else node.kwargs.get("bias")
-        w = _param(gm, w_node)
-        b = _param(gm, b_node)
-        if w is None or (b_node is not None and b is None):
-            return None
-        if len(w_node.users) != 1 or (b_node is not None and len(b_node.users) != 1):
-            return None
-        return (w_node.target, None if b_node is None else b_node.target, w, b)
+        return _function_linear(gm, node, x)
     return None
+
+
+def _module_linear(gm: fx.GraphModule, node: fx.Node, x: fx.Node):
+    """:func:`_linear_of` for a ``call_module`` node."""
+    if node.args != (x,) or node.kwargs:
+        return None
+    mod = gm.get_submodule(node.target)
+    if type(mod) is not nn.Linear or _hooked(mod):
+        return None
+    if not isinstance(mod.weight, nn.Parameter):
+        return None
+    return (f"{node.target}.weight", None if mod.bias is None else f"{node.target}.bias",
+            mod.weight, mod.bias)
+
+
+def _hooked(mod: nn.Module) -> bool:
+    """Whether ``mod`` has hooks or parametrizations that a fused Linear would lose."""
+    return bool(mod._forward_hooks or mod._forward_pre_hooks
+                or getattr(mod, "_backward_hooks", None) or mod._state_dict_hooks
+                or torch.nn.utils.parametrize.is_parametrized(mod))
+
+
+def _function_linear(gm: fx.GraphModule, node: fx.Node, x: fx.Node):
+    """:func:`_linear_of` for an ``F.linear`` call with attribute weights."""
+    a = node.args
+    if not a or a[0] is not x or set(node.kwargs) - {"weight", "bias"}:
+        return None
+    w_node = a[1] if len(a) > 1 else node.kwargs.get("weight")
+    b_node = a[2] if len(a) > 2 else node.kwargs.get("bias")
+    w = _param(gm, w_node)
+    b = _param(gm, b_node)
+    if w is None or (b_node is not None and b is None):
+        return None
+    if len(w_node.users) != 1 or (b_node is not None and len(b_node.users) != 1):
+        return None
+    return (w_node.target, None if b_node is None else b_node.target, w, b)
 
 
 def _calls(gm: fx.GraphModule) -> Counter:
