@@ -111,18 +111,9 @@ def find_sibling_sites(gm: fx.GraphModule, sites: Sequence[RowSite] = (), *,
             if info is None:
                 continue
             wkey, bkey, w, b = info
-            if user.op == "call_module" and (calls[user.target] != 1 or any(
-                    str(t).startswith(f"{user.target}.") for t in attrs)):
-                continue      # the module is called again, or its weight read directly
-            if user.op == "call_function" and any(
-                    calls[a.target] != 1 for a in user.all_input_nodes if a.op == "get_attr"):
+            if not _exclusive(user, calls, attrs, owners, w, b):
                 continue
-            if any(owners[id(p)] != 1 for p in (w, b) if p is not None):
-                continue      # tied or shared parameters
-            if w.dim() != 2 or (b is not None and (b.dim() != 1 or b.shape[0] != w.shape[0])):
-                continue
-            if b is not None and (b.dtype != w.dtype or b.device != w.device
-                                  or b.requires_grad != w.requires_grad):
+            if not _uniform(w, b):
                 continue
             key = (w.shape[1], w.shape[0], b is not None, w.dtype, str(w.device), w.requires_grad)
             buckets.setdefault(key, []).append((user, info))
@@ -130,17 +121,46 @@ def find_sibling_sites(gm: fx.GraphModule, sites: Sequence[RowSite] = (), *,
             if len(members) < max(2, min_rows):
                 continue
             members.sort(key=lambda m: _order(gm, m[0]))
-            names = tuple(n.name for n, _ in members)
-            targets = tuple(n.target if n.op == "call_module" else info[0]
-                            for n, info in members)
-            steps = tuple(f"linear {info[2].shape[1]}→{info[2].shape[0]}" for _, info in members)
-            match = RowMatch(name=f"site{start + len(found)}", combine=names[0],
-                             combine_kind=KIND, source=x.name, convs=names, targets=targets,
-                             chains=tuple((n,) for n in names), steps=steps,
-                             groups=(tuple(range(len(names))),), family="linear",
-                             loop_kind=KIND)
-            found.append(RowSite(match))
+            found.append(_sibling_site(f"site{start + len(found)}", x, members))
     return found
+
+
+def _exclusive(user: fx.Node, calls: Counter, attrs: list, owners: Counter,
+               w: torch.Tensor, b: torch.Tensor | None) -> bool:
+    """Whether the Linear's module/attributes are used once and its parameters held once."""
+    if user.op == "call_module" and (calls[user.target] != 1 or any(
+            str(t).startswith(f"{user.target}.") for t in attrs)):
+        return False      # the module is called again, or its weight read directly
+    if user.op == "call_function" and any(
+            calls[a.target] != 1 for a in user.all_input_nodes if a.op == "get_attr"):
+        return False
+    if any(owners[id(p)] != 1 for p in (w, b) if p is not None):
+        return False      # tied or shared parameters
+    return True
+
+
+def _uniform(w: torch.Tensor, b: torch.Tensor | None) -> bool:
+    """Whether weight and bias have Linear shapes and agree in dtype, device and grad."""
+    if w.dim() != 2 or (b is not None and (b.dim() != 1 or b.shape[0] != w.shape[0])):
+        return False
+    if b is not None and (b.dtype != w.dtype or b.device != w.device
+                          or b.requires_grad != w.requires_grad):
+        return False
+    return True
+
+
+def _sibling_site(name: str, x: fx.Node, members: list) -> RowSite:
+    """The site record for one ordered group of sibling Linears reading ``x``."""
+    names = tuple(n.name for n, _ in members)
+    targets = tuple(n.target if n.op == "call_module" else info[0]
+                    for n, info in members)
+    steps = tuple(f"linear {info[2].shape[1]}→{info[2].shape[0]}" for _, info in members)
+    match = RowMatch(name=name, combine=names[0],
+                     combine_kind=KIND, source=x.name, convs=names, targets=targets,
+                     chains=tuple((n,) for n in names), steps=steps,
+                     groups=(tuple(range(len(names))),), family="linear",
+                     loop_kind=KIND)
+    return RowSite(match)
 
 
 def _order(gm: fx.GraphModule, node: fx.Node) -> int:
