@@ -96,7 +96,7 @@ def find_sibling_sites(gm: fx.GraphModule, sites: Sequence[RowSite] = (), *,
     (each module called once, each parameter held once in the model, no hooks or
     parametrizations). Groups that do not qualify are not reported.
     """
-    taken = {n for s in sites for n in (*s.convs, *(m for c in s.chains for m in c))}
+    taken = _taken(sites)
     calls = _calls(gm)
     attrs = [n.target for n in gm.graph.nodes if n.op == "get_attr"]
     owners = Counter(id(p) for _, p in gm.named_parameters(remove_duplicate=False))
@@ -123,6 +123,11 @@ def find_sibling_sites(gm: fx.GraphModule, sites: Sequence[RowSite] = (), *,
             members.sort(key=lambda m: _order(gm, m[0]))
             found.append(_sibling_site(f"site{start + len(found)}", x, members))
     return found
+
+
+def _taken(sites: Sequence[RowSite]) -> set:
+    """Names of the nodes already claimed by the row-loop sites."""
+    return {n for s in sites for n in (*s.convs, *(m for c in s.chains for m in c))}
 
 
 def _exclusive(user: fx.Node, calls: Counter, attrs: list, owners: Counter,
