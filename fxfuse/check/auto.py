@@ -185,14 +185,29 @@ def choose_lowering(gm: fx.GraphModule, site: RowSite, *, rounds: int = 9,
         loop = copy.deepcopy(extract_loop(gm, site))   # timing must not touch gm's buffers
         inputs = timing_inputs(loop, _device_of(loop))
         fns = _candidates(loop, site, candidates)
-        calls = {k: _call(f, inputs) for k, f in fns.items()}
-        for fn in calls.values():
-            fn()
+        calls = _warmed({k: _call(f, inputs) for k, f in fns.items()})
     except Exception as exc:  # noqa: BLE001 - any failure means "not measured": keep the loop
-        text = str(exc).strip().splitlines()
-        reason = f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
+        reason = _failure_text(exc)
         log.info("%s: cannot time the loop alone (%s); keeping the loop", site.name, reason)
         return Choice("loop", (), f"kept as a loop: auto could not time it ({reason})")
+    return _timed_choice(site, calls, rounds)
+
+
+def _failure_text(exc: Exception) -> str:
+    """One line naming why timing failed: the exception type and its first line."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
+
+
+def _warmed(calls: dict) -> dict:
+    """Run each call once (warm-up; a failure here means the site cannot be timed)."""
+    for fn in calls.values():
+        fn()
+    return calls
+
+
+def _timed_choice(site: RowSite, calls: dict, rounds: int) -> Choice:
+    """Time ``calls`` interleaved (longer when too close) and pick the loop unless beaten."""
     samples = time_interleaved(calls, rounds=rounds, round_s=0.01)
     top, (q1, med) = _top_rewrite(samples)
     if 0.9 < med < 1.2 or (med > MARGIN and q1 <= 1.0):
@@ -265,22 +280,9 @@ def choose_siblings(gm: fx.GraphModule, site: RowSite, *, rounds: int = 9) -> Ch
         inputs = timing_inputs(loop, _device_of(loop))
         fused = copy.deepcopy(loop)
         rewrite_siblings(fused, site)
-        calls = {"loop": _call(loop, inputs), "siblings": _call(fused, inputs)}
-        for fn in calls.values():
-            fn()
+        calls = _warmed({"loop": _call(loop, inputs), "siblings": _call(fused, inputs)})
     except Exception as exc:  # noqa: BLE001 - any failure means "not measured": keep the loop
-        text = str(exc).strip().splitlines()
-        reason = f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
+        reason = _failure_text(exc)
         log.info("%s: cannot time the siblings alone (%s); keeping them", site.name, reason)
         return Choice("loop", (), f"kept separate: auto could not time it ({reason})")
-    samples = time_interleaved(calls, rounds=rounds, round_s=0.01)
-    top, (q1, med) = _top_rewrite(samples)
-    if 0.9 < med < 1.2 or (med > MARGIN and q1 <= 1.0):
-        more = time_interleaved(calls, rounds=2 * rounds, round_s=0.02)
-        samples = {k: samples[k] + more[k] for k in samples}
-        top, (q1, med) = _top_rewrite(samples)
-    best = top if med > MARGIN and q1 > 1.0 else "loop"
-    medians = {k: timing_of(v).median_s for k, v in samples.items()}
-    log.info("%s: %s -> %s", site.name,
-             ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in medians.items()), best)
-    return Choice(best, tuple(medians.items()))
+    return _timed_choice(site, calls, rounds)
