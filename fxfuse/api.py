@@ -25,7 +25,7 @@ from .rewrite.simplify import simplify_layout
 from .match.sites import RowSite, twin_of
 from .trace.realtensor import RENAMES_KEY
 from .trace.prepare import copy_model, weight_norm_modules
-from .trace.tracing import NOTES_KEY, TRACER_KEY, distinct_inputs, trace_model, trace_general
+from .trace.tracing import NOTES_KEY, TRACER_KEY, alias_note, distinct_inputs, trace_model, trace_general
 from .check.fidelity import TraceCheck, check_trace, trace_table
 from .check.verify import VerifyReport, verify_models
 from .rewrite.weights import WeightMap
@@ -166,8 +166,7 @@ def _example_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], tuple[str, ..
         raise ConfigError(f"example_inputs must be a tensor or a tuple of the forward's "
                           f"positional inputs, got {type(example_inputs).__name__}")
     _, aliased = distinct_inputs(tuple(example_inputs))
-    notes = (f"inputs {', '.join(map(str, aliased))} share memory with an earlier input; "
-             "traced on distinct copies, so the graph reads each argument",) if aliased else ()
+    notes = (alias_note(aliased),) if aliased else ()
     return tuple(pytree.tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor)
                                  else v, list(example_inputs))), notes
 

@@ -12,8 +12,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fxfuse
 from conftest import AUTO_ROUNDS, check_grads, check_outputs, fresh_inputs
 from fxfuse.trace.export import FixedModeError
-from zoo.realcode import (DecompLinear, GroupedFeatureLinear, NumericEmbedding, SliceEmbedding,
-                           ZerosLikeConv)
+from zoo.realcode import (CudaBuffer, DecompLinear, GroupedFeatureLinear, NumericEmbedding,
+                           SliceEmbedding, ZerosLikeConv)
 
 HEAVY = {"convolution", "mm", "addmm", "bmm", "baddbmm", "addbmm"}
 
@@ -238,16 +238,5 @@ def test_last_axis_rows_of_another_axis_still_read_as_rows():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_buffer_allocated_with_cuda_fuses(train):
-    class CudaBuffer(nn.Module):
-        def __init__(self, n=4, d=6):
-            super().__init__()
-            self.heads = nn.ModuleList(nn.Linear(d, d) for _ in range(n))
-
-        def forward(self, x):
-            out = torch.zeros(x.shape[0], x.shape[1], 6).cuda()
-            for i, head in enumerate(self.heads):
-                out[:, i, :] = head(x[:, i, :])
-            return out.permute(0, 2, 1)
-
     model = CudaBuffer().cuda()
     fuse_and_check(model, (torch.randn(3, 4, 6, device="cuda"),), 1, 1, "grouped", train)

@@ -125,8 +125,7 @@ def trace_model(model: torch.nn.Module, example_inputs: Sequence[Any], *,
     notes: list[str] = []
     example_inputs, aliased = distinct_inputs(example_inputs)
     if aliased:
-        notes.append(f"inputs {', '.join(map(str, aliased))} share memory with an earlier "
-                     "input; traced on distinct copies, so the graph reads each argument")
+        notes.append(alias_note(aliased))
     defaults = unsupplied_defaults(model, example_inputs)
     if defaults:
         notes.append("optional arguments bound to their defaults: "
@@ -199,6 +198,12 @@ def _explain_fake(exc: BaseException) -> str:
 
 def _first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def alias_note(aliased: tuple[int, ...]) -> str:
+    """The note saying which inputs shared memory and were traced on distinct copies."""
+    return (f"inputs {', '.join(map(str, aliased))} share memory with an earlier input; "
+            "traced on distinct copies, so the graph reads each argument")
 
 
 def distinct_inputs(inputs: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[int, ...]]:

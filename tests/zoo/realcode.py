@@ -112,6 +112,20 @@ class ZerosLikeConv(nn.Module):
         return F.elu(out)
 
 
+class CudaBuffer(nn.Module):
+    """Per-variable Linear heads into a buffer moved with ``.cuda()`` (needs a GPU)."""
+
+    def __init__(self, n=4, d=6):
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Linear(d, d) for _ in range(n))
+
+    def forward(self, x):
+        out = torch.zeros(x.shape[0], x.shape[1], 6).cuda()
+        for i, head in enumerate(self.heads):
+            out[:, i, :] = head(x[:, i, :])
+        return out.permute(0, 2, 1)
+
+
 # ----------------------------------------------------------------- 2. rows reshaped
 
 class FlattenHead(nn.Module):
