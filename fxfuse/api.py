@@ -14,15 +14,10 @@ from torch.utils import _pytree as pytree
 from .check.bench import BenchResult, benchmark_models
 from .config import FuseConfig, merge_config
 from .errors import ConfigError
-from .match.find import find_row_sites
-from .check.auto import Choice, choose_lowering, choose_siblings
-from .match.siblings import KIND as SIBLINGS, with_siblings
-from .rewrite.siblings import rewrite_siblings
 from .check.report import format_report
-from .rewrite.rewriter import LOWERINGS, finalize_graph, rewrite_site
-from .rewrite.copies import drop_needless_copies, restore_output_layout
-from .rewrite.simplify import simplify_layout
-from .match.sites import RowSite, twin_of
+from .match.sites import RowSite
+from .passes.driver import run_pass
+from .passes.kinds import apply_sites
 from .trace.realtensor import RENAMES_KEY
 from .trace.prepare import copy_model, weight_norm_modules
 from .trace.tracing import NOTES_KEY, TRACER_KEY, alias_note, distinct_inputs, trace_model, trace_general
@@ -202,9 +197,7 @@ def _fuse(model: torch.nn.Module, inputs: tuple[Any, ...], cfg: FuseConfig,
     notes += getattr(gm, NOTES_KEY, ())
     trace_check = _check_trace(model, gm, inputs, notes, cfg)
     code_before = gm.code
-    found = with_siblings(gm, find_row_sites(gm, min_rows=cfg.min_rows), min_rows=cfg.min_rows)
-    sites, wmap = apply_sites(gm, found, cfg.lowering,
-                              auto_rounds=cfg.auto_rounds)
+    sites, wmap, _ = _run(gm, inputs, cfg)
     wmap = renames + getattr(gm, RENAMES_KEY, WeightMap()) + wmap
     if not any(s.fused for s in sites) and getattr(gm, TRACER_KEY, "symbolic") != "symbolic":
         gm, more = trace_general(work, gm, inputs, cfg.concrete_args)
@@ -220,6 +213,11 @@ def _fuse(model: torch.nn.Module, inputs: tuple[Any, ...], cfg: FuseConfig,
                               rounds=cfg.bench_rounds) if cfg.benchmark else None
     return FuseResult(gm, sites, wmap, verification, timing, code_before,
                       getattr(gm, TRACER_KEY, "symbolic"), trace_check, tuple(notes))
+
+
+def _run(gm: fx.GraphModule, inputs: tuple[Any, ...], cfg: FuseConfig):
+    result = run_pass(gm, inputs, cfg)
+    return result.sites, result.weight_map, result.changed
 
 
 def _check_trace(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],
@@ -240,63 +238,4 @@ def _copy(model: torch.nn.Module, how: Any = copy.deepcopy) -> Any:
                           "inplace=True with verify=False") from None
 
 
-def apply_sites(gm: fx.GraphModule, sites: Sequence[RowSite],
-                lowering: str = "grouped", *, auto_rounds: int = 9
-                ) -> tuple[tuple[RowSite, ...], WeightMap]:
-    """Rewrite every fusable site of ``gm`` in turn (in place).
-
-    Args:
-        gm: the traced module the sites were found in.
-        sites: from :func:`find_row_sites`.
-        lowering: ``"grouped"``, ``"grouped2d"`` or ``"auto"`` (measure per site).
-        auto_rounds: timing rounds per site for ``"auto"``.
-
-    Returns:
-        The sites with ``lowering`` (and, for ``"auto"``, ``timings``) filled in, and the
-        combined weight map. Under ``"auto"`` a site that could not be timed is kept as
-        a loop, with the reason in its ``notes``.
-    """
-    lowering = merge_config(lowering=lowering, auto_rounds=auto_rounds).lowering
-    done, wmap = [], WeightMap()
-    chosen_for: dict[tuple, Choice] = {}
-    for site in sites:
-        if not site.fusable:
-            done.append(site)
-            continue
-        twin = twin_of(site)                   # a loop module applied again: same choice,
-        if lowering == "auto" and twin in chosen_for:   # so the fused weights stay shared
-            choice = chosen_for[twin]
-        elif lowering == "auto":
-            choose = choose_siblings if site.loop_kind == SIBLINGS else choose_lowering
-            choice = choose(gm, site, rounds=auto_rounds)
-        else:
-            choice = Choice(lowering)
-        chosen_for[twin] = choice
-        timings = tuple((_label(site, k) if k in LOWERINGS else k, v) for k, v in choice.timings)
-        notes = site.notes + ((choice.note,) if choice.note else ())
-        if choice.lowering == "loop":
-            done.append(dataclasses.replace(site, lowering="loop", timings=timings,
-                                            notes=notes))
-            continue
-        if site.loop_kind == SIBLINGS:         # one Linear, whatever lowering was asked
-            wmap = wmap + rewrite_siblings(gm, site, finalize=False)
-        else:
-            wmap = wmap + rewrite_site(gm, site, choice.lowering, finalize=False)
-        done.append(dataclasses.replace(
-            site, lowering=_label(site, choice.lowering), timings=timings, notes=notes))
-    simplify_layout(gm)
-    drop_needless_copies(gm)
-    restore_output_layout(gm)
-    finalize_graph(gm)
-    return tuple(done), wmap
-
-
-def _label(site: RowSite, lowering: str) -> str:
-    """What the report calls the rewrite of ``site``."""
-    if site.loop_kind == SIBLINGS:
-        return SIBLINGS
-    if site.shared_module:
-        return "batched"
-    if site.reduce:
-        return "dense"
-    return "bmm" if site.family == "linear" else lowering
+__all__ = ["FuseResult", "fuse", "apply_sites"]

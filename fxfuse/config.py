@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 
-LOWERING_CHOICES = ("auto", "grouped", "grouped2d")
+LOWERING_CHOICES = ("auto", "grouped", "grouped2d", "vmap")
 TRACER_CHOICES = ("auto", "symbolic", "export")
 
 

@@ -1,0 +1,1 @@
+"""The pass: every fusion found, chosen and rewritten by one driver."""

@@ -1,0 +1,105 @@
+"""The one driver: find with every fusion, choose a lowering per site, rewrite, clean up.
+
+``fxfuse.fuse``, ``fxfuse inspect`` / ``fuse`` and the ``torch.compile`` backend all
+run this. The row-op kinds (grouped convolutions, batched matmuls, sibling Linears)
+go first, as the fast special cases; loops they leave are matched by structure and
+vectorised. Under ``lowering="vmap"`` every loop is vectorised.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from torch import fx
+
+from ..check.auto import Choice
+from ..check.bench import time_interleaved
+from ..config import FuseConfig
+from ..match.find import find_row_sites
+from ..match.siblings import with_siblings
+from ..match.sites import RowSite
+from ..rewrite.rewriter import finalize_graph
+from ..rewrite.weights import WeightMap
+from ..structural.extract import CannotCut
+from ..structural.fusion import RowsByStructure
+from ..structural.plan import Refused
+from .fusion import Context, Found
+from .kinds import apply_sites
+
+log = logging.getLogger("fxfuse")
+
+MARGIN = 1.05
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What the pass did: every site (in graph order of finding), the weight map, and
+    whether the graph changed."""
+
+    sites: tuple[RowSite, ...]
+    weight_map: WeightMap
+    changed: bool
+
+
+def find_sites(gm: fx.GraphModule, inputs: tuple[Any, ...], config: FuseConfig
+               ) -> tuple[RowSite, ...]:
+    """Every site every fusion finds, without changing ``gm`` (``fxfuse inspect``)."""
+    kinds = () if config.lowering == "vmap" else \
+        with_siblings(gm, find_row_sites(gm, min_rows=config.min_rows), min_rows=config.min_rows)
+    claimed = frozenset()
+    rows = RowsByStructure().find(gm, Context(config, inputs, claimed), first=len(kinds))
+    return _merged(tuple(kinds), [f.site for f in rows])
+
+
+def run_pass(gm: fx.GraphModule, inputs: tuple[Any, ...], config: FuseConfig) -> PassResult:
+    """Rewrite ``gm`` in place (see the module docstring)."""
+    kinds: tuple[RowSite, ...] = ()
+    wmap = WeightMap()
+    if config.lowering != "vmap":
+        found = with_siblings(gm, find_row_sites(gm, min_rows=config.min_rows),
+                              min_rows=config.min_rows)
+        kinds, wmap = apply_sites(gm, found, config.lowering, auto_rounds=config.auto_rounds)
+    fusion = RowsByStructure()
+    rows = fusion.find(gm, Context(config, inputs), first=len(kinds))
+    done = []
+    for found in rows:
+        site = found.site
+        if site.fusable:
+            choice = _choose(gm, fusion, found, config)
+            site = dataclasses.replace(site, lowering=choice.lowering, timings=choice.timings,
+                                       notes=site.notes + ((choice.note,) if choice.note else ()))
+            if choice.lowering != "loop":
+                wmap = wmap + fusion.rewrite(gm, found, choice.lowering)
+        done.append(site)
+    finalize_graph(gm)
+    sites = _merged(kinds, done)
+    return PassResult(sites, wmap, any(s.fused for s in sites))
+
+
+def _choose(gm: fx.GraphModule, fusion: RowsByStructure, found: Found,
+            config: FuseConfig) -> Choice:
+    if config.lowering != "auto":
+        return Choice("vmap")
+    try:
+        calls = fusion.candidates(gm, found)
+        for call in calls.values():
+            call()
+    except (CannotCut, Refused, RuntimeError) as exc:
+        text = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        return Choice("loop", (), f"kept as a loop: auto could not time it "
+                                  f"({type(exc).__name__}: {text})")
+    samples = time_interleaved(calls, rounds=config.auto_rounds, round_s=0.01)
+    best = {k: min(v) for k, v in samples.items()}
+    pick = "vmap" if best["vmap"] * MARGIN < best["loop"] else "loop"
+    return Choice(pick, tuple(best.items()))
+
+
+def _merged(kinds: tuple[RowSite, ...], rows: list[RowSite]) -> tuple[RowSite, ...]:
+    """The kinds' sites and the structural ones; a loop both report appears once (the
+    structural record where it fused it, else the kinds' own reason)."""
+    fused_rows = {s.combine for s in rows if s.fusable}
+    kept = tuple(s for s in kinds if s.fused or s.combine not in fused_rows)
+    reported = {s.combine for s in kept}
+    return kept + tuple(s for s in rows if s.fusable or s.combine not in reported)

@@ -1,0 +1,80 @@
+"""The row-op kinds as one fusion step: grouped convolutions, batched matmuls, dense sums,
+folded batches and sibling Linears, each site chosen (``auto``) and rewritten in turn."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+from torch import fx
+
+from ..check.auto import Choice, choose_lowering, choose_siblings
+from ..config import merge_config
+from ..match.siblings import KIND as SIBLINGS
+from ..match.sites import RowSite, twin_of
+from ..rewrite.copies import drop_needless_copies, restore_output_layout
+from ..rewrite.rewriter import LOWERINGS, finalize_graph, rewrite_site
+from ..rewrite.siblings import rewrite_siblings
+from ..rewrite.simplify import simplify_layout
+from ..rewrite.weights import WeightMap
+
+
+def apply_sites(gm: fx.GraphModule, sites: Sequence[RowSite],
+                lowering: str = "grouped", *, auto_rounds: int = 9
+                ) -> tuple[tuple[RowSite, ...], WeightMap]:
+    """Rewrite every fusable site of ``gm`` in turn (in place).
+
+    Args:
+        gm: the traced module the sites were found in.
+        sites: from :func:`find_row_sites`.
+        lowering: ``"grouped"``, ``"grouped2d"`` or ``"auto"`` (measure per site).
+        auto_rounds: timing rounds per site for ``"auto"``.
+
+    Returns:
+        The sites with ``lowering`` (and, for ``"auto"``, ``timings``) filled in, and the
+        combined weight map. Under ``"auto"`` a site that could not be timed is kept as
+        a loop, with the reason in its ``notes``.
+    """
+    lowering = merge_config(lowering=lowering, auto_rounds=auto_rounds).lowering
+    done, wmap = [], WeightMap()
+    chosen_for: dict[tuple, Choice] = {}
+    for site in sites:
+        if not site.fusable:
+            done.append(site)
+            continue
+        twin = twin_of(site)                   # a loop module applied again: same choice,
+        if lowering == "auto" and twin in chosen_for:   # so the fused weights stay shared
+            choice = chosen_for[twin]
+        elif lowering == "auto":
+            choose = choose_siblings if site.loop_kind == SIBLINGS else choose_lowering
+            choice = choose(gm, site, rounds=auto_rounds)
+        else:
+            choice = Choice(lowering)
+        chosen_for[twin] = choice
+        timings = tuple((_label(site, k) if k in LOWERINGS else k, v) for k, v in choice.timings)
+        notes = site.notes + ((choice.note,) if choice.note else ())
+        if choice.lowering == "loop":
+            done.append(dataclasses.replace(site, lowering="loop", timings=timings,
+                                            notes=notes))
+            continue
+        if site.loop_kind == SIBLINGS:         # one Linear, whatever lowering was asked
+            wmap = wmap + rewrite_siblings(gm, site, finalize=False)
+        else:
+            wmap = wmap + rewrite_site(gm, site, choice.lowering, finalize=False)
+        done.append(dataclasses.replace(
+            site, lowering=_label(site, choice.lowering), timings=timings, notes=notes))
+    simplify_layout(gm)
+    drop_needless_copies(gm)
+    restore_output_layout(gm)
+    finalize_graph(gm)
+    return tuple(done), wmap
+
+
+def _label(site: RowSite, lowering: str) -> str:
+    """What the report calls the rewrite of ``site``."""
+    if site.loop_kind == SIBLINGS:
+        return SIBLINGS
+    if site.shared_module:
+        return "batched"
+    if site.reduce:
+        return "dense"
+    return "bmm" if site.family == "linear" else lowering

@@ -1,0 +1,166 @@
+"""Find loops of identical rows by structure, and plan each as one vectorised body.
+
+For every join (:mod:`seeds`) the joined tensors are split into rows (:mod:`rows`);
+rows with equal signatures (:mod:`signature`) that run at least one layer are a loop.
+Each loop is planned (:mod:`plan`), its row built as a function (:mod:`body`), its
+reads decided (:mod:`reads`) and its vectorised body traced (:mod:`vectorise`), all
+without changing the graph. A loop that cannot be vectorised comes back with the reason.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+from .body import RowFunction, row_function
+from .graphfacts import dependencies
+from .plan import Refused, RowPlan, group_rows, has_parameters, plan_rows
+from .reads import RowsRead, example_of, plan_read
+from .rows import split_rows
+from .seeds import Join, find_joins
+from .values import Probe, TensorLike, probe
+from .vectorise import Body, Operand, trace_body
+
+log = logging.getLogger("fxfuse")
+
+
+@dataclass
+class Loop:
+    """A loop of identical rows as found: where it is joined, its plan, its body (or
+    the reason it cannot be fused)."""
+
+    join: Join
+    plan: RowPlan | None
+    reason: str = ""
+    row: RowFunction | None = None
+    body: Body | None = None
+    reads: dict[int, RowsRead] = field(default_factory=dict)
+    batch_source: fx.Node | None = None
+    row_ndims: tuple[int, ...] = ()
+    values: dict[fx.Node, Any] = field(default_factory=dict)
+
+
+def find_loops(gm: fx.GraphModule, inputs: tuple[Any, ...], claimed: set[fx.Node],
+               min_rows: int) -> list[Loop]:
+    """Every loop of identical rows in ``gm`` not already claimed, planned and traced."""
+    deps = dependencies(gm)
+    order = list(gm.graph.nodes)
+    loops: list[Loop] = []
+    taken = set(claimed)
+    for join, split, rows in _candidates(gm, order, deps, min_rows):
+        body_nodes = {n for r in rows for n in split.bodies[r]}
+        if body_nodes & taken:
+            continue
+        if split.carried:
+            i, j = split.carried[0]
+            loops.append(Loop(join, None, f"loop-carried: row {i} reads row {j}'s result"))
+            continue
+        try:
+            plan = plan_rows(split, rows, gm)
+            _check_untied(plan, gm, body_nodes)
+        except Refused as exc:
+            loops.append(Loop(join, None, str(exc)))
+            continue
+        taken |= plan.nodes()
+        loops.append(Loop(join, plan))
+    _vectorise_all(gm, inputs, [lp for lp in loops if lp.plan is not None])
+    return loops
+
+
+def _candidates(gm: fx.GraphModule, order, deps, min_rows: int):
+    """(join, split, rows) for each class of identical rows that run a layer, the
+    largest first."""
+    found = []
+    for join in find_joins(gm.graph, min_rows):
+        split = split_rows(list(join.tensors), order, deps)
+        for rows in group_rows(split, gm, min_rows):
+            if has_parameters(split.bodies[rows[0]]):
+                found.append((join, split, rows))
+    found.sort(key=lambda c: -sum(len(c[1].bodies[r]) for r in c[2]))
+    return found
+
+
+def _check_untied(plan: RowPlan, gm: fx.GraphModule, inside: set[fx.Node]) -> None:
+    """A per-row module or attribute used outside its row would lose its tie."""
+    targets = {str(n.target) for b in plan.bodies for n in b
+               if n.op in ("call_module", "get_attr")}
+    for node in gm.graph.nodes:
+        if node.op in ("call_module", "get_attr") and node not in inside \
+                and str(node.target) in targets:
+            raise Refused(f"`{node.target}` is also used outside the loop (by `{node.name}`)")
+
+
+def _vectorise_all(gm: fx.GraphModule, inputs: tuple[Any, ...], loops: list[Loop]) -> None:
+    """Record what the rows read (one run per batch size), then trace each body."""
+    if not loops:
+        return
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    wanted = set(placeholders)
+    for lp in loops:
+        for slot in lp.plan.inputs:
+            for node in slot:
+                wanted.add(node)
+                wanted.update(node.all_input_nodes)
+                for dep in node.all_input_nodes:
+                    wanted.update(dep.all_input_nodes)
+                    wanted.add(dep)
+        wanted.update(n for b in lp.plan.bodies for p in lp.plan.leaks for n in [b[p]])
+    values = probe(gm, inputs, wanted)
+    for lp in loops:
+        try:
+            _vectorise(gm, lp, values, placeholders)
+        except Refused as exc:
+            lp.reason = str(exc)
+        log.info("rows at %s: %s", lp.join.node.name, lp.reason or "vectorised")
+
+
+def _batch_source(values: Probe, placeholders: list[fx.Node]) -> fx.Node | None:
+    for node in placeholders:
+        a, b = values.first.get(node), values.second.get(node)
+        if isinstance(a, TensorLike) and isinstance(b, TensorLike) and a.shape and b.shape \
+                and a.shape[0] == values.batch1 and b.shape[0] == values.batch2:
+            return node
+    return None
+
+
+def _vectorise(gm: fx.GraphModule, lp: Loop, values: Probe, placeholders) -> None:
+    plan = lp.plan
+    row = row_function(plan, gm)
+    operands = [Operand("stacked", s.name) for s in row.stacked]
+    operands += [Operand("weight", path) for path in row.shared.values()]
+    runs = [values.first] + ([values.second] if values.second else [])
+    examples: list[dict[int, Any]] = [{} for _ in runs]
+    for slot, nodes in enumerate(plan.inputs):
+        for k, run in enumerate(runs):
+            if nodes[0] not in run:
+                raise Refused(f"`{nodes[0].name}` did not run on the example inputs")
+        if plan.shared(slot):
+            if isinstance(runs[0][nodes[0]], TensorLike):
+                operands.append(Operand("shared", slot=slot))
+            for k, run in enumerate(runs):
+                examples[k][slot] = run[nodes[0]]
+            continue
+        if not all(isinstance(runs[0][n], TensorLike) for n in nodes):
+            raise Refused(f"rows read different non-tensor values (`{nodes[0].name}`, ...)")
+        read = plan_read(nodes, values.first)
+        lp.reads[slot] = read
+        operands.append(Operand("rows", slot=slot, in_dim=read.in_dim))
+        for k, run in enumerate(runs):
+            examples[k][slot] = example_of(read, run)
+    lp.batch_source = _batch_source(values, placeholders)
+    if len(runs) == 2 and lp.batch_source is None:
+        runs, examples = runs[:1], examples[:1]
+    weights = {path: _lookup(gm, path) for path in row.shared.values()}
+    batches = [values.batch1, values.batch2][:len(runs)]
+    lp.body = trace_body(row, tuple(operands), examples, batches, weights)
+    lp.row = row
+    lp.values = values.first
+    lp.row_ndims = tuple(len(values.first[plan.bodies[0][p]].shape) for p in plan.leaks)
+
+
+def _lookup(gm: fx.GraphModule, path: str) -> torch.Tensor:
+    owner, _, name = path.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)

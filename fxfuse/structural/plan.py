@@ -1,0 +1,109 @@
+"""From H joined tensors to a plan: which rows are the same code, and what each reads.
+
+A plan holds node references (not names) and is private to the structural fusion.
+Planning is a chain of named checks; each returns what it found or raises
+:class:`Refused` with the reason a user reads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import fx
+
+from .graphfacts import is_tensor_node, mutated_input
+from .rows import RowSplit, externals, leaks
+from .signature import is_reader, reader_constants, row_signature
+
+
+class Refused(Exception):
+    """This group of rows cannot be vectorised, for the reason given."""
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """H isomorphic rows and how to run them as one.
+
+    Attributes:
+        rows: the row indices (positions in the join) this plan fuses.
+        outputs: per row, its joined result.
+        bodies: per row, the nodes that run inside the vectorised body, aligned by position.
+        readers: per row, the nodes that pick the row's slice (run as they are), aligned.
+        inputs: per input slot, per row, the node the body reads (a shared tensor is the
+            same node in every row).
+        leaks: body positions whose values are used outside the row.
+    """
+
+    rows: tuple[int, ...]
+    outputs: tuple[fx.Node, ...]
+    bodies: tuple[tuple[fx.Node, ...], ...]
+    readers: tuple[tuple[fx.Node, ...], ...]
+    inputs: tuple[tuple[fx.Node, ...], ...]
+    leaks: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.rows)
+
+    def shared(self, slot: int) -> bool:
+        """Every row reads the same node at input ``slot``."""
+        return len(set(self.inputs[slot])) == 1
+
+    def nodes(self) -> set[fx.Node]:
+        """Every node the rewrite replaces (bodies and readers)."""
+        return {n for b in (*self.bodies, *self.readers) for n in b}
+
+
+def group_rows(split: RowSplit, gm: fx.GraphModule, min_rows: int) -> list[list[int]]:
+    """Rows with equal signatures, in join order (classes of at least ``min_rows``)."""
+    classes: dict[tuple, list[int]] = {}
+    for row, body in enumerate(split.bodies):
+        if body:
+            classes.setdefault(row_signature(body, gm), []).append(row)
+    return [rows for rows in classes.values() if len(rows) >= min_rows]
+
+
+def has_parameters(body: tuple[fx.Node, ...]) -> bool:
+    """The row runs a module or reads an attribute: a layer, not only activations."""
+    return any(n.op in ("call_module", "get_attr") for n in body)
+
+
+def plan_rows(split: RowSplit, rows: list[int], gm: fx.GraphModule) -> RowPlan:
+    """Peel the readers, align the inputs and results, check what the rows may do.
+
+    Raises:
+        Refused: a row writes into a shared tensor, or leaks a non-tensor value.
+    """
+    full = [split.bodies[r] for r in rows]
+    peel = _reader_positions(full)
+    bodies = tuple(tuple(n for i, n in enumerate(b) if i not in peel) for b in full)
+    readers = tuple(tuple(n for i, n in enumerate(b) if i in peel) for b in full)
+    per_row = [externals(b) for b in bodies]
+    if len({len(e) for e in per_row}) != 1:
+        raise Refused("rows read different numbers of outside tensors")
+    inputs = tuple(zip(*per_row))
+    _check_writes(bodies, gm)
+    leak_pos = sorted({b.index(n) for b in bodies for n in leaks(b)})
+    for body in bodies:
+        for pos in leak_pos:
+            if not is_tensor_node(body[pos]):
+                raise Refused(f"`{body[pos].name}` (a non-tensor value) is used outside its row")
+    outputs = tuple(split.outputs[r] for r in rows)
+    return RowPlan(tuple(rows), outputs, bodies, readers, inputs, tuple(leak_pos))
+
+
+def _reader_positions(bodies: list[tuple[fx.Node, ...]]) -> set[int]:
+    """Positions of readers whose constants differ between rows (``x[:, i]``)."""
+    first = bodies[0]
+    inside = set(first)
+    return {i for i, node in enumerate(first) if is_reader(node, inside)
+            and len({reader_constants(b[i]) for b in bodies}) > 1}
+
+
+def _check_writes(bodies: tuple[tuple[fx.Node, ...], ...], gm: fx.GraphModule) -> None:
+    for body in bodies:
+        inside = set(body)
+        for node in body:
+            base = mutated_input(node, gm)
+            if base is not None and base not in inside:
+                raise Refused(f"`{node.name}` writes into `{base.name}`, which is read "
+                              "outside its row")

@@ -1,0 +1,116 @@
+"""When two rows are the same code: a structural signature per row.
+
+Two rows are isomorphic when their nodes, in graph order, call the same targets wired
+alike, with equal non-tensor arguments, module calls of the same class and
+configuration, and parameters of equal shape, dtype and device. A row's *readers*
+(ops that only index tensors from outside the row, ``x[:, :, i]``) may differ in their
+constants: they are how each row picks its slice, and are run as they are.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx
+
+MASK = "?"
+_SIMPLE = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format,
+           torch.layout)
+
+
+def constant_key(value: Any) -> Any:
+    """A hashable, comparable form of a non-node argument."""
+    if isinstance(value, slice):
+        return ("slice", constant_key(value.start), constant_key(value.stop),
+                constant_key(value.step))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(constant_key(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((k, constant_key(v)) for k, v in value.items())))
+    if isinstance(value, _SIMPLE) or value is Ellipsis:
+        return value
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, str(value.device), id(value))
+    return ("object", type(value).__qualname__, id(value))
+
+
+def tensor_key(t: torch.Tensor) -> tuple:
+    """Shape, dtype, device and whether it is a trainable parameter."""
+    return (tuple(t.shape), t.dtype, str(t.device), t.requires_grad,
+            isinstance(t, torch.nn.Parameter))
+
+
+def module_key(module: torch.nn.Module) -> tuple:
+    """Class and configuration of a module: its plain attributes, the shapes of its
+    parameters and buffers, its submodules' keys, and whether it carries hooks."""
+    config = tuple(sorted((k, constant_key(v)) for k, v in vars(module).items()
+                          if not k.startswith("_") and isinstance(v, (*_SIMPLE, tuple, list))))
+    tensors = tuple((name, tensor_key(t)) for name, t in
+                    [*module._parameters.items(), *module._buffers.items()] if t is not None)
+    nones = tuple(name for name, t in [*module._parameters.items(), *module._buffers.items()]
+                  if t is None)
+    children = tuple((name, module_key(child)) for name, child in module.named_children())
+    hooks = bool(module._forward_hooks or module._forward_pre_hooks
+                 or getattr(module, "parametrizations", None))
+    return (type(module), config, tensors, nones, children, hooks)
+
+
+def target_key(node: fx.Node, gm: fx.GraphModule) -> Any:
+    """What a node runs, with its parameters reduced to their shapes."""
+    if node.op == "call_module":
+        return ("module", module_key(gm.get_submodule(str(node.target))))
+    if node.op == "get_attr":
+        value = _attr(gm, str(node.target))
+        return ("attr", tensor_key(value) if isinstance(value, torch.Tensor)
+                else constant_key(value))
+    return (node.op, node.target)
+
+
+def _attr(gm: fx.GraphModule, target: str) -> Any:
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def is_reader(node: fx.Node, inside: set[fx.Node]) -> bool:
+    """An op that reads only tensors from outside its row (an index op, say)."""
+    return node.op in ("call_function", "call_method") and bool(node.all_input_nodes) and \
+        not any(n in inside for n in node.all_input_nodes)
+
+
+def row_signature(body: tuple[fx.Node, ...], gm: fx.GraphModule) -> tuple:
+    """The structure of one row, readers' constants masked; externals numbered by
+    first use, own nodes by position."""
+    inside = set(body)
+    local = {n: i for i, n in enumerate(body)}
+    ext: dict[fx.Node, int] = {}
+
+    def arg(value: Any, masked: bool) -> Any:
+        if isinstance(value, fx.Node):
+            if value in local:
+                return ("L", local[value])
+            return ("E", ext.setdefault(value, len(ext)))
+        if isinstance(value, (list, tuple)):
+            return (type(value).__name__, tuple(arg(v, masked) for v in value))
+        if isinstance(value, dict):
+            return ("dict", tuple(sorted((k, arg(v, masked)) for k, v in value.items())))
+        return MASK if masked else constant_key(value)
+
+    sig = []
+    for node in body:
+        masked = is_reader(node, inside)
+        sig.append((node.op, target_key(node, gm), arg(tuple(node.args), masked),
+                    arg(dict(node.kwargs), masked), len(node.users) > 0))
+    return tuple(sig)
+
+
+def reader_constants(node: fx.Node) -> Any:
+    """The constants of a reader (what picks its row), for comparing rows."""
+    def strip(value: Any) -> Any:
+        if isinstance(value, fx.Node):
+            return "node"
+        if isinstance(value, (list, tuple)):
+            return tuple(strip(v) for v in value)
+        if isinstance(value, dict):
+            return tuple(sorted((k, strip(v)) for k, v in value.items()))
+        return constant_key(value)
+    return strip((node.args, node.kwargs))

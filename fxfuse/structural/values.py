@@ -1,0 +1,109 @@
+"""What the rows read, at two batch sizes: the example batch and one more.
+
+The graph is run once per batch size (an fx Interpreter, no gradients, buffers restored
+afterwards) and the values of the nodes asked for are kept as empty tensors of the same
+shape, dtype, strides and device (or as the value itself for sizes and other small
+values). Two batch sizes tell which numbers in the vectorised code are the batch.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import fx
+from torch.utils import _pytree as pytree
+
+from ..check.fidelity import fresh_inputs
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The recorded values: ``first`` at the example batch, ``second`` at ``batch2``
+    (empty when the model does not run at another batch)."""
+
+    batch1: int | None
+    batch2: int | None
+    first: dict[fx.Node, Any]
+    second: dict[fx.Node, Any]
+
+
+@dataclass(frozen=True)
+class TensorLike:
+    """A tensor's shape, strides, dtype and device (its values are not kept)."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    requires_grad: bool = False
+
+    def empty(self) -> torch.Tensor:
+        """An uninitialised tensor with these facts (for tracing on fake tensors)."""
+        return torch.empty_strided(self.shape, self.stride, dtype=self.dtype,
+                                   device=self.device)
+
+
+def _like(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return TensorLike(tuple(value.shape), tuple(value.stride()), value.dtype, value.device)
+    return value
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, wanted: set[fx.Node]) -> None:
+        super().__init__(gm, garbage_collect_values=True)
+        self.wanted = wanted
+        self.seen: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if n in self.wanted:
+            self.seen[n] = pytree.tree_map(_like, result)
+        return result
+
+
+@contextlib.contextmanager
+def _state_kept(module: torch.nn.Module) -> Iterator[None]:
+    saved = {k: v.detach().clone() for k, v in module.named_buffers()}
+    rng = torch.random.get_rng_state()
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(rng)
+        with torch.no_grad():
+            for key, buffer in module.named_buffers():
+                if key in saved:
+                    buffer.copy_(saved[key])
+
+
+def record(gm: fx.GraphModule, inputs: tuple[Any, ...], wanted: set[fx.Node]) -> dict:
+    """The values of ``wanted`` when ``gm`` runs on ``inputs`` (state left as it was)."""
+    recorder = _Recorder(gm, wanted)
+    with _state_kept(gm), torch.no_grad():
+        recorder.run(*inputs)
+    return recorder.seen
+
+
+def batch_of(inputs: tuple[Any, ...]) -> int | None:
+    """The size of the first tensor input's dim 0."""
+    for leaf in pytree.tree_leaves(inputs):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            return int(leaf.shape[0])
+    return None
+
+
+def probe(gm: fx.GraphModule, inputs: tuple[Any, ...], wanted: set[fx.Node]) -> Probe:
+    """Record ``wanted`` at the example batch and at that batch plus two."""
+    first = record(gm, inputs, wanted)
+    batch = batch_of(inputs)
+    if batch is None:
+        return Probe(None, None, first, {})
+    other = batch + 2
+    try:
+        second = record(gm, fresh_inputs(inputs, other, seed=7), wanted)
+    except (RuntimeError, ValueError, IndexError, TypeError, AssertionError):
+        # the model runs at its example batch only: the vectorised code stays static
+        return Probe(batch, None, first, {})
+    return Probe(batch, other, first, second)
