@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import fxfuse
+import fxfuse.passes.kinds
 from zoo import base, spellings, refused, whole
 from conftest import check, fresh_inputs
 
@@ -215,7 +216,7 @@ def test_verification_error_on_broken_numbers():
 
 def test_verification_error_raised_by_fuse(monkeypatch):
     """``fuse`` refuses a rewrite whose numbers are off: nothing is returned."""
-    original = fxfuse.api.rewrite_site
+    original = fxfuse.passes.kinds.rewrite_site
 
     def wrong_rewrite(gm, site, lowering="grouped", **kw):
         wmap = original(gm, site, lowering, **kw)
@@ -223,7 +224,7 @@ def test_verification_error_raised_by_fuse(monkeypatch):
             gm.get_submodule(wmap.entries[0].fused_key.rpartition(".")[0]).weight.mul_(1.01)
         return wmap
 
-    monkeypatch.setattr(fxfuse.api, "rewrite_site", wrong_rewrite)
+    monkeypatch.setattr(fxfuse.passes.kinds, "rewrite_site", wrong_rewrite)
     model = spellings.Seed()
     with pytest.raises(fxfuse.VerificationError) as info:
         _fuse(model, model.example())

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxfuse
+from fxfuse.structural.extract import CannotCut
+from fxfuse.structural.fusion import RowsByStructure
 import fxfuse.check.auto as auto
 from types import SimpleNamespace
 
@@ -108,7 +110,11 @@ def test_untimed_site_is_kept_as_a_loop(monkeypatch):
     def cannot(gm, site):
         raise auto.CannotTime("the loop reads `mask` from outside")
 
+    def cannot_cut(self, gm, found):
+        raise CannotCut("the loop reads `mask` from outside")
+
     monkeypatch.setattr(auto, "extract_loop", cannot)
+    monkeypatch.setattr(RowsByStructure, "candidates", cannot_cut)
     model = M.Seed()
     x = model.example()
     result = _fuse(model, (x,))
@@ -128,6 +134,7 @@ def test_candidate_that_fails_to_run_keeps_the_loop(monkeypatch):
         return fns
 
     monkeypatch.setattr(auto, "_candidates", broken)
+    monkeypatch.setattr(RowsByStructure, "find", lambda self, gm, ctx, first=0: [])
     result = _fuse(M.Seed(), (M.Seed().example(),))
     assert result.sites[0].lowering == "loop"
     assert "boom" in " ".join(result.sites[0].notes)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxfuse
+import fxfuse.passes.kinds
 from fxfuse.check import precision
 from fxfuse.check.precision import (PrecisionMode, detect_precision, emulate_tf32, full_precision,
                                     round_to_tf32)
@@ -138,7 +139,7 @@ def test_broken_rewrite_refused_in_every_mode(mode, breakage):
 def test_fuse_detects_the_mode_and_reports_it(monkeypatch):
     """The default path reads the mode (injected here) and the report shows it."""
     monkeypatch.setattr(precision, "detect_precision", lambda device: TF32)
-    original = fxfuse.api.rewrite_site
+    original = fxfuse.passes.kinds.rewrite_site
 
     def tf32_rewrite(gm, site, lowering="grouped", **kw):
         wmap = original(gm, site, lowering, **kw)
@@ -146,7 +147,7 @@ def test_fuse_detects_the_mode_and_reports_it(monkeypatch):
         module.register_forward_hook(lambda mod, args, out: _st_round(out))
         return wmap
 
-    monkeypatch.setattr(fxfuse.api, "rewrite_site", tf32_rewrite)
+    monkeypatch.setattr(fxfuse.passes.kinds, "rewrite_site", tf32_rewrite)
     model = M.Seed()
     result = fxfuse.fuse(model, (model.example(),), lowering="grouped", benchmark=False)
     assert result.verification.precision == TF32.describe()

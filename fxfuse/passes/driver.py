@@ -17,6 +17,7 @@ from torch import fx
 from ..check.auto import Choice
 from ..check.bench import time_interleaved
 from ..config import FuseConfig
+from ..errors import RewriteError
 from ..match.find import find_row_sites
 from ..match.siblings import with_siblings
 from ..match.sites import RowSite
@@ -84,12 +85,18 @@ def _choose(gm: fx.GraphModule, fusion: RowsByStructure, found: Found,
         return Choice("vmap")
     try:
         calls = fusion.candidates(gm, found)
-        for call in calls.values():
-            call()
-    except (CannotCut, Refused, RuntimeError) as exc:
+        calls["loop"]()
+    except (CannotCut, Refused, RuntimeError) as exc:   # the loop alone does not run
         text = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
         return Choice("loop", (), f"kept as a loop: auto could not time it "
                                   f"({type(exc).__name__}: {text})")
+    try:
+        for name, call in calls.items():
+            call()
+    except Exception as exc:  # noqa: BLE001 - re-raised: a broken rewrite is a bug
+        raise RewriteError(f"{found.site.name}: the {name} rewrite of the rows at "
+                           f"{found.site.where()} fails to run ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from exc
     samples = time_interleaved(calls, rounds=config.auto_rounds, round_s=0.01)
     best = {k: min(v) for k, v in samples.items()}
     pick = "vmap" if best["vmap"] * MARGIN < best["loop"] else "loop"
@@ -97,9 +104,10 @@ def _choose(gm: fx.GraphModule, fusion: RowsByStructure, found: Found,
 
 
 def _merged(kinds: tuple[RowSite, ...], rows: list[RowSite]) -> tuple[RowSite, ...]:
-    """The kinds' sites and the structural ones; a loop both report appears once (the
-    structural record where it fused it, else the kinds' own reason)."""
-    fused_rows = {s.combine for s in rows if s.fusable}
-    kept = tuple(s for s in kinds if s.fused or s.combine not in fused_rows)
+    """The kinds' sites and the structural ones; a loop both report appears once: the
+    structural record where it fuses every row the kinds refused, else both (the kinds'
+    reason says why the rows left over were left)."""
+    fused_rows = {s.combine: s.rows for s in rows if s.fusable}
+    kept = tuple(s for s in kinds if s.fused or fused_rows.get(s.combine, -1) < s.rows)
     reported = {s.combine for s in kept}
     return kept + tuple(s for s in rows if s.fusable or s.combine not in reported)

@@ -54,8 +54,9 @@ def find_loops(gm: fx.GraphModule, inputs: tuple[Any, ...], claimed: set[fx.Node
         body_nodes = {n for r in rows for n in split.bodies[r]}
         if body_nodes & taken:
             continue
-        if split.carried:
-            i, j = split.carried[0]
+        carried = [(i, j) for i, j in split.carried if i in rows]
+        if carried:
+            i, j = carried[0]
             loops.append(Loop(join, None, f"loop-carried: row {i} reads row {j}'s result"))
             continue
         try:
@@ -83,14 +84,45 @@ def _candidates(gm: fx.GraphModule, order, deps, min_rows: int):
     return found
 
 
+def _tensors_of(gm: fx.GraphModule, node: fx.Node) -> dict[int, str]:
+    """id -> name of the tensors a ``call_module`` / ``get_attr`` node reads."""
+    target = str(node.target)
+    if node.op == "call_module":
+        module = gm.get_submodule(target)
+        return {id(t): f"{target}.{n}" for n, t in
+                [*module.named_parameters(remove_duplicate=False),
+                 *module.named_buffers(remove_duplicate=False)]}
+    value = _lookup(gm, target)
+    return {id(value): target} if isinstance(value, torch.Tensor) else {}
+
+
 def _check_untied(plan: RowPlan, gm: fx.GraphModule, inside: set[fx.Node]) -> None:
-    """A per-row module or attribute used outside its row would lose its tie."""
-    targets = {str(n.target) for b in plan.bodies for n in b
-               if n.op in ("call_module", "get_attr")}
+    """The rows' modules must run as they are (no hooks, no parametrizations), and a
+    per-row tensor read outside the loop would lose its tie to the stacked copy."""
+    mine: dict[int, str] = {}
+    for body in plan.bodies:
+        for node in body:
+            if node.op == "call_module":
+                _check_module(gm, str(node.target))
+            if node.op in ("call_module", "get_attr"):
+                mine.update(_tensors_of(gm, node))
     for node in gm.graph.nodes:
-        if node.op in ("call_module", "get_attr") and node not in inside \
-                and str(node.target) in targets:
-            raise Refused(f"`{node.target}` is also used outside the loop (by `{node.name}`)")
+        if node.op in ("call_module", "get_attr") and node not in inside:
+            for key, name in _tensors_of(gm, node).items():
+                if key in mine:
+                    raise Refused(f"`{mine[key]}` is also used outside the loop (as "
+                                  f"`{name}`, by `{node.name}`)")
+
+
+def _check_module(gm: fx.GraphModule, target: str) -> None:
+    module = gm.get_submodule(target)
+    for sub_name, sub in module.named_modules():
+        where = f"{target}.{sub_name}" if sub_name else target
+        if sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks \
+                or getattr(sub, "_backward_pre_hooks", None):
+            raise Refused(f"`{where}` has forward hooks, which a fused module would not run")
+        if getattr(sub, "parametrizations", None):
+            raise Refused(f"`{where}` has parametrizations, which a fused module would lose")
 
 
 def _vectorise_all(gm: fx.GraphModule, inputs: tuple[Any, ...], loops: list[Loop]) -> None:
