@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch.utils import _pytree as pytree
 
 from .body import RowFunction, row_function
-from .graphfacts import dependencies
+from .graphfacts import dependencies, writers
 from .plan import Refused, RowPlan, group_rows, has_parameters, plan_rows
 from .reads import RowsRead, example_of, plan_read
 from .rows import split_rows
@@ -74,9 +75,9 @@ def find_loops(gm: fx.GraphModule, inputs: tuple[Any, ...], claimed: set[fx.Node
 def _candidates(gm: fx.GraphModule, order, deps, min_rows: int):
     """(join, split, rows) for each class of identical rows that run a layer, the
     largest first."""
-    found = []
+    found, writes = [], writers(gm)
     for join in find_joins(gm.graph, min_rows):
-        split = split_rows(list(join.tensors), order, deps)
+        split = split_rows(list(join.tensors), order, deps, writes)
         for rows in group_rows(split, gm, min_rows):
             if has_parameters(split.bodies[rows[0]]):
                 found.append((join, split, rows))
@@ -188,9 +189,37 @@ def _vectorise(gm: fx.GraphModule, lp: Loop, values: Probe, placeholders) -> Non
     weights = {path: _lookup(gm, path) for path in row.shared.values()}
     batches = [values.batch1, values.batch2][:len(runs)]
     lp.body = trace_body(row, tuple(operands), examples, batches, weights)
+    _check_mode_free(row, tuple(operands), examples[0], weights, lp.body)
     lp.row = row
     lp.values = values.first
     lp.row_ndims = tuple(len(values.first[plan.bodies[0][p]].shape) for p in plan.leaks)
+
+
+def _check_mode_free(row: RowFunction, operands, example, weights, body: Body) -> None:
+    """A row that runs differently in train and eval mode (batch norm, dropout) would
+    have its mode fixed by the traced body: refuse it."""
+    modules = [m for m in row.module.modules() if m is not row.module]
+    if not modules:
+        return
+    modes = [m.training for m in modules]
+    for m, mode in zip(modules, modes):
+        m.training = not mode
+    try:
+        other = trace_body(row, operands, [example], [0], weights).graph_module
+    finally:
+        for m, mode in zip(modules, modes):
+            m.training = mode
+    if _ops(body.graph_module) != _ops(other):
+        raise Refused("a row runs differently in train and eval mode (batch norm or "
+                      "dropout, say), and the vectorised body would fix one mode")
+
+
+def _ops(traced: fx.GraphModule) -> list:
+    """The ATen calls with their constant arguments (a mode shows in a flag)."""
+    return [(n.target, [a for a in pytree.tree_leaves((n.args, n.kwargs))
+                        if isinstance(a, (bool, float, str))])
+            for n in traced.graph.nodes
+            if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)]
 
 
 def _lookup(gm: fx.GraphModule, path: str) -> torch.Tensor:

@@ -62,6 +62,16 @@ def dependencies(gm: fx.GraphModule) -> dict[fx.Node, list[fx.Node]]:
     return deps
 
 
+def writers(gm: fx.GraphModule) -> dict[fx.Node, list[fx.Node]]:
+    """Per node, the in-place ops that write into its tensor."""
+    found: dict[fx.Node, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        base = mutated_input(node, gm)
+        if base is not None:
+            found.setdefault(base, []).append(node)
+    return found
+
+
 def is_tensor_node(node: fx.Node) -> bool:
     """The node's value (as traced) is a tensor."""
     if "tensor_meta" in node.meta and node.meta["tensor_meta"] is not None:

@@ -31,24 +31,31 @@ class RowSplit:
 
 
 def split_rows(outputs: list[fx.Node], order: list[fx.Node],
-               deps: dict[fx.Node, list[fx.Node]]) -> RowSplit:
-    """Mark the nodes behind each output with its row (one pass, graph order reversed).
+               deps: dict[fx.Node, list[fx.Node]],
+               writers: dict[fx.Node, list[fx.Node]] | None = None) -> RowSplit:
+    """Mark the nodes behind each output with its row, or *shared*.
 
     Args:
         outputs: the joined tensors, one per row.
         order: the graph's nodes in order.
         deps: per node, what it depends on (:func:`graphfacts.dependencies`).
+        writers: per node, the in-place ops that write into it: they belong to the
+            row of the tensor they write.
     """
+    writers = writers or {}
     mark: dict[fx.Node, int] = {}
     for row, node in enumerate(outputs):
         mark[node] = row if node not in mark else SHARED
-    for node in reversed(order):
-        row = mark.get(node)
-        if row is None:
-            continue
-        for dep in deps[node]:
+    work = list(mark)
+    while work:
+        node = work.pop()
+        row = mark[node]
+        for dep in (*deps[node], *writers.get(node, ())):
             seen = mark.get(dep)
-            mark[dep] = row if seen is None or seen == row else SHARED
+            new = row if seen is None or seen == row else SHARED
+            if new != seen:
+                mark[dep] = new
+                work.append(dep)
     bodies: list[list[fx.Node]] = [[] for _ in outputs]
     for node in order:
         row = mark.get(node, SHARED)
