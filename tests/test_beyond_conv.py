@@ -142,7 +142,9 @@ def test_weight_map_round_trip_is_bit_exact_for_every_kind():
         assert all(torch.equal(again[k], v) for k, v in result.model.state_dict().items())
 
 
-def test_pointwise_with_tensor_operand_is_not_a_row_op():
+def test_pointwise_with_tensor_operand_is_vectorised():
+    """``conv(x_h) * gate`` with a gate shared by all rows: not a row-op kind, but the
+    same code per row; under a forced lowering it is vectorised (the gate unbatched)."""
     class Gated(nn.Module):
         def __init__(self):
             super().__init__()
@@ -154,8 +156,10 @@ def test_pointwise_with_tensor_operand_is_not_a_row_op():
     model = Gated().eval()
     x, gate = torch.randn(2, 3, 3, 8), torch.randn(2, 3, 8)
     result = fxfuse.fuse(model, (x, gate), lowering="grouped", benchmark=False)
-    assert not result.changed
-    assert operator.mul in {n.target for n in result.model.graph.nodes}
+    assert [s.lowering for s in result.sites if s.fused] == ["vmap"]
+    assert not [n for n in result.model.graph.nodes if n.op == "call_module"]
+    x2, gate2 = torch.randn(5, 3, 3, 8), torch.randn(5, 3, 8)
+    torch.testing.assert_close(result.model(x2, gate2), model(x2, gate2))
 
 
 @pytest.mark.parametrize("tracer", ["symbolic", "export"])

@@ -23,6 +23,7 @@ from ..match.siblings import with_siblings
 from ..match.sites import RowSite
 from ..rewrite.rewriter import finalize_graph
 from ..rewrite.weights import WeightMap
+from ..trace.export import fix_mode
 from ..structural.extract import CannotCut
 from ..structural.fusion import RowsByStructure
 from ..structural.plan import Refused
@@ -64,19 +65,36 @@ def run_pass(gm: fx.GraphModule, inputs: tuple[Any, ...], config: FuseConfig) ->
         kinds, wmap = apply_sites(gm, found, config.lowering, auto_rounds=config.auto_rounds)
     fusion = RowsByStructure()
     rows = fusion.find(gm, Context(config, inputs), first=len(kinds))
-    done = []
+    done, fixed = [], set()
     for found in rows:
-        site = found.site
+        site = _mode_refusal(found, config)
         if site.fusable:
             choice = _choose(gm, fusion, found, config)
             site = dataclasses.replace(site, lowering=choice.lowering, timings=choice.timings,
                                        notes=site.notes + ((choice.note,) if choice.note else ()))
             if choice.lowering != "loop":
                 wmap = wmap + fusion.rewrite(gm, found, choice.lowering)
+                fixed.add(found.plan.fixed_mode)
         done.append(site)
     finalize_graph(gm)
+    for mode in fixed - {""}:
+        fix_mode(gm, mode == "train")
     sites = _merged(kinds, done)
     return PassResult(sites, wmap, any(s.fused for s in sites))
+
+
+def _mode_refusal(found: Found, config: FuseConfig) -> RowSite:
+    """Rows that run batch norm or dropout: fused (mode fixed) only when a lowering is
+    forced; ``auto`` leaves them, saying how to fuse them."""
+    site, mode = found.site, getattr(found.plan, "fixed_mode", "")
+    if not mode or not site.fusable:
+        return site
+    if config.lowering == "auto":
+        return dataclasses.replace(site, match=dataclasses.replace(
+            site.match, reason=f"a row runs differently in train and eval mode (batch norm "
+            f"or dropout); lowering='vmap' fuses it with the model fixed to {mode} mode"))
+    return dataclasses.replace(site, notes=site.notes + (
+        f"the rows run batch norm or dropout: the fused model runs in {mode} mode only",))
 
 
 def _choose(gm: fx.GraphModule, fusion: RowsByStructure, found: Found,

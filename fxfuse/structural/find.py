@@ -42,6 +42,7 @@ class Loop:
     batch_source: fx.Node | None = None
     row_ndims: tuple[int, ...] = ()
     values: dict[fx.Node, Any] = field(default_factory=dict)
+    fixed_mode: str = ""     # "train"/"eval": the rows depend on the mode; the body fixes it
 
 
 def find_loops(gm: fx.GraphModule, inputs: tuple[Any, ...], claimed: set[fx.Node],
@@ -76,7 +77,7 @@ def _candidates(gm: fx.GraphModule, order, deps, min_rows: int):
     """(join, split, rows) for each class of identical rows that run a layer, the
     largest first."""
     found, writes = [], writers(gm)
-    for join in find_joins(gm.graph, min_rows):
+    for join in find_joins(gm, min_rows):
         split = split_rows(list(join.tensors), order, deps, writes)
         for rows in group_rows(split, gm, min_rows):
             if has_parameters(split.bodies[rows[0]]):
@@ -141,6 +142,10 @@ def _vectorise_all(gm: fx.GraphModule, inputs: tuple[Any, ...], loops: list[Loop
                     wanted.update(dep.all_input_nodes)
                     wanted.add(dep)
         wanted.update(n for b in lp.plan.bodies for p in lp.plan.leaks for n in [b[p]])
+        for readers in lp.plan.readers:
+            for node in readers:
+                wanted.add(node)
+                wanted.update(node.all_input_nodes)
     values = probe(gm, inputs, wanted)
     for lp in loops:
         try:
@@ -189,29 +194,31 @@ def _vectorise(gm: fx.GraphModule, lp: Loop, values: Probe, placeholders) -> Non
     weights = {path: _lookup(gm, path) for path in row.shared.values()}
     batches = [values.batch1, values.batch2][:len(runs)]
     lp.body = trace_body(row, tuple(operands), examples, batches, weights)
-    _check_mode_free(row, tuple(operands), examples[0], weights, lp.body)
+    if _mode_dependent(row, tuple(operands), examples[0], weights, lp.body):
+        lp.fixed_mode = "train" if any(m.training for m in row.module.modules()
+                                       if m is not row.module) else "eval"
     lp.row = row
     lp.values = values.first
     lp.row_ndims = tuple(len(values.first[plan.bodies[0][p]].shape) for p in plan.leaks)
 
 
-def _check_mode_free(row: RowFunction, operands, example, weights, body: Body) -> None:
-    """A row that runs differently in train and eval mode (batch norm, dropout) would
-    have its mode fixed by the traced body: refuse it."""
+def _mode_dependent(row: RowFunction, operands, example, weights, body: Body) -> bool:
+    """The row runs differently in train and eval mode (batch norm, dropout): the
+    vectorised body, traced in the model's mode, fixes that mode."""
     modules = [m for m in row.module.modules() if m is not row.module]
     if not modules:
-        return
+        return False
     modes = [m.training for m in modules]
     for m, mode in zip(modules, modes):
         m.training = not mode
     try:
         other = trace_body(row, operands, [example], [0], weights).graph_module
+    except Refused:             # random in the other mode: dropout
+        return True
     finally:
         for m, mode in zip(modules, modes):
             m.training = mode
-    if _ops(body.graph_module) != _ops(other):
-        raise Refused("a row runs differently in train and eval mode (batch norm or "
-                      "dropout, say), and the vectorised body would fix one mode")
+    return _ops(body.graph_module) != _ops(other)
 
 
 def _ops(traced: fx.GraphModule) -> list:

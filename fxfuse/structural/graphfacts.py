@@ -47,28 +47,79 @@ def _writes_first(target: Any) -> bool:
     return name.endswith("_") and not name.endswith("__") and not name.startswith("_")
 
 
+def _schema_of(node: fx.Node):
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    packet = getattr(torch.ops.aten, name, None) if name and not name.startswith("_") else None
+    overload = getattr(packet, "default", None) or getattr(packet, "Tensor", None) \
+        or getattr(packet, "int", None)
+    return getattr(overload, "_schema", None)
+
+
+def is_view(node: fx.Node) -> bool:
+    """``node``'s result shares memory with its first input (its schema says the result
+    aliases it: ``select``, ``view``, ``transpose``; or indexing with ``x[...]``)."""
+    if node.op not in ("call_function", "call_method") or not node.args \
+            or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.target is operator.getitem:     # x[...], or a piece of split / unbind / chunk
+        return is_tensor_node(node.args[0]) or is_view(node.args[0])
+    schema = _schema_of(node)
+    if schema is None or not schema.returns:
+        return False
+    alias = schema.returns[0].alias_info
+    return alias is not None and not alias.is_write
+
+
+def alias_roots(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
+    """Per node, the node whose memory its result views (itself when it is no view)."""
+    roots: dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:
+        roots[node] = roots.get(node.args[0], node.args[0]) if is_view(node) else node
+    return roots
+
+
 def dependencies(gm: fx.GraphModule) -> dict[fx.Node, list[fx.Node]]:
     """Per node, the nodes it must come after: its inputs, and every earlier in-place
-    write into a tensor it reads."""
+    write into the memory it reads (through any view of it)."""
+    roots = alias_roots(gm)
     deps: dict[fx.Node, list[fx.Node]] = {}
-    writes: dict[fx.Node, list[fx.Node]] = {}   # base -> writes into it so far
+    writes: dict[fx.Node, list[fx.Node]] = {}   # root -> writes into it so far
     for node in gm.graph.nodes:
         inputs = list(node.all_input_nodes)
-        extra = [w for base in inputs for w in writes.get(base, ()) if w is not node]
+        extra = [w for i in inputs for w in writes.get(roots[i], ()) if w is not node]
         deps[node] = inputs + extra
         base = mutated_input(node, gm)
         if base is not None:
-            writes.setdefault(base, []).append(node)
+            writes.setdefault(roots[base], []).append(node)
     return deps
 
 
 def writers(gm: fx.GraphModule) -> dict[fx.Node, list[fx.Node]]:
-    """Per node, the in-place ops that write into its tensor."""
+    """Per node, the in-place ops that write into its memory (or a view of it)."""
+    roots = alias_roots(gm)
     found: dict[fx.Node, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         base = mutated_input(node, gm)
         if base is not None:
-            found.setdefault(base, []).append(node)
+            found.setdefault(roots[base], []).append(node)
+    return found
+
+
+def written_values(gm: fx.GraphModule) -> dict[fx.Node, list[fx.Node]]:
+    """Per written memory (alias root), the tensors written into it in place, in order:
+    ``out[:, i] = v``, ``out[:, i].copy_(v)``, ATen ``copy_(select(out), v)``."""
+    roots = alias_roots(gm)
+    found: dict[fx.Node, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        base = mutated_input(node, gm)
+        if base is None:
+            continue
+        values = [a for a in node.all_input_nodes if a is not base]
+        if len(values) == 1:
+            found.setdefault(roots[base], []).append(values[0])
     return found
 
 

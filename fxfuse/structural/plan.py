@@ -12,7 +12,7 @@ from torch import fx
 
 from .graphfacts import is_tensor_node, mutated_input
 from .rows import RowSplit, externals, leaks
-from .signature import is_reader, reader_constants, row_signature
+from .signature import reader_constants, readers, row_signature
 
 
 class Refused(Exception):
@@ -92,11 +92,22 @@ def plan_rows(split: RowSplit, rows: list[int], gm: fx.GraphModule) -> RowPlan:
 
 
 def _reader_positions(bodies: list[tuple[fx.Node, ...]]) -> set[int]:
-    """Positions of readers whose constants differ between rows (``x[:, i]``)."""
+    """Positions of the reads that pick each row's slice: readers whose constants differ
+    between rows (``x[:, i]``), the reads they index (``x[:, :]`` before it), and ops
+    that index with numbers worked out per row (``x[:, a:b]``)."""
     first = bodies[0]
-    inside = set(first)
-    return {i for i, node in enumerate(first) if is_reader(node, inside)
-            and len({reader_constants(b[i]) for b in bodies}) > 1}
+    pre = readers(first)
+    pos = {n: i for i, n in enumerate(first)}
+    peel = {pos[n] for n in pre if len({reader_constants(b[pos[n]]) for b in bodies}) > 1}
+    grown = True
+    while grown:
+        peeled = {first[i] for i in peel}
+        more = {pos[d] for n in peeled for d in n.all_input_nodes if d in pre}
+        more |= {pos[n] for n in pre if any(d in peeled and not is_tensor_node(d)
+                                           for d in n.all_input_nodes)}
+        grown = not more <= peel
+        peel |= more
+    return peel
 
 
 def _check_writes(bodies: tuple[tuple[fx.Node, ...], ...], gm: fx.GraphModule) -> None:

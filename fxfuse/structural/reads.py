@@ -34,33 +34,53 @@ class RowsRead:
     narrow: bool = False
 
 
-def _run(node: fx.Node, env: dict[fx.Node, Any]) -> Any:
-    args = fx.node.map_arg(node.args, lambda n: env[n])
-    kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+def _run(node: fx.Node, env: dict[fx.Node, Any], values: dict[fx.Node, Any]) -> Any:
+    def value(n: fx.Node) -> Any:
+        return env[n] if n in env else values[n]
+    args = fx.node.map_arg(node.args, value)
+    kwargs = fx.node.map_arg(node.kwargs, value)
     if node.op == "call_method":
         return getattr(args[0], node.target)(*args[1:], **kwargs)
     return node.target(*args, **kwargs)
 
 
-def _source(node: fx.Node, tensors: dict[fx.Node, Any]) -> tuple[fx.Node, list[fx.Node]] | None:
-    """The tensor a reader indexes, and the ops from it to the reader (at most one
-    tuple-valued op in between: ``split``, ``unbind``, ``chunk``)."""
-    inputs = node.all_input_nodes
-    if len(inputs) != 1:
+def _chain(node: fx.Node, values: dict[fx.Node, Any]) -> tuple[fx.Node, list[fx.Node]] | None:
+    """The one tensor a reader indexes, and the ops from it to the reader, in order:
+    ops between may compute numbers (``w * i``) or pieces (``split``, ``unbind``)."""
+    sources, ops, seen = set(), [], set()
+
+    def visit(n: fx.Node) -> bool:
+        if n in seen:
+            return True
+        seen.add(n)
+        value = values.get(n, _MISSING)
+        if isinstance(value, TensorLike):
+            sources.add(n)
+            return True
+        if value is not _MISSING and n is not node and not _is_container(value):
+            return True          # a number recorded at the example batch
+        if n.op not in ("call_function", "call_method") or len(ops) > 8:
+            return False
+        if not all(visit(d) for d in n.all_input_nodes):
+            return False
+        ops.append(n)
+        return True
+
+    if not visit(node) or len(sources) != 1:
         return None
-    first = inputs[0]
-    if isinstance(tensors.get(first), TensorLike):
-        return first, [node]
-    if first.op in ("call_function", "call_method") and len(first.all_input_nodes) == 1:
-        src = first.all_input_nodes[0]
-        if isinstance(tensors.get(src), TensorLike):
-            return src, [first, node]
-    return None
+    return next(iter(sources)), ops
+
+
+_MISSING = object()
+
+
+def _is_container(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and any(isinstance(v, TensorLike) for v in value)
 
 
 def plan_read(nodes: tuple[fx.Node, ...], values: dict[fx.Node, Any]) -> RowsRead:
     """A view of the source when the rows' reads are one, else a stack."""
-    found = [_source(n, values) for n in nodes]
+    found = [_chain(n, values) for n in nodes]
     stack = RowsRead("stack", nodes)
     if any(f is None for f in found) or len({f[0] for f in found}) != 1:
         return stack
@@ -72,10 +92,10 @@ def plan_read(nodes: tuple[fx.Node, ...], values: dict[fx.Node, Any]) -> RowsRea
         for _, ops in found:
             env: dict[fx.Node, Any] = {src: probe}
             for op in ops:
-                env[op] = _run(op, env)
+                env[op] = _run(op, env, values)
             rows.append(env[ops[-1]])
         read = torch.stack(rows)
-    except (RuntimeError, TypeError, ValueError, IndexError):
+    except (RuntimeError, TypeError, ValueError, IndexError, KeyError):
         return stack
     return _matching_view(probe, read, nodes, src) or stack
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from .graphfacts import written_values
+
 _ADDS = {operator.add, torch.add, torch.ops.aten.add.Tensor}
 
 
@@ -40,28 +42,24 @@ def _kind(node: fx.Node) -> str:
     return name.split(".")[0]
 
 
-def find_joins(graph: fx.Graph, min_rows: int) -> list[Join]:
+def find_joins(gm: fx.GraphModule, min_rows: int) -> list[Join]:
     """Every join of at least ``min_rows`` tensors, in graph order."""
     joins: list[Join] = []
-    writes: dict[fx.Node, list[fx.Node]] = {}
-    for node in graph.nodes:
+    for node in gm.graph.nodes:
         for arg in (*node.args, *node.kwargs.values()):
             values = arg.values() if isinstance(arg, dict) else arg
             if isinstance(values, (list, tuple)) or isinstance(arg, dict):
                 tensors = _unique(values)
                 if len(tensors) >= min_rows:
                     joins.append(Join(node, _kind(node), tensors))
-        if node.op == "call_function" and node.target is operator.setitem \
-                and isinstance(node.args[0], fx.Node) and isinstance(node.args[2], fx.Node):
-            writes.setdefault(node.args[0], []).append(node)
         if _is_sum_root(node):
             leaves = _unique(_add_leaves(node))
             if len(leaves) >= min_rows:
                 joins.append(Join(node, "sum", leaves))
-    for base, nodes in writes.items():
-        tensors = _unique(n.args[2] for n in nodes)
+    for base, values in written_values(gm).items():
+        tensors = _unique(values)
         if len(tensors) >= min_rows:
-            joins.append(Join(nodes[-1], "buffer", tensors))
+            joins.append(Join(base, "buffer", tensors))
     return joins
 
 

@@ -71,16 +71,22 @@ def _attr(gm: fx.GraphModule, target: str) -> Any:
     return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
-def is_reader(node: fx.Node, inside: set[fx.Node]) -> bool:
-    """An op that reads only tensors from outside its row (an index op, say)."""
-    return node.op in ("call_function", "call_method") and bool(node.all_input_nodes) and \
-        not any(n in inside for n in node.all_input_nodes)
+def readers(body: tuple[fx.Node, ...]) -> set[fx.Node]:
+    """The row's ops computed from outside values alone (no parameter of the row on
+    the way): index ops such as ``x[:, i]`` or ``x[:, :][:, i]``, and the numbers they
+    index with."""
+    inside, found = set(body), set()
+    for node in body:
+        if node.op in ("call_function", "call_method") and node.all_input_nodes and \
+                all(n not in inside or n in found for n in node.all_input_nodes):
+            found.add(node)
+    return found
 
 
 def row_signature(body: tuple[fx.Node, ...], gm: fx.GraphModule) -> tuple:
     """The structure of one row, readers' constants masked; externals numbered by
     first use, own nodes by position."""
-    inside = set(body)
+    pre = readers(body)
     local = {n: i for i, n in enumerate(body)}
     ext: dict[fx.Node, int] = {}
 
@@ -93,11 +99,14 @@ def row_signature(body: tuple[fx.Node, ...], gm: fx.GraphModule) -> tuple:
             return (type(value).__name__, tuple(arg(v, masked) for v in value))
         if isinstance(value, dict):
             return ("dict", tuple(sorted((k, arg(v, masked)) for k, v in value.items())))
+        if isinstance(value, slice):
+            return ("slice", arg(value.start, masked), arg(value.stop, masked),
+                    arg(value.step, masked))
         return MASK if masked else constant_key(value)
 
     sig = []
     for node in body:
-        masked = is_reader(node, inside)
+        masked = node in pre
         sig.append((node.op, target_key(node, gm), arg(tuple(node.args), masked),
                     arg(dict(node.kwargs), masked), len(node.users) > 0))
     return tuple(sig)
@@ -112,5 +121,7 @@ def reader_constants(node: fx.Node) -> Any:
             return tuple(strip(v) for v in value)
         if isinstance(value, dict):
             return tuple(sorted((k, strip(v)) for k, v in value.items()))
+        if isinstance(value, slice):
+            return ("slice", strip(value.start), strip(value.stop), strip(value.step))
         return constant_key(value)
     return strip((node.args, node.kwargs))

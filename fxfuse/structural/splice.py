@@ -13,6 +13,7 @@ import torch
 from torch import fx, nn
 
 from .body import RowFunction
+from .graphfacts import mutated_input
 from .plan import RowPlan
 from .reads import RowsRead
 from .vectorise import Body
@@ -71,7 +72,7 @@ def splice(gm: fx.GraphModule, plan: RowPlan, body: Body, row: RowFunction,
             new = graph.node_copy(node, lambda n: env[n])
         cursor[0] = new
         env[node] = new
-    _redirect(emit, plan, outputs)
+    _redirect(gm, emit, plan, outputs)
     _erase(graph, plan)
     return outputs
 
@@ -107,7 +108,7 @@ def _constant(gm: fx.GraphModule, emit, traced: fx.GraphModule, node: fx.Node,
     return emit("get_attr", f"{holder}.{name}", ())
 
 
-def _redirect(emit, plan: RowPlan, outputs: list[fx.Node]) -> None:
+def _redirect(gm: fx.GraphModule, emit, plan: RowPlan, outputs: list[fx.Node]) -> None:
     inside = plan.nodes()
     for r, body in enumerate(plan.bodies):
         for p, stacked in zip(plan.leaks, outputs):
@@ -116,6 +117,8 @@ def _redirect(emit, plan: RowPlan, outputs: list[fx.Node]) -> None:
             if not users:
                 continue
             row = emit("call_function", torch.select, (stacked, 0, r))
+            if any(u.op == "output" or mutated_input(u, gm) is value for u in users):
+                row = emit("call_method", "clone", (row,))   # a tensor of its own, as before
             value.replace_all_uses_with(row, delete_user_cb=lambda u: u not in inside)
 
 

@@ -93,7 +93,7 @@ def _fixed_mode_train(self: fx.GraphModule, mode: bool = True) -> fx.GraphModule
     if traced is None or bool(mode) == traced:
         return torch.nn.Module.train(self, mode)
     given, asked = ("train", "eval") if traced else ("eval", "train")
-    raise FixedModeError(f"this torch.export graph runs batch norm in {given} mode only and "
+    raise FixedModeError(f"this graph runs batch norm or dropout in {given} mode only and "
                          f"cannot switch to {asked} mode; fuse the model in {asked} mode")
 
 
@@ -117,11 +117,17 @@ def follow_mode(gm: fx.GraphModule, training: bool) -> None:
         gm.__dict__.pop(attr, None)
     gm.train(training)
     if _has_mode_dependent_ops(gm):
-        gm.meta[MODE_KEY] = bool(training)
-        _install_fixed_mode(gm)
-        register = getattr(gm, "_register_deepcopy_hook", None)
-        if register is not None:
-            register(_install_fixed_mode)
+        fix_mode(gm, training)
+
+
+def fix_mode(gm: fx.GraphModule, training: bool) -> None:
+    """``gm`` runs in one mode only: ``train(training)`` works, the other mode is refused
+    with :class:`FixedModeError` (deep copies too)."""
+    gm.meta[MODE_KEY] = bool(training)
+    _install_fixed_mode(gm)
+    register = getattr(gm, "_register_deepcopy_hook", None)
+    if register is not None:
+        register(_install_fixed_mode)
 
 
 def _has_mode_dependent_ops(gm: fx.GraphModule) -> bool:

@@ -198,6 +198,9 @@ class RowModel(nn.Module):
         self.family, self.n, self.read, self.join = family, n, read, join
         self.rows = nn.ModuleList(Row(family, chain) for _ in range(n))
 
+    def extra_repr(self) -> str:
+        return f"family={self.family}, rows={self.n}, read={self.read}, join={self.join}"
+
     def example(self, batch: int = 5) -> torch.Tensor:
         if self.family == "idx":
             return torch.randint(0, VOCAB, (batch, self.n))
