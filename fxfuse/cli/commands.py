@@ -14,8 +14,8 @@ from ..api import fuse
 from ..io.checkpoints import read_weights, existing_file, first_line
 from .console import EXIT_OK, MAP_NAME, progress, dump_json, shown, user_code, warn
 from ..errors import ConfigError, VerificationError
-from ..match.find import find_row_sites
-from ..match.siblings import with_siblings
+from ..config import FuseConfig
+from ..passes.driver import find_sites
 from ..io.loading import LoadedModel, load_model, parse_input_shapes
 from ..examples import SEED_SHAPE, seed_model
 from ..check.report import site_table
@@ -62,8 +62,8 @@ def inspect(args: argparse.Namespace) -> int:
     progress("tracing")
     with user_code("tracing the model"):
         gm = trace_model(loaded.model, inputs, tracer=args.tracer)
-        sites = with_siblings(gm, find_row_sites(gm, min_rows=args.min_rows),
-                              min_rows=args.min_rows)
+        sites = find_sites(gm, inputs, FuseConfig(min_rows=args.min_rows,
+                                                  lowering=getattr(args, "lowering", "auto")))
     if args.json:
         print(dump_json({"tracer": getattr(gm, "fxfuse_tracer", ""),
                          "sites": [s.to_dict() for s in sites]}))

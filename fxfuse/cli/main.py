@@ -124,8 +124,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _fuse_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lowering", default="auto", choices=["auto", "grouped", "grouped2d"],
-                   help="auto: time the candidates per site and keep the loop unless one is faster")
+    p.add_argument("--lowering", default="auto", choices=["auto", "grouped", "grouped2d", "vmap"],
+                   help="auto: time the candidates per site and keep the loop unless one is "
+                        "faster; vmap: vectorise every loop of identical rows")
     p.add_argument("--no-bench", action="store_true", help="skip timing original vs fused")
     p.add_argument("--no-grad-check", action="store_true", help="skip the train-mode gradient check")
     p.add_argument("--rtol", type=float, default=None, help="override the verification rtol")

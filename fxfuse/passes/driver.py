@@ -122,10 +122,19 @@ def _choose(gm: fx.GraphModule, fusion: RowsByStructure, found: Found,
 
 
 def _merged(kinds: tuple[RowSite, ...], rows: list[RowSite]) -> tuple[RowSite, ...]:
-    """The kinds' sites and the structural ones; a loop both report appears once: the
-    structural record where it fuses every row the kinds refused, else both (the kinds'
-    reason says why the rows left over were left)."""
-    fused_rows = {s.combine: s.rows for s in rows if s.fusable}
-    kept = tuple(s for s in kinds if s.fused or fused_rows.get(s.combine, -1) < s.rows)
-    reported = {s.combine for s in kept}
-    return kept + tuple(s for s in rows if s.fusable or s.combine not in reported)
+    """The kinds' sites and the structural ones, a loop both found reported once: the
+    structural record where it fused the loop or covers every row the kinds refused,
+    else the kinds' record (both when the kinds' reason explains rows left over)."""
+    by_join = {s.combine: s for s in rows}
+    kept, dropped = [], set()
+    for k in kinds:
+        r = by_join.get(k.combine)
+        if r is None or k.fused:
+            kept.append(k)
+        elif r.fused or (not k.fusable and r.fusable and r.rows >= k.rows):
+            continue
+        else:
+            kept.append(k)
+            if k.fusable or not r.fusable:
+                dropped.add(r.combine)
+    return tuple(kept) + tuple(s for s in rows if s.combine not in dropped)
