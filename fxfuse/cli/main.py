@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from ..errors import ConfigError, FxFuseError, VerificationError
+from ..errors import ConfigError, FxFuseError, InternalError, VerificationError
 from .console import (EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_OK, EXIT_REFUSED,  # noqa: F401
                       EXIT_USAGE, MAP_NAME, MAP_SUFFIX, SHOWN, SIGNALLED, dump_json, progress,
                       shown, user_code, warn)
@@ -177,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return handler(args)
     except VerificationError as exc:
         return _fail(args, exc, EXIT_REFUSED)
+    except InternalError as exc:
+        return _fail(args, exc, EXIT_INTERNAL, internal=True)
     except FxFuseError as exc:
         return _fail(args, exc, EXIT_USAGE)
     except BrokenPipeError:  # stdout closed early (``| head``): stop quietly
