@@ -16,10 +16,11 @@ from .config import FuseConfig, merge_config
 from .errors import ConfigError
 from .match.find import find_row_sites
 from .check.auto import Choice, choose_lowering, choose_siblings
+from .check.decisions import Decisions, choose_recorded
 from .match.siblings import KIND as SIBLINGS, with_siblings
 from .rewrite.siblings import rewrite_siblings
-from .check.report import format_report
-from .rewrite.rewriter import LOWERINGS, finalize_graph, rewrite_site
+from .check.report import format_report, slower_warning
+from .rewrite.rewriter import LOWERINGS, finalize_graph, lowerings_for, rewrite_site
 from .rewrite.copies import drop_needless_copies, restore_output_layout
 from .rewrite.simplify import simplify_layout
 from .match.sites import RowSite, twin_of
@@ -49,6 +50,9 @@ class FuseResult:
             rewrite) with notes on the trace and the batch sizes accepted (``None`` when
             ``verify=False``).
         notes: what the trace did that a user should know (also without ``verify``).
+        decisions: ``auto``'s decisions, JSON-ready, keyed by each site's structure,
+            shapes, dtype, device and torch version: pass them back as
+            ``fuse(..., decisions=result.decisions)`` to reuse them without timing.
     """
 
     model: fx.GraphModule
@@ -60,6 +64,7 @@ class FuseResult:
     tracer: str
     trace_check: TraceCheck | None = None
     notes: tuple[str, ...] = ()
+    decisions: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def batch_sizes(self) -> tuple[int, ...] | None:
@@ -70,6 +75,12 @@ class FuseResult:
     def changed(self) -> bool:
         """True when at least one loop was rewritten."""
         return any(s.fused for s in self.sites)
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """What a user must not miss: the fused model measured slower than the original."""
+        text = slower_warning(self.timing) if self.changed else ""
+        return (text,) if text else ()
 
     @property
     def code_after(self) -> str:
@@ -98,6 +109,8 @@ class FuseResult:
             "timing": None if t is None else dataclasses.asdict(t),
             "trace_check": None if self.trace_check is None else self.trace_check.to_dict(),
             "notes": list(self.notes),
+            "warnings": list(self.warnings),
+            "decisions": self.decisions,
         }
 
 
@@ -130,7 +143,8 @@ def fuse(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *
             keywords not given leave them as they are (defaults: ``lowering="auto"``,
             ``verify=True``, ``benchmark=True``, ``inplace=False``, ``min_rows=2``).
         **options: other :class:`FuseConfig` fields (``tracer``, ``concrete_args``,
-            ``check_grads``, ``rtol``, ``atol``, ``bench_rounds``, ``auto_rounds``).
+            ``check_grads``, ``rtol``, ``atol``, ``bench_rounds``, ``auto_rounds``,
+            ``decisions``: a previous ``result.decisions``, reused without timing).
 
     Returns:
         A :class:`FuseResult`. Nothing half-done is ever returned: any failure raises.
@@ -203,8 +217,9 @@ def _fuse(model: torch.nn.Module, inputs: tuple[Any, ...], cfg: FuseConfig,
     trace_check = _check_trace(model, gm, inputs, notes, cfg)
     code_before = gm.code
     found = with_siblings(gm, find_row_sites(gm, min_rows=cfg.min_rows), min_rows=cfg.min_rows)
-    sites, wmap = apply_sites(gm, found, cfg.lowering,
-                              auto_rounds=cfg.auto_rounds)
+    decisions = Decisions(cfg.decisions)
+    sites, wmap = apply_sites(gm, found, cfg.lowering, auto_rounds=cfg.auto_rounds,
+                              decisions=decisions)
     wmap = renames + getattr(gm, RENAMES_KEY, WeightMap()) + wmap
     if not any(s.fused for s in sites) and getattr(gm, TRACER_KEY, "symbolic") != "symbolic":
         gm, more = trace_general(work, gm, inputs, cfg.concrete_args)
@@ -218,8 +233,11 @@ def _fuse(model: torch.nn.Module, inputs: tuple[Any, ...], cfg: FuseConfig,
     # in train mode) as they were.
     timing = benchmark_models(copy.deepcopy(reference), copy.deepcopy(gm), inputs,
                               rounds=cfg.bench_rounds) if cfg.benchmark else None
+    if any(s.fused for s in sites) and slower_warning(timing):
+        log.warning("%s", slower_warning(timing))
     return FuseResult(gm, sites, wmap, verification, timing, code_before,
-                      getattr(gm, TRACER_KEY, "symbolic"), trace_check, tuple(notes))
+                      getattr(gm, TRACER_KEY, "symbolic"), trace_check, tuple(notes),
+                      decisions.to_dict())
 
 
 def _check_trace(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],
@@ -241,7 +259,8 @@ def _copy(model: torch.nn.Module, how: Any = copy.deepcopy) -> Any:
 
 
 def apply_sites(gm: fx.GraphModule, sites: Sequence[RowSite],
-                lowering: str = "grouped", *, auto_rounds: int = 9
+                lowering: str = "grouped", *, auto_rounds: int = 9,
+                decisions: Decisions | None = None
                 ) -> tuple[tuple[RowSite, ...], WeightMap]:
     """Rewrite every fusable site of ``gm`` in turn (in place).
 
@@ -250,6 +269,7 @@ def apply_sites(gm: fx.GraphModule, sites: Sequence[RowSite],
         sites: from :func:`find_row_sites`.
         lowering: ``"grouped"``, ``"grouped2d"`` or ``"auto"`` (measure per site).
         auto_rounds: timing rounds per site for ``"auto"``.
+        decisions: recorded decisions to reuse under ``"auto"`` (new ones are added).
 
     Returns:
         The sites with ``lowering`` (and, for ``"auto"``, ``timings``) filled in, and the
@@ -267,28 +287,39 @@ def apply_sites(gm: fx.GraphModule, sites: Sequence[RowSite],
         if lowering == "auto" and twin in chosen_for:   # so the fused weights stay shared
             choice = chosen_for[twin]
         elif lowering == "auto":
-            choose = choose_siblings if site.loop_kind == SIBLINGS else choose_lowering
-            choice = choose(gm, site, rounds=auto_rounds)
+            choice = _auto_choice(gm, site, auto_rounds, decisions)
         else:
             choice = Choice(lowering)
         chosen_for[twin] = choice
         timings = tuple((_label(site, k) if k in LOWERINGS else k, v) for k, v in choice.timings)
         notes = site.notes + ((choice.note,) if choice.note else ())
+        decision = choice.to_dict() if lowering == "auto" else None
         if choice.lowering == "loop":
             done.append(dataclasses.replace(site, lowering="loop", timings=timings,
-                                            notes=notes))
+                                            notes=notes, decision=decision))
             continue
         if site.loop_kind == SIBLINGS:         # one Linear, whatever lowering was asked
             wmap = wmap + rewrite_siblings(gm, site, finalize=False)
         else:
             wmap = wmap + rewrite_site(gm, site, choice.lowering, finalize=False)
         done.append(dataclasses.replace(
-            site, lowering=_label(site, choice.lowering), timings=timings, notes=notes))
+            site, lowering=_label(site, choice.lowering), timings=timings, notes=notes,
+            decision=decision))
     simplify_layout(gm)
     drop_needless_copies(gm)
     restore_output_layout(gm)
     finalize_graph(gm)
     return tuple(done), wmap
+
+
+def _auto_choice(gm: fx.GraphModule, site: RowSite, rounds: int,
+                 decisions: Decisions | None) -> Choice:
+    """``auto``'s choice for ``site``: recorded in ``decisions``, or measured."""
+    if site.loop_kind == SIBLINGS:
+        return choose_recorded(gm, site, lambda: choose_siblings(gm, site, rounds=rounds),
+                               (SIBLINGS,), decisions)
+    return choose_recorded(gm, site, lambda: choose_lowering(gm, site, rounds=rounds),
+                           lowerings_for(site, LOWERINGS), decisions)
 
 
 def _label(site: RowSite, lowering: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from fxfuse.check.decide import MARGIN, Choice, choose_among
 
@@ -118,3 +119,76 @@ def test_a_choice_round_trips_through_json():
 def test_the_loop_candidate_is_required():
     with pytest.raises(ValueError, match="loop"):
         choose_among({"grouped": lambda: None}, clock=FakeClock())
+
+
+# ------------------------------------------------------------------ decisions you can keep
+
+def _seed():
+    from fxfuse.examples import RowConv1d
+    torch.manual_seed(0)
+    return RowConv1d(rows=4), torch.randn(2, 15, 4, 12)
+
+
+def _fake_auto(monkeypatch, costs):
+    """auto's timing on a fake clock: each candidate's call costs ``costs[name]`` fake s."""
+    import fxfuse.check.auto as auto
+    real = choose_among
+    clock = FakeClock()
+
+    def fake(calls, **kw):
+        kw.update(clock=clock, round_s=0.0)
+        timed = {}
+        for name, call in calls.items():
+            worker = clock.work(name, lambda n, c=costs[name]: c)
+            timed[name] = lambda call=call, worker=worker: (call(), worker())
+        return real(timed, **kw)
+
+    monkeypatch.setattr(auto, "choose_among", fake)
+    return clock
+
+
+def test_decisions_are_recorded_and_reused_without_timing(monkeypatch):
+    import fxfuse
+    import fxfuse.check.auto as auto
+    _fake_auto(monkeypatch, {"loop": 1e-3, "grouped": 0.5e-3, "grouped2d": 0.9e-3})
+    model, x = _seed()
+    first = fxfuse.fuse(model, x, verify=False, benchmark=False)
+    assert first.sites[0].lowering == "grouped"
+    text = json.dumps(first.decisions)                       # JSON-serialisable
+    (entry,) = json.loads(text)["entries"].values()
+    assert entry["lowering"] == "grouped" and entry["key"]["torch"] == torch.__version__
+    assert entry["key"]["tensors"][0]["shape"] == [2, 15, 4, 12]
+    decision = first.sites[0].decision
+    assert decision["margin"] == pytest.approx(2.0) and decision["threshold"] == MARGIN
+    assert "min of" in first.report() and "2.00x >= 1.05x" in first.report()
+
+    def no_timing(*a, **k):
+        raise AssertionError("timed although a decision was recorded")
+    monkeypatch.setattr(auto, "choose_among", no_timing)
+    again = fxfuse.fuse(model, x, verify=False, benchmark=False,
+                        decisions=json.loads(text))
+    assert again.sites[0].lowering == "grouped" and again.sites[0].decision["reused"]
+    assert any("recorded decision" in n for n in again.sites[0].notes)
+    assert again.decisions == json.loads(text)
+
+
+def test_a_decision_for_other_shapes_is_not_reused(monkeypatch):
+    import fxfuse
+    _fake_auto(monkeypatch, {"loop": 1e-3, "grouped": 0.5e-3, "grouped2d": 0.9e-3})
+    model, x = _seed()
+    first = fxfuse.fuse(model, x, verify=False, benchmark=False)
+    _fake_auto(monkeypatch, {"loop": 1e-3, "grouped": 2e-3, "grouped2d": 2e-3})
+    other = fxfuse.fuse(model, torch.randn(2, 15, 4, 20), verify=False, benchmark=False,
+                        decisions=first.decisions)
+    assert other.sites[0].lowering == "loop" and not other.sites[0].decision["reused"]
+    assert len(other.decisions["entries"]) == 2
+
+
+@pytest.mark.parametrize("bad,words", [({"entries": {}}, "not a fxfuse decisions"),
+                                       ({"format": "fxfuse-decisions", "version": 9},
+                                        "version 9"), ([1, 2], "result.decisions")])
+def test_malformed_decisions_are_refused(bad, words):
+    import fxfuse
+    model, x = _seed()
+    with pytest.raises(fxfuse.ConfigError, match=words):
+        fxfuse.fuse(model, x, verify=False, benchmark=False, decisions=bad)
