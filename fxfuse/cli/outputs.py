@@ -184,7 +184,8 @@ def describe_saved(saved: SavedModel, checked: list[int] = ()) -> str:
             return "torch.export program, runs with the traced shapes only"
         if not checked:
             return "torch.export program with a dynamic batch size (not verified)"
-        if 1 in checked and max(checked) >= 8:
+        parities = {b % 2 for b in checked if b > 1}
+        if 1 in checked and max(checked) >= 8 and parities == {0, 1}:
             return ("torch.export program, runs with any batch size (checked at "
                     f"{', '.join(map(str, checked))})")
         return ("torch.export program with a dynamic batch size, verified at batch "
