@@ -192,3 +192,12 @@ def test_malformed_decisions_are_refused(bad, words):
     model, x = _seed()
     with pytest.raises(fxfuse.ConfigError, match=words):
         fxfuse.fuse(model, x, verify=False, benchmark=False, decisions=bad)
+
+
+def test_a_near_best_rewrite_that_misses_the_margin_keeps_the_loop():
+    """The first-listed rewrite is within the margin of the fastest but not clear of the
+    loop: the loop is kept (a later rewrite barely faster does not win by a hair)."""
+    clock = FakeClock()
+    choice = _choose(clock, {"loop": lambda n: 1.00e-3, "grouped": lambda n: 0.97e-3,
+                             "grouped2d": lambda n: 0.95e-3})
+    assert choice.lowering == "loop"

@@ -8,10 +8,10 @@ rounds is the figure least moved by contention (the median moves with the load).
 
 The rounds are doubled until the decision made on all rounds so far is the same as the
 one made on half of them (it has *settled*), or until the time budget is spent. The rule:
-a rewrite replaces the loop only when the loop's estimate is at least ``threshold``
-times the rewrite's (a margin, so ties go to the loop); among rewrites that clear it, the
-first in the order given wins unless a later one is faster by the same margin (so two
-near-equal rewrites do not flip between runs).
+the rewrite put forward is the first in the order given unless a later one is faster by
+``threshold`` (so two near-equal rewrites do not flip between runs), and it replaces the
+loop only when the loop's estimate is at least ``threshold`` times its own (a margin, so
+ties go to the loop).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ LOOP = "loop"
 # A rewrite must be estimated this many times faster than the loop before it is chosen.
 MARGIN = 1.05
 # Seconds of timing one decision may take (warm-up and calibration included).
-BUDGET_S = 2.0
+BUDGET_S = 4.0
 # Target seconds per candidate per round: short rounds, so some fall between the
 # time slices other processes take.
 ROUND_S = 0.002
@@ -83,8 +83,8 @@ class Choice:
         note: why the loop was kept without timing, or that a recorded decision was
             reused (``""`` otherwise).
         estimates: per candidate, the estimate and the spread of its rounds.
-        margin: the loop's estimate over the chosen rewrite's (over the fastest
-            rewrite's when the loop is kept); 0.0 when not timed.
+        margin: the loop's estimate over the rewrite put forward (the first listed within
+            ``threshold`` of the fastest); 0.0 when not timed.
         threshold: the margin a rewrite needed to be chosen.
         rounds: interleaved rounds the decision was made on.
         settled: the decision on all rounds equals the one on half of them (False: the
@@ -114,7 +114,7 @@ class Choice:
                           f"{e.spread_s * 1e3:.3f})" for e in self.estimates)
         verdict = (f"{self.lowering}: loop/{self.lowering} {self.margin:.2f}x >= "
                    f"{self.threshold:.2f}x" if self.lowering != LOOP else
-                   f"loop: best rewrite {self.margin:.2f}x < {self.threshold:.2f}x")
+                   f"loop: the best rewrite {self.margin:.2f}x < {self.threshold:.2f}x")
         how = f"min of {self.rounds} interleaved rounds" + \
             ("" if self.settled else ", time budget spent before the decision settled")
         return f"{verdict} ({how}; {parts})" + (" [recorded decision]" if self.reused else "")
@@ -205,19 +205,20 @@ def _run_rounds(calls: Mapping[str, Callable[[], Any]], numbers: Mapping[str, in
 
 
 def _decide(samples: Mapping[str, Sequence[float]], threshold: float) -> tuple[str, float]:
-    """The decision on ``samples``: (candidate, loop estimate / its estimate)."""
+    """The decision on ``samples``: (candidate, loop estimate / its estimate).
+
+    The rewrite put forward is the first in order whose estimate is within ``threshold``
+    of the fastest rewrite's (so near-equal rewrites do not flip from run to run); it
+    replaces the loop only when it beats the loop by ``threshold``.
+    """
     est = {k: min(v) for k, v in samples.items()}
-    loop = est[LOOP]
     rewrites = [k for k in samples if k != LOOP]
     if not rewrites:
         return LOOP, 0.0
-    ratio = {k: loop / est[k] if est[k] > 0 else float("inf") for k in rewrites}
-    eligible = [k for k in rewrites if ratio[k] >= threshold]
-    if not eligible:
-        return LOOP, max(ratio.values())
-    best = min(est[k] for k in eligible)
-    pick = next(k for k in eligible if est[k] <= best * threshold)
-    return pick, ratio[pick]
+    best = min(est[k] for k in rewrites)
+    pick = next(k for k in rewrites if est[k] <= best * threshold)
+    ratio = est[LOOP] / est[pick] if est[pick] > 0 else float("inf")
+    return (pick if ratio >= threshold else LOOP), ratio
 
 
 def _choice(samples: Mapping[str, Sequence[float]], decision: tuple[str, float],
