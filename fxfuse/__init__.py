@@ -15,9 +15,11 @@ imported on first use.
 from .api import FuseResult, apply_sites, fuse
 from .check.bench import BenchResult, Timing, benchmark_models, time_interleaved
 from .config import FuseConfig
-from .errors import ConfigError, FxFuseError, RewriteError, TraceError, VerificationError
+from .errors import (ConfigError, FxFuseError, InternalError, RewriteError, TraceError,
+                     VerificationError)
 from .match.find import find_row_sites
 from .check.auto import choose_lowering, extract_loop
+from .check.decide import Choice, choose_among
 from .rewrite.rewriter import rewrite_site
 from .match.sites import ConvSpec, InputPlan, OutputPlan, RowSite
 from .trace.tracing import trace_model
@@ -32,6 +34,7 @@ __all__ = [
     "verify_models", "VerifyReport", "benchmark_models", "time_interleaved", "BenchResult",
     "Timing", "WeightMap", "WeightEntry", "RowSite", "ConvSpec", "InputPlan", "OutputPlan",
     "FxFuseError", "ConfigError", "TraceError", "RewriteError", "VerificationError",
+    "InternalError", "Choice", "choose_among",
     "export_onnx", "backend",
 ]
 

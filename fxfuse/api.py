@@ -14,7 +14,8 @@ from torch.utils import _pytree as pytree
 from .check.bench import BenchResult, benchmark_models
 from .config import FuseConfig, merge_config
 from .errors import ConfigError
-from .check.report import format_report
+from .check.decisions import Decisions
+from .check.report import format_report, slower_warning
 from .match.sites import RowSite
 from .passes.driver import run_pass
 from .passes.kinds import apply_sites
@@ -44,6 +45,9 @@ class FuseResult:
             rewrite) with notes on the trace and the batch sizes accepted (``None`` when
             ``verify=False``).
         notes: what the trace did that a user should know (also without ``verify``).
+        decisions: ``auto``'s decisions, JSON-ready, keyed by each site's structure,
+            shapes, dtype, device and torch version: pass them back as
+            ``fuse(..., decisions=result.decisions)`` to reuse them without timing.
     """
 
     model: fx.GraphModule
@@ -55,6 +59,7 @@ class FuseResult:
     tracer: str
     trace_check: TraceCheck | None = None
     notes: tuple[str, ...] = ()
+    decisions: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def batch_sizes(self) -> tuple[int, ...] | None:
@@ -65,6 +70,12 @@ class FuseResult:
     def changed(self) -> bool:
         """True when at least one loop was rewritten."""
         return any(s.fused for s in self.sites)
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """What a user must not miss: the fused model measured slower than the original."""
+        text = slower_warning(self.timing) if self.changed else ""
+        return (text,) if text else ()
 
     @property
     def code_after(self) -> str:
@@ -93,6 +104,8 @@ class FuseResult:
             "timing": None if t is None else dataclasses.asdict(t),
             "trace_check": None if self.trace_check is None else self.trace_check.to_dict(),
             "notes": list(self.notes),
+            "warnings": list(self.warnings),
+            "decisions": self.decisions,
         }
 
 
@@ -125,7 +138,8 @@ def fuse(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *
             keywords not given leave them as they are (defaults: ``lowering="auto"``,
             ``verify=True``, ``benchmark=True``, ``inplace=False``, ``min_rows=2``).
         **options: other :class:`FuseConfig` fields (``tracer``, ``concrete_args``,
-            ``check_grads``, ``rtol``, ``atol``, ``bench_rounds``, ``auto_rounds``).
+            ``check_grads``, ``rtol``, ``atol``, ``bench_rounds``, ``auto_rounds``,
+            ``decisions``: a previous ``result.decisions``, reused without timing).
 
     Returns:
         A :class:`FuseResult`. Nothing half-done is ever returned: any failure raises.
@@ -197,7 +211,9 @@ def _fuse(model: torch.nn.Module, inputs: tuple[Any, ...], cfg: FuseConfig,
     notes += getattr(gm, NOTES_KEY, ())
     trace_check = _check_trace(model, gm, inputs, notes, cfg)
     code_before = gm.code
-    sites, wmap, _ = _run(gm, inputs, cfg)
+    decisions = Decisions(cfg.decisions)
+    result = run_pass(gm, inputs, cfg, decisions=decisions)
+    sites, wmap = result.sites, result.weight_map
     wmap = renames + getattr(gm, RENAMES_KEY, WeightMap()) + wmap
     if not any(s.fused for s in sites) and getattr(gm, TRACER_KEY, "symbolic") != "symbolic":
         gm, more = trace_general(work, gm, inputs, cfg.concrete_args)
@@ -211,13 +227,11 @@ def _fuse(model: torch.nn.Module, inputs: tuple[Any, ...], cfg: FuseConfig,
     # in train mode) as they were.
     timing = benchmark_models(copy.deepcopy(reference), copy.deepcopy(gm), inputs,
                               rounds=cfg.bench_rounds) if cfg.benchmark else None
+    if any(s.fused for s in sites) and slower_warning(timing):
+        log.warning("%s", slower_warning(timing))
     return FuseResult(gm, sites, wmap, verification, timing, code_before,
-                      getattr(gm, TRACER_KEY, "symbolic"), trace_check, tuple(notes))
-
-
-def _run(gm: fx.GraphModule, inputs: tuple[Any, ...], cfg: FuseConfig):
-    result = run_pass(gm, inputs, cfg)
-    return result.sites, result.weight_map, result.changed
+                      getattr(gm, TRACER_KEY, "symbolic"), trace_check, tuple(notes),
+                      decisions.to_dict())
 
 
 def _check_trace(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],

@@ -24,7 +24,7 @@ from ..deploy.onnx_choice import write_onnx
 from ..io.writing import atomic_write, check_output_path
 from ..io.transaction import OutputSet
 from .outputs import (check_out, check_report_path, describe_saved, output_paths,
-                      weight_map_path, write_outputs)
+                      read_decisions, weight_map_path, write_outputs)
 from ..trace.tracing import trace_model
 from ..rewrite.weights import WeightMap
 
@@ -78,11 +78,25 @@ def fuse_command(args: argparse.Namespace) -> int:
     """Fuse, verify, benchmark, print the report, write OUT (+ OUT.map.json)."""
     out = check_out(args.out)
     report = check_report_path(args.report_json, out)
-    with OutputSet(output_paths(out, report)) as outputs:  # every temp made before any work
+    paths = _all_outputs(args, out, report)
+    with OutputSet(paths) as outputs:  # every temp made before any work
         loaded, inputs = _load(args)
         check_out(out, loaded.paths)
         check_report_path(args.report_json, out, loaded.paths)
         return _run_fuse(args, loaded.model, inputs, out, report, outputs)
+
+
+def _all_outputs(args: argparse.Namespace, out: Path, report: Path | None) -> list[Path]:
+    """OUT, its map, the report, and ``--decisions FILE`` when it is to be written (its
+    recorded decisions, when it exists, are read now into ``args.decisions_in``)."""
+    args.decisions_in, args.decisions_out = read_decisions(
+        getattr(args, "decisions", None), out, report)
+    if args.decisions_out is not None and is_onnx_path(out):
+        warn("--decisions does not apply to an .onnx output (ONNX Runtime times the "
+             "exports itself); nothing is recorded")
+        args.decisions_out = None
+    extra = [args.decisions_out] if args.decisions_out is not None else []
+    return output_paths(out, report) + extra
 
 
 def _run_fuse(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple, out: Path,
@@ -93,15 +107,25 @@ def _run_fuse(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple, o
     with user_code("fusing the model"):
         result = fuse(model, inputs, lowering=args.lowering, benchmark=not args.no_bench,
                       min_rows=args.min_rows, tracer=args.tracer,
-                      check_grads=not args.no_grad_check, rtol=args.rtol, atol=args.atol)
+                      check_grads=not args.no_grad_check, rtol=args.rtol, atol=args.atol,
+                      decisions=getattr(args, "decisions_in", None))
     print(result.report())
+    for warning in result.warnings:
+        warn(warning)
     if not result.changed:
         print("no loop was rewritten; writing the traced model unchanged")
     progress(f"writing {out}")
     with user_code("saving the model"):
         saved, checked = write_outputs(result, model, inputs, out, report_json, outputs)
+    decided = getattr(args, "decisions_out", None)
+    if decided is not None:
+        outputs.write(decided, dump_json(result.decisions).encode("utf-8"))
     signals = outputs.commit()
     also = f" and the report {shown(report_json)}" if report_json is not None else ""
+    if decided is not None:
+        also += f", the decisions {shown(decided)}"
+    elif getattr(args, "decisions_in", None) is not None:
+        print(f"\nreused the decisions recorded in {shown(args.decisions)} (not timed again)")
     print(f"\nwrote {shown(out)} ({describe_saved(saved, checked)}), its weight map "
           f"{shown(weight_map_path(out))}{also}")
     if signals:
@@ -152,7 +176,7 @@ def demo(args: argparse.Namespace) -> int:
             tracer="auto", out=str(root / "seed_rowconv_fused.pt2")))
         out = check_output_path(Path(ns.out).absolute())
         report = check_report_path(ns.report_json, out)
-        with OutputSet(output_paths(out, report)) as outputs:
+        with OutputSet(_all_outputs(ns, out, report)) as outputs:
             loaded, inputs = _load(ns)
             code = _run_fuse(ns, loaded.model, inputs, out, report, outputs)
         if code != EXIT_OK:

@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from ..errors import ConfigError, FxFuseError, VerificationError
+from ..errors import ConfigError, FxFuseError, InternalError, VerificationError
 from .console import (EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_OK, EXIT_REFUSED,  # noqa: F401
                       EXIT_USAGE, MAP_NAME, MAP_SUFFIX, SHOWN, SIGNALLED, dump_json, progress,
                       shown, user_code, warn)
@@ -53,7 +53,7 @@ def _signals_interrupt() -> Iterator[None]:
             signal.signal(sig, previous)
 
 
-_PATH_ARGS = ("weights", "out", "report_json", "map", "checkpoint", "out_dir")
+_PATH_ARGS = ("weights", "out", "report_json", "map", "checkpoint", "out_dir", "decisions")
 def _absolute_paths(args: argparse.Namespace) -> None:
     """Resolve every path the user gave against the current directory, before any user
     code runs (a factory that calls os.chdir must not move the outputs)."""
@@ -132,6 +132,9 @@ def _fuse_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rtol", type=float, default=None, help="override the verification rtol")
     p.add_argument("--atol", type=float, default=None, help="override the verification atol")
     p.add_argument("--report-json", default=None, metavar="FILE", help="also write the report as JSON")
+    p.add_argument("--decisions", default=None, metavar="FILE",
+                   help="auto's timing decisions: reused from FILE when it exists (no timing), "
+                        "recorded into it otherwise")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,6 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return handler(args)
     except VerificationError as exc:
         return _fail(args, exc, EXIT_REFUSED)
+    except InternalError as exc:
+        return _fail(args, exc, EXIT_INTERNAL, internal=True)
     except FxFuseError as exc:
         return _fail(args, exc, EXIT_USAGE)
     except BrokenPipeError:  # stdout closed early (``| head``): stop quietly

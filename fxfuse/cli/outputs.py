@@ -49,6 +49,31 @@ def check_report_path(report_json: str | None, out: Path,
     return path
 
 
+def read_decisions(decisions: str | None, out: Path, report: Path | None,
+                   inputs: tuple[Path, ...] = ()) -> tuple[dict | None, Path | None]:
+    """``--decisions FILE``: its recorded decisions when FILE exists (nothing written to
+    it), else the path to record this run's decisions into (checked like an output)."""
+    if not decisions:
+        return None, None
+    path = Path(decisions).expanduser().absolute()
+    taken = {Path(p).resolve() for p in (*inputs, out, weight_map_path(out),
+                                          *([report] if report else []))}
+    if path.resolve() in taken:
+        raise ConfigError(f"--decisions {path} is the output, its weight map, the report or "
+                          "an input file; choose another name")
+    if not path.exists():
+        if not path.parent.is_dir():
+            raise ConfigError(f"cannot write --decisions {path}: {path.parent} is not an "
+                              "existing directory; create it first")
+        return None, path
+    from ..check.decisions import Decisions
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read --decisions {path}: {exc}") from exc
+    return Decisions.from_json(text, source=f"--decisions {path}").to_dict(), None
+
+
 def check_out(out: str | Path, inputs: tuple[Path, ...] = ()) -> Path:
     """``check_output_path``, or its ONNX counterpart for ``-o x.onnx``."""
     return check_onnx_output(out, inputs) if is_onnx_path(out) else check_output_path(out, inputs)
@@ -159,7 +184,8 @@ def describe_saved(saved: SavedModel, checked: list[int] = ()) -> str:
             return "torch.export program, runs with the traced shapes only"
         if not checked:
             return "torch.export program with a dynamic batch size (not verified)"
-        if 1 in checked and max(checked) >= 8:
+        parities = {b % 2 for b in checked if b > 1}
+        if 1 in checked and max(checked) >= 8 and parities == {0, 1}:
             return ("torch.export program, runs with any batch size (checked at "
                     f"{', '.join(map(str, checked))})")
         return ("torch.export program with a dynamic batch size, verified at batch "

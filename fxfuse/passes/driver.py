@@ -14,8 +14,8 @@ from typing import Any
 
 from torch import fx
 
-from ..check.auto import Choice
-from ..check.bench import time_interleaved
+from ..check.decide import Choice, choose_among, untimed
+from ..check.decisions import Decisions, choose_recorded
 from ..config import FuseConfig
 from ..errors import RewriteError
 from ..match.find import find_row_sites
@@ -31,8 +31,6 @@ from .fusion import Context, Found
 from .kinds import apply_sites
 
 log = logging.getLogger("fxfuse")
-
-MARGIN = 1.05
 
 
 @dataclass(frozen=True)
@@ -55,21 +53,30 @@ def find_sites(gm: fx.GraphModule, inputs: tuple[Any, ...], config: FuseConfig
     return _merged(tuple(kinds), [f.site for f in rows])
 
 
-def run_pass(gm: fx.GraphModule, inputs: tuple[Any, ...], config: FuseConfig) -> PassResult:
-    """Rewrite ``gm`` in place (see the module docstring)."""
+def run_pass(gm: fx.GraphModule, inputs: tuple[Any, ...], config: FuseConfig, *,
+             decisions: Decisions | None = None) -> PassResult:
+    """Rewrite ``gm`` in place (see the module docstring).
+
+    Args:
+        gm: the traced model (from :func:`fxfuse.trace_model`).
+        inputs: the example inputs it was traced with.
+        config: the options (``lowering``, ``min_rows``, ``auto_rounds``).
+        decisions: ``auto``'s recorded decisions to reuse (new ones are added).
+    """
     kinds: tuple[RowSite, ...] = ()
     wmap = WeightMap()
     if config.lowering != "vmap":
         found = with_siblings(gm, find_row_sites(gm, min_rows=config.min_rows),
                               min_rows=config.min_rows)
-        kinds, wmap = apply_sites(gm, found, config.lowering, auto_rounds=config.auto_rounds)
+        kinds, wmap = apply_sites(gm, found, config.lowering, auto_rounds=config.auto_rounds,
+                                  decisions=decisions)
     fusion = RowsByStructure()
     rows = fusion.find(gm, Context(config, inputs), first=len(kinds))
     done, fixed = [], set()
     for found in rows:
         site = _mode_refusal(found, config)
         if site.fusable:
-            choice = _choose(gm, fusion, found, config)
+            choice = _choose(gm, fusion, found, config, decisions)
             site = dataclasses.replace(site, lowering=choice.lowering, timings=choice.timings,
                                        notes=site.notes + ((choice.note,) if choice.note else ()))
             if choice.lowering != "loop":
@@ -98,16 +105,23 @@ def _mode_refusal(found: Found, config: FuseConfig) -> RowSite:
 
 
 def _choose(gm: fx.GraphModule, fusion: RowsByStructure, found: Found,
-            config: FuseConfig) -> Choice:
+            config: FuseConfig, decisions: Decisions | None) -> Choice:
     if config.lowering != "auto":
         return Choice("vmap")
+    return choose_recorded(gm, found.site, lambda: _timed(gm, fusion, found, config),
+                           fusion.lowerings(found), decisions)
+
+
+def _timed(gm: fx.GraphModule, fusion: RowsByStructure, found: Found,
+           config: FuseConfig) -> Choice:
+    """Time the loop against its vectorised form; a loop that cannot run alone is kept
+    (with the reason), a vectorised form that fails is a bug and raises."""
     try:
         calls = fusion.candidates(gm, found)
         calls["loop"]()
     except (CannotCut, Refused, RuntimeError) as exc:   # the loop alone does not run
         text = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-        return Choice("loop", (), f"kept as a loop: auto could not time it "
-                                  f"({type(exc).__name__}: {text})")
+        return untimed(f"kept as a loop: auto could not time it ({type(exc).__name__}: {text})")
     try:
         for name, call in calls.items():
             call()
@@ -115,10 +129,7 @@ def _choose(gm: fx.GraphModule, fusion: RowsByStructure, found: Found,
         raise RewriteError(f"{found.site.name}: the {name} rewrite of the rows at "
                            f"{found.site.where()} fails to run ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from exc
-    samples = time_interleaved(calls, rounds=config.auto_rounds, round_s=0.01)
-    best = {k: min(v) for k, v in samples.items()}
-    pick = "vmap" if best["vmap"] * MARGIN < best["loop"] else "loop"
-    return Choice(pick, tuple(best.items()))
+    return choose_among(calls, rounds=config.auto_rounds)
 
 
 def _merged(kinds: tuple[RowSite, ...], rows: list[RowSite]) -> tuple[RowSite, ...]:
