@@ -79,3 +79,54 @@ def test_converted_weights_are_the_same_bytes_twice(project, monkeypatch, capfd)
         outs.append((project / name).read_bytes())
     assert outs[0] == outs[1]
     assert set(torch.load(project / "a.pt", weights_only=True)) >= {"rows.0.0.weight"}
+
+
+def _loop(root: Path, name: str) -> str:
+    (root / name).symlink_to(root / f"other-{name}")
+    (root / f"other-{name}").symlink_to(root / name)
+    return name
+
+
+@pytest.mark.parametrize("where", ["out", "report", "weights"])
+def test_symlink_loop_outputs_are_one_line(project, monkeypatch, capfd, where):
+    if where == "weights":
+        _fuse_into(project, monkeypatch, capfd, "one", "t.safetensors")
+        args = ["weights", "one/t.safetensors.map.json", "one/t.safetensors", "-o",
+                _loop(project, "w.pt"), "--to", "original"]
+    else:
+        out = _loop(project, "l.pt2") if where == "out" else "ok.pt2"
+        report = ["--report-json", _loop(project, "l.json")] if where == "report" else []
+        args = ["fuse", "mypkg.model:build", "--input-shape", SHAPE, "-o", out, *FAST, *report]
+    r = run_inprocess(project, monkeypatch, capfd, *args)
+    assert_error(r, 2, "loop of symbolic links")
+    assert not (project / "ok.pt2").exists()
+
+
+def test_a_pt2_whose_name_has_a_colon_is_a_file(project, monkeypatch, capfd):
+    (project / "my:model.pt2").write_bytes((project / "model.pt2").read_bytes())
+    r = run_inprocess(project, monkeypatch, capfd, "inspect", "my:model.pt2",
+                      "--input-shape", SHAPE)
+    assert r.returncode == 0, r.stderr
+    assert "1 of 1 loop sites would fuse" in r.stdout
+
+
+@pytest.mark.parametrize("where", ["factory", "forward"])
+def test_cancelled_error_from_the_model_is_one_line(project, monkeypatch, capfd, where):
+    (project / "cancel.py").write_text(textwrap.dedent(f'''
+        import asyncio
+        import torch
+
+
+        class M(torch.nn.Module):
+            def forward(self, x):
+                raise asyncio.CancelledError("stop")
+
+
+        def build():
+            if {where == "factory"!r}:
+                raise asyncio.CancelledError()
+            return M()
+    '''))
+    r = run_inprocess(project, monkeypatch, capfd, "inspect", "cancel.py:build",
+                      "--input-shape", SHAPE)
+    assert_error(r, 2, "CancelledError")

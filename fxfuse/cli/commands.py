@@ -12,7 +12,7 @@ import torch
 
 from ..api import fuse
 from ..io.checkpoints import read_weights, existing_file, first_line
-from .console import EXIT_OK, MAP_NAME, progress, dump_json, shown, user_code, warn
+from .console import EXIT_OK, progress, dump_json, shown, user_code, warn
 from ..errors import ConfigError, VerificationError
 from ..match.find import find_row_sites
 from ..match.siblings import with_siblings
@@ -22,6 +22,7 @@ from ..check.report import site_table
 from ..deploy.onnx import is_onnx_path
 from ..deploy.onnx_choice import write_onnx
 from ..io.writing import atomic_write, check_output_path
+from ..io.maps import map_from_metadata, map_metadata, read_map_text
 from ..io.transaction import OutputSet
 from .outputs import (check_out, check_report_path, describe_saved, output_paths,
                       weight_map_path, write_outputs)
@@ -202,7 +203,7 @@ def convert_weights(args: argparse.Namespace) -> int:
     source = existing_file(args.checkpoint, "checkpoint")
     out = _check_weights_out(args.out, [source, map_path])
     with OutputSet([out]) as outputs:
-        state = read_weights(source, False)
+        state = _read_checkpoint(source, args)
         if args.to == "original":
             _check_embedded_map(source, wmap)
             match = wmap.check_fused(state)
@@ -212,7 +213,7 @@ def convert_weights(args: argparse.Namespace) -> int:
             converted, match = wmap.to_fused(state), "layout"
         if out.suffix.lower() == ".safetensors":
             # the fused layout carries its map, as 'fxfuse fuse' writes it: same bytes
-            data = _safetensors_bytes(converted, {MAP_NAME: map_text} if args.to == "fused"
+            data = _safetensors_bytes(converted, map_metadata(map_text) if args.to == "fused"
                                       else None)
         else:
             buffer = io.BytesIO()
@@ -226,6 +227,16 @@ def convert_weights(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _read_checkpoint(source: Path, args: argparse.Namespace) -> dict:
+    """The state_dict in ``source``: a weights file, or the weights of a fused ``.pt2``."""
+    allow = bool(getattr(args, "allow_pickle", False))
+    if source.suffix.lower() != ".pt2":
+        return dict(read_weights(source, allow))
+    from ..io.checkpoints import load_export
+    module, _ = load_export(source, allow, warn)
+    return {k: v for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
 def _check_embedded_map(source: Path, wmap: WeightMap) -> None:
     """Refuse a map other than the one 'fxfuse fuse' stored inside ``source`` (a
     .safetensors written by it carries its map in the metadata)."""
@@ -234,7 +245,7 @@ def _check_embedded_map(source: Path, wmap: WeightMap) -> None:
     from safetensors import safe_open
     try:
         with safe_open(str(source), "pt") as handle:
-            text = (handle.metadata() or {}).get(MAP_NAME)
+            text = map_from_metadata(handle.metadata())
         inner = WeightMap.from_json(text) if text else None
     except (OSError, ConfigError, RuntimeError, ValueError):
         return  # no usable map inside: the layout check decides
@@ -248,9 +259,9 @@ def _check_embedded_map(source: Path, wmap: WeightMap) -> None:
 def _read_map(path: Path) -> tuple[WeightMap, str]:
     """The map in ``path`` (validated) and its text, verbatim."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_map_text(path)
         return WeightMap.from_json(text), text
-    except (OSError, UnicodeDecodeError, ConfigError) as exc:
+    except (OSError, ConfigError) as exc:
         raise ConfigError(f"cannot use weight map {str(path)!r}: "
                           f"{str(exc) if isinstance(exc, ConfigError) else first_line(exc)}"
                           ) from exc

@@ -10,14 +10,14 @@ import logging
 import sys
 from typing import Iterator
 
-from ..errors import ConfigError
+from ..errors import ConfigError, one_line
+from ..io.maps import MAP_NAME  # noqa: F401 - re-exported
 
 log = logging.getLogger("fxfuse")
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports it
 MAP_SUFFIX = ".map.json"
-MAP_NAME = "fxfuse_weight_map.json"
 
 
 def progress(message: str) -> None:
@@ -58,6 +58,14 @@ def user_code(doing: str) -> Iterator[None]:
     except RecursionError as exc:
         raise ConfigError(f"RecursionError while {doing}: the model is nested too deeply for "
                           "Python's recursion limit; flatten its module tree") from exc
+    except (Exception, GeneratorExit):
+        raise
+    except BaseException as exc:  # asyncio.CancelledError and other BaseExceptions
+        what = type(exc).__name__
+        text = one_line(exc)
+        raise ConfigError(f"the model's code raised {what}{'' if text == what else ': ' + text} "
+                          f"while {doing}; remove that raise from the model (fxfuse calls it "
+                          "outside any event loop or task)") from exc
 
 
 SHOWN: dict[str, str] = {}    # absolute path -> as the user wrote it

@@ -64,7 +64,9 @@ def _absolute_paths(args: argparse.Namespace) -> None:
             SHOWN[full] = value
             setattr(args, name, full)
     model = getattr(args, "model", None)
-    if isinstance(model, str) and model:
+    if isinstance(model, str) and model and os.path.isfile(os.path.expanduser(model)):
+        args.model = os.path.abspath(os.path.expanduser(model))  # a file, even with a ':'
+    elif isinstance(model, str) and model:
         left, sep, right = model.rpartition(":")
         if sep and left and (left.endswith(".py") or "/" in left or os.sep in left):
             args.model = f"{os.path.abspath(os.path.expanduser(left))}:{right}"
@@ -153,10 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     _fuse_args(p)
     p.add_argument("--out-dir", default=None, help="keep the files here (default: a temp dir)")
     p = sub.add_parser("weights", help="convert a checkpoint between the looped and fused layouts")
-    p.add_argument("map", metavar="MAP", help="the OUT.map.json written by 'fxfuse fuse'")
-    p.add_argument("checkpoint", metavar="IN", help="state_dict file (.safetensors or .pt)")
+    p.add_argument("map", metavar="MAP", help="the OUT.map.json written by 'fxfuse fuse' "
+                   "(or the fused .pt2/.safetensors that holds it)")
+    p.add_argument("checkpoint", metavar="IN",
+                   help="state_dict file (.safetensors, .pt, .pth, .bin) or a fused .pt2")
     p.add_argument("-o", "--out", required=True, help="where to write the converted state_dict")
-    p.add_argument("--to", required=True, choices=["original", "fused"])
+    p.add_argument("--to", required=True, choices=["original", "fused"],
+                   help="the layout to write: 'original' (the looped model's keys) or 'fused'")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow a pickled IN that holds Python objects besides tensors (runs "
+                        "code from the file: trusted files only)")
     for p in sub.choices.values():
         _common_args(p)
     return parser
@@ -198,6 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        "Python's recursion limit; flatten its module tree"),
                      EXIT_USAGE)
     except Exception as exc:  # noqa: BLE001 - the CLI never shows a raw traceback by default
+        return _fail(args, exc, EXIT_INTERNAL, internal=True)
+    except (SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - asyncio.CancelledError and the like
         return _fail(args, exc, EXIT_INTERNAL, internal=True)
 
 

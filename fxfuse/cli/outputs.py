@@ -12,8 +12,9 @@ import torch
 from ..api import FuseResult
 from ..deploy.onnx import check_onnx_output, is_onnx_path
 from ..errors import ConfigError
+from ..io.maps import map_metadata
 from ..io.saving import SavedModel, non_persistent_keys, render_model
-from ..io.writing import check_output_path
+from ..io.writing import check_output_path, resolved
 from ..io.transaction import OutputSet
 from .console import MAP_NAME, MAP_SUFFIX, dump_json, user_code, warn
 
@@ -39,8 +40,8 @@ def check_report_path(report_json: str | None, out: Path,
     path = Path(report_json).expanduser().absolute()
     if path.suffix != ".json":
         raise ConfigError(f"--report-json {path} should end in .json")
-    taken = {Path(p).resolve() for p in (*inputs, out, weight_map_path(out))}
-    if path.resolve() in taken:
+    taken = {resolved(Path(p)) for p in (*inputs, out, weight_map_path(out))}
+    if resolved(path, "--report-json") in taken:
         raise ConfigError(f"--report-json {path} is the output, its weight map or an input "
                           "file; choose another name")
     if not path.parent.is_dir():
@@ -57,7 +58,14 @@ def check_out(out: str | Path, inputs: tuple[Path, ...] = ()) -> Path:
 def _render_out(result: FuseResult, inputs: tuple, out: Path, map_text: str,
                 non_persistent: frozenset[str]) -> tuple[bytes, SavedModel]:
     """OUT's bytes, in the format its suffix names (the map rides inside where it can)."""
-    extra = {MAP_NAME: map_text} if out.suffix != ".pt" else None
+    extra = None
+    if out.suffix.lower() == ".safetensors":
+        extra = map_metadata(map_text)
+        if not extra:
+            warn(f"the weight map ({len(map_text) >> 20} MiB) is too large for the metadata "
+                 f"of {out.name}; keep {weight_map_path(out).name} with it")
+    elif out.suffix.lower() == ".pt2":
+        extra = {MAP_NAME: map_text}
     return render_model(result.model, out, inputs, extra_files=extra,
                         non_persistent=non_persistent)
 

@@ -198,7 +198,7 @@ def _import(target: str) -> tuple[Any, Path | None]:
                           "missing package") from exc
     except ConfigError:
         raise
-    except (Exception, SystemExit, KeyboardInterrupt) as exc:  # noqa: BLE001 - user code
+    except BaseException as exc:  # noqa: BLE001 - user code (asyncio.CancelledError too)
         raise ConfigError(f"importing {target!r} failed ({first_line(exc)}); fix the error "
                           "in that module") from exc
     source = getattr(module, "__file__", None)
@@ -220,7 +220,7 @@ def _build(spec: str, target: str, attr_path: str) -> tuple[nn.Module, Path | No
     try:
         with _on_sys_path(parent):
             model = obj()
-    except (Exception, SystemExit, KeyboardInterrupt) as exc:  # noqa: BLE001 - user code
+    except BaseException as exc:  # noqa: BLE001 - user code (asyncio.CancelledError too)
         raise ConfigError(f"factory {spec!r} raised {first_line(exc)}; it is called with no "
                           "arguments, so fix it or wrap it in one that needs none") from exc
     if not isinstance(model, nn.Module):
@@ -232,11 +232,12 @@ def _build(spec: str, target: str, attr_path: str) -> tuple[nn.Module, Path | No
 def _open_model(spec: str, allow_pickle: bool,
                 announce: Callable[[str], None] | None = None) -> tuple[nn.Module, str, list[Path], list[str]]:
     """Build or read the model named by ``spec``: (model, kind, files read, what ran)."""
-    factory = _split_factory(spec)
+    suffix = Path(spec).suffix.lower()
+    is_file = suffix in PICKLE_SUFFIXES + (".pt2", ".safetensors") and Path(spec).is_file()
+    factory = None if is_file else _split_factory(spec)   # a file named a:b.pt2 is a file
     if factory is not None:
         model, source = _build(spec, *factory)
         return model, "factory", [source] if source is not None else [], []
-    suffix = Path(spec).suffix.lower()
     if suffix == ".pt2":
         path = existing_file(spec, "MODEL")
         model, runs = load_export(path, allow_pickle, announce)

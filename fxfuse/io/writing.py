@@ -41,8 +41,19 @@ def check_directory(out: Path) -> None:
     probe_writable(out)
 
 
+def resolved(path: Path, what: str = "output") -> Path:
+    """``path.resolve()``, or one ConfigError line when it cannot be resolved (a loop of
+    symbolic links: RuntimeError before Python 3.13, OSError ELOOP after)."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:
+        raise ConfigError(f"cannot use {what} {str(path)!r}: it is a loop of symbolic links "
+                          "(or a link that cannot be followed); remove the link or choose "
+                          "another name") from exc
+
+
 def _is_same_file(a: Path, b: Path) -> bool:
-    if a.resolve() == b.resolve():
+    if resolved(a) == resolved(b, "input"):
         return True
     try:
         return os.path.samefile(a, b)
