@@ -29,6 +29,7 @@ from .trace.tracing import NOTES_KEY, TRACER_KEY, alias_note, distinct_inputs, t
 from .check.fidelity import TraceCheck, check_trace, trace_table
 from .check.verify import VerifyReport, verify_models
 from .rewrite.weights import WeightMap
+from .running import running
 
 log = logging.getLogger("fxfuse")
 
@@ -146,14 +147,15 @@ def fuse(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs, alias_notes = _example_inputs(example_inputs)
-    if cfg.inplace:
-        saved = _snapshot(model)
-        try:
-            return _fuse(model, inputs, cfg, alias_notes)
-        except BaseException:
-            _restore(saved)
-            raise
-    return _fuse(model, inputs, cfg, alias_notes)
+    with running(model) as shared_notes:   # warnings muted, locks shared, OOM named
+        if cfg.inplace:
+            saved = _snapshot(model)
+            try:
+                return _fuse(model, inputs, cfg, alias_notes + shared_notes)
+            except BaseException:
+                _restore(saved)
+                raise
+        return _fuse(model, inputs, cfg, alias_notes + shared_notes)
 
 
 def _example_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], tuple[str, ...]]:

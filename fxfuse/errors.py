@@ -23,6 +23,10 @@ class RewriteError(FxFuseError):
     """A planned rewrite could not be applied; the model was left as it was."""
 
 
+class ResourceError(FxFuseError):
+    """A resource ran out (memory, say); the message names which and how much was asked."""
+
+
 class VerificationError(FxFuseError):
     """The rewritten model's numbers differ from the original's; the rewrite is refused.
 

@@ -206,6 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        "Python's recursion limit; flatten its module tree"),
                      EXIT_USAGE)
     except Exception as exc:  # noqa: BLE001 - the CLI never shows a raw traceback by default
+        from ..running import resource_problem
+        problem = resource_problem(exc, f"running 'fxfuse {args.command}'")
+        if problem is not None:
+            return _fail(args, problem, EXIT_USAGE)
         return _fail(args, exc, EXIT_INTERNAL, internal=True)
     except (SystemExit, GeneratorExit):
         raise
