@@ -7,6 +7,13 @@
   ``warnings.catch_warnings`` is not);
 - attributes ``copy.deepcopy`` cannot copy (a ``threading.Lock``) are shared between the
   model's copies (:mod:`fxfuse.trace.sharing`), with a note on the result;
+- calls from several threads run one at a time: ``torch.fx.symbolic_trace`` patches
+  ``torch.nn.Module.__call__`` and module globals process-wide while it traces, and
+  ``torch.export`` imports Dynamo lazily, so any model run (verification, timing, shape
+  propagation) or trace in another thread at the same moment sees the patched methods
+  or a half-imported module (``NameError: module is not installed as a submodule``,
+  ShapeProp errors). One re-entrant lock (:data:`PIPELINE`) around each call removes
+  that; the work itself is mostly in torch kernels, which use every core anyway;
 - running out of memory is a :class:`~fxfuse.errors.ResourceError` naming what ran out
   and how much was asked for, not an internal error.
 """
@@ -24,6 +31,7 @@ _FILTERS = (("ignore", None, FutureWarning, None, 0),
             ("ignore", None, DeprecationWarning, None, 0))
 _lock = threading.Lock()
 _depth = 0
+PIPELINE = threading.RLock()      # one fxfuse call at a time in this process
 
 
 @contextlib.contextmanager
@@ -71,7 +79,7 @@ def out_of_memory(exc: BaseException, doing: str) -> ResourceError | None:
 def running(model: Any, doing: str = "fusing the model") -> Iterator[tuple[str, ...]]:
     """The context of one fxfuse call on ``model``; yields notes for the result."""
     from .trace.sharing import sharing_note, shared_on_copy, uncopyable_attributes
-    with torch_warnings_muted():
+    with PIPELINE, torch_warnings_muted():
         found = uncopyable_attributes(model) if model is not None else []
         types = {t for _, _, kinds in found for t in kinds}
         try:
