@@ -11,7 +11,9 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from .check.bench import BenchResult, benchmark_models
+from .running import quiet_import, running
+quiet_import("torch.utils.benchmark")   # some torch builds print when it is first imported
+from .check.bench import BenchResult, benchmark_models  # noqa: E402
 from .config import FuseConfig, merge_config
 from .errors import ConfigError
 from .match.find import find_row_sites
@@ -29,7 +31,6 @@ from .trace.tracing import NOTES_KEY, TRACER_KEY, alias_note, distinct_inputs, t
 from .check.fidelity import TraceCheck, check_trace, trace_table
 from .check.verify import VerifyReport, verify_models
 from .rewrite.weights import WeightMap
-from .running import running
 
 log = logging.getLogger("fxfuse")
 

@@ -114,3 +114,25 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         seen.add(id(exc))
         yield exc
         exc = exc.__cause__ or exc.__context__
+
+
+def quiet_import(name: str) -> Any:
+    """Import ``name`` with stderr and warnings held (some torch builds print "No CUDA
+    runtime is found" when ``torch.utils.benchmark`` is first imported); what was held is
+    logged at DEBUG."""
+    import importlib
+    import io
+    import logging
+    import sys
+    if name in sys.modules:
+        return sys.modules[name]
+    held = io.StringIO()
+    with _lock_import, contextlib.redirect_stderr(held), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = importlib.import_module(name)
+    if held.getvalue().strip():
+        logging.getLogger("fxfuse").debug("importing %s printed: %s", name, held.getvalue())
+    return module
+
+
+_lock_import = threading.RLock()

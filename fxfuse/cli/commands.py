@@ -12,11 +12,11 @@ import torch
 
 from ..api import fuse
 from ..io.checkpoints import read_weights, existing_file, first_line
-from .console import EXIT_OK, progress, dump_json, shown, user_code, warn
+from .console import EXIT_OK, emit, progress, dump_json, shown, user_code, warn
 from ..errors import ConfigError, VerificationError
 from ..match.find import find_row_sites
 from ..match.siblings import with_siblings
-from ..io.loading import LoadedModel, load_model, parse_input_shapes
+from ..io.loading import LoadedModel, load_model, parse_input_shapes, parse_model_kwargs
 from ..examples import SEED_SHAPE, seed_model
 from ..check.report import site_table
 from ..deploy.onnx import is_onnx_path
@@ -25,7 +25,7 @@ from ..io.writing import atomic_write, check_output_path
 from ..io.maps import map_from_metadata, map_metadata, read_map_text
 from ..io.transaction import OutputSet
 from .outputs import (check_out, check_report_path, describe_saved, output_paths,
-                      weight_map_path, write_outputs)
+                      report_shown, weight_map_path, write_outputs, write_report)
 from ..trace.tracing import trace_model
 from ..rewrite.weights import WeightMap
 
@@ -35,9 +35,11 @@ WEIGHT_SUFFIXES = (".safetensors", ".pt")
 def _load(args: argparse.Namespace) -> tuple[LoadedModel, tuple[torch.Tensor, ...]]:
     progress(f"loading {args.model}")
     inputs = parse_input_shapes(args.input_shape, args.dtype, args.device)
+    kwargs = parse_model_kwargs(getattr(args, "model_kwargs", None))
     with user_code("loading the model"):
         loaded = load_model(args.model, weights=args.weights, allow_pickle=args.allow_pickle,
-                            device=args.device, dtype=args.dtype, announce=warn)
+                            device=args.device, dtype=args.dtype, announce=warn,
+                            model_kwargs=kwargs)
     with user_code("running forward() once"):
         _check_runs(loaded.model, inputs, args.input_shape)
     return loaded, inputs
@@ -66,7 +68,7 @@ def inspect(args: argparse.Namespace) -> int:
         sites = with_siblings(gm, find_row_sites(gm, min_rows=args.min_rows),
                               min_rows=args.min_rows)
     if args.json:
-        print(dump_json({"tracer": getattr(gm, "fxfuse_tracer", ""),
+        emit(dump_json({"tracer": getattr(gm, "fxfuse_tracer", ""),
                          "sites": [s.to_dict() for s in sites]}))
     else:
         print(site_table(sites))
@@ -100,9 +102,12 @@ def _run_fuse(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple, o
         print("no loop was rewritten; writing the traced model unchanged")
     progress(f"writing {out}")
     with user_code("saving the model"):
-        saved, checked = write_outputs(result, model, inputs, out, report_json, outputs)
+        saved, checked, pending = write_outputs(result, model, inputs, out, report_json,
+                                                outputs)
     signals = outputs.commit()
-    also = f" and the report {shown(report_json)}" if report_json is not None else ""
+    if pending is not None:
+        emit(pending)
+    also = report_shown(report_json)
     print(f"\nwrote {shown(out)} ({describe_saved(saved, checked)}), its weight map "
           f"{shown(weight_map_path(out))}{also}")
     if signals:
@@ -127,12 +132,15 @@ def _run_fuse_onnx(args: argparse.Namespace, model: torch.nn.Module, inputs: tup
         outputs.write(out, staged.read_bytes())
     print(result.report())
     print(onnx_report.summary().replace(str(staged), str(out)))
+    pending = None
     if report_json is not None:
         data = dict(result.to_dict(), output=str(out), fused=fused, onnx=onnx_report.to_dict())
-        outputs.write(report_json, dump_json(data).encode("utf-8"))
+        pending = write_report(outputs, report_json, data)
     signals = outputs.commit()
+    if pending is not None:
+        emit(pending)
     what = "the fused model" if fused else "the original model (no fused export was faster)"
-    also = f" and the report {shown(report_json)}" if report_json is not None else ""
+    also = report_shown(report_json)
     print(f"\nwrote {shown(out)} ({what}, ONNX){also}")
     return 128 + signals[0] if signals else EXIT_OK
 
@@ -204,13 +212,8 @@ def convert_weights(args: argparse.Namespace) -> int:
     out = _check_weights_out(args.out, [source, map_path])
     with OutputSet([out]) as outputs:
         state = _read_checkpoint(source, args)
-        if args.to == "original":
-            _check_embedded_map(source, wmap)
-            match = wmap.check_fused(state)
-            converted = wmap.to_original(state)
-        else:
-            wmap.check_original(state)
-            converted, match = wmap.to_fused(state), "layout"
+        match = _check_direction(source, wmap, state, args.to)
+        converted = wmap.to_original(state) if args.to == "original" else wmap.to_fused(state)
         if out.suffix.lower() == ".safetensors":
             # the fused layout carries its map, as 'fxfuse fuse' writes it: same bytes
             data = _safetensors_bytes(converted, map_metadata(map_text) if args.to == "fused"
@@ -225,6 +228,26 @@ def convert_weights(args: argparse.Namespace) -> int:
            "shapes and dtypes match the map")
     print(f"wrote {shown(out)}: {len(converted)} tensors in the {args.to} layout ({how})")
     return EXIT_OK
+
+
+def _check_direction(source: Path, wmap: WeightMap, state: dict, to: str) -> str:
+    """Check ``state`` is in the layout ``--to`` converts from; when it is in the other
+    one, say which ``--to`` fits. Returns "exact" or "layout"."""
+    try:
+        if to == "original":
+            _check_embedded_map(source, wmap)
+            return wmap.check_fused(state)
+        wmap.check_original(state)
+        return "layout"
+    except ConfigError as exc:
+        other = "fused" if to == "original" else "original"
+        try:
+            wmap.check_original(state) if to == "original" else wmap.check_fused(state)
+        except ConfigError:
+            raise exc from None
+        raise ConfigError(f"{str(source)!r} is already in the {other} layout, so there is "
+                          f"nothing to convert with --to {to}; to convert it, use --to "
+                          f"{'original' if other == 'fused' else 'fused'}") from exc
 
 
 def _read_checkpoint(source: Path, args: argparse.Namespace) -> dict:

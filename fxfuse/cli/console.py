@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import sys
+import time
 from typing import Iterator
 
 from ..errors import ConfigError, one_line
@@ -20,12 +21,37 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports it
 MAP_SUFFIX = ".map.json"
 
 
+_CLOCK = [time.monotonic()]
+_DATA_OUT: list = []          # where emit() writes while stdout is redirected
+
+
+def start_clock() -> None:
+    """Elapsed times in progress lines count from now."""
+    _CLOCK[0] = time.monotonic()
+
+
 def progress(message: str) -> None:
-    """Say what is happening, on the real stderr and only when it is a terminal."""
+    """Say what is happening, on the real stderr and only when it is a terminal; logged
+    at INFO (``-v``) with the elapsed time."""
     console = sys.__stderr__
     if console is not None and console.isatty():
         print(f"fxfuse: {message}...", file=console, flush=True)
-    log.info(message)
+    log.info("%s (%.1fs)", message, time.monotonic() - _CLOCK[0])
+
+
+@contextlib.contextmanager
+def using_data_out(stream: object) -> Iterator[None]:
+    """Make :func:`emit` write to ``stream`` while the block runs."""
+    _DATA_OUT.append(stream)
+    try:
+        yield
+    finally:
+        _DATA_OUT.pop()
+
+
+def emit(text: str) -> None:
+    """Machine-readable output (JSON): on stdout even when the report is not."""
+    print(text, file=_DATA_OUT[-1] if _DATA_OUT else sys.stdout, flush=True)
 
 
 SIGNALLED: list[int] = []     # signals received by this process (not raised by user code)

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import importlib
 import importlib.util
+import json
 import logging
 import sys
 from dataclasses import dataclass
@@ -205,8 +206,28 @@ def _import(target: str) -> tuple[Any, Path | None]:
     return module, (Path(source).resolve() if source and Path(source).is_file() else None)
 
 
-def _build(spec: str, target: str, attr_path: str) -> tuple[nn.Module, Path | None]:
-    """Import ``target``, follow ``attr_path``, call it with no arguments."""
+def parse_model_kwargs(text: str | None) -> dict[str, Any]:
+    """The factory's keyword arguments from ``--model-kwargs`` JSON ({} when not given).
+
+    Raises:
+        ConfigError: not JSON, or not a JSON object.
+    """
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"--model-kwargs is not valid JSON ({exc}); write an object, e.g. "
+                          "'{\"rows\": 8, \"channels\": 16}'") from exc
+    if not isinstance(value, dict):
+        raise ConfigError(f"--model-kwargs must be a JSON object of keyword arguments, got "
+                          f"{type(value).__name__}; e.g. '{{\"rows\": 8}}'")
+    return value
+
+
+def _build(spec: str, target: str, attr_path: str,
+           kwargs: dict[str, Any] | None = None) -> tuple[nn.Module, Path | None]:
+    """Import ``target``, follow ``attr_path``, call it with ``kwargs`` (none by default)."""
     obj, source = _import(target)
     for part in attr_path.split("."):
         if not hasattr(obj, part):
@@ -219,10 +240,13 @@ def _build(spec: str, target: str, attr_path: str) -> tuple[nn.Module, Path | No
     parent = source.parent if source is not None else Path.cwd()
     try:
         with _on_sys_path(parent):
-            model = obj()
+            model = obj(**(kwargs or {}))
     except BaseException as exc:  # noqa: BLE001 - user code (asyncio.CancelledError too)
-        raise ConfigError(f"factory {spec!r} raised {first_line(exc)}; it is called with no "
-                          "arguments, so fix it or wrap it in one that needs none") from exc
+        given = (f"called with --model-kwargs {json.dumps(kwargs)}" if kwargs else
+                 "called with no arguments; give them with --model-kwargs "
+                 "'{\"name\": value}'")
+        raise ConfigError(f"factory {spec!r} raised {first_line(exc)}; it was {given}, or "
+                          "fix the factory") from exc
     if not isinstance(model, nn.Module):
         raise ConfigError(f"factory {spec!r} returned a {type(model).__name__}, not a "
                           "torch.nn.Module; make it return the model")
@@ -230,13 +254,15 @@ def _build(spec: str, target: str, attr_path: str) -> tuple[nn.Module, Path | No
 
 
 def _open_model(spec: str, allow_pickle: bool,
-                announce: Callable[[str], None] | None = None) -> tuple[nn.Module, str, list[Path], list[str]]:
+                announce: Callable[[str], None] | None = None,
+                kwargs: dict[str, Any] | None = None
+                ) -> tuple[nn.Module, str, list[Path], list[str]]:
     """Build or read the model named by ``spec``: (model, kind, files read, what ran)."""
     suffix = Path(spec).suffix.lower()
     is_file = suffix in PICKLE_SUFFIXES + (".pt2", ".safetensors") and Path(spec).is_file()
     factory = None if is_file else _split_factory(spec)   # a file named a:b.pt2 is a file
     if factory is not None:
-        model, source = _build(spec, *factory)
+        model, source = _build(spec, *factory, kwargs)
         return model, "factory", [source] if source is not None else [], []
     if suffix == ".pt2":
         path = existing_file(spec, "MODEL")
@@ -254,7 +280,8 @@ def _open_model(spec: str, allow_pickle: bool,
 def load_model(spec: str, *, weights: str | Path | None = None, allow_pickle: bool = False,
                device: str | torch.device = "cpu",
                dtype: str | torch.dtype | None = None,
-               announce: Callable[[str], None] | None = None) -> LoadedModel:
+               announce: Callable[[str], None] | None = None,
+               model_kwargs: dict[str, Any] | None = None) -> LoadedModel:
     """Load the model named by ``spec``, apply ``weights``, move it to ``device``/``dtype``.
 
     Args:
@@ -268,6 +295,7 @@ def load_model(spec: str, *, weights: str | Path | None = None, allow_pickle: bo
         dtype: floating dtype to cast to (name or ``torch.dtype``); None keeps it.
         announce: told, in one line, what a ``.pt2`` will unpickle or run before it does
             (only with ``allow_pickle``); default: a log warning.
+        model_kwargs: keyword arguments for a factory (``--model-kwargs``).
 
     Returns:
         A :class:`LoadedModel`.
@@ -277,7 +305,10 @@ def load_model(spec: str, *, weights: str | Path | None = None, allow_pickle: bo
     """
     dev = _parse_device(device)
     dt = parse_dtype(dtype) if dtype is not None else None
-    model, kind, paths, runs = _open_model(str(spec), allow_pickle, announce)
+    if model_kwargs and _split_factory(str(spec)) is None:
+        raise ConfigError(f"--model-kwargs applies to a factory (pkg.module:factory), not to "
+                          f"{str(spec)!r}; leave it out")
+    model, kind, paths, runs = _open_model(str(spec), allow_pickle, announce, model_kwargs)
     if weights is not None:
         wpath = existing_file(weights, "weights")
         apply_weights(model, wpath, allow_pickle)
