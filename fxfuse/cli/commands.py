@@ -241,13 +241,13 @@ def _check_direction(source: Path, wmap: WeightMap, state: dict, to: str) -> str
         return "layout"
     except ConfigError as exc:
         other = "fused" if to == "original" else "original"
-        try:
+        try:   # already in the layout asked for?
             wmap.check_original(state) if to == "original" else wmap.check_fused(state)
         except ConfigError:
             raise exc from None
-        raise ConfigError(f"{str(source)!r} is already in the {other} layout, so there is "
-                          f"nothing to convert with --to {to}; to convert it, use --to "
-                          f"{'original' if other == 'fused' else 'fused'}") from exc
+        raise ConfigError(f"{str(source)!r} is already in the {to} layout, so there is "
+                          f"nothing to convert with --to {to}; to convert it to the {other} "
+                          f"layout, use --to {other}") from exc
 
 
 def _read_checkpoint(source: Path, args: argparse.Namespace) -> dict:
