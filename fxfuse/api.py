@@ -85,6 +85,18 @@ class FuseResult:
             return text + "\n" + "\n".join(f"note: {n}" for n in self.notes)
         return text + "\n" + trace_table(self.trace_check)
 
+    def save(self, path: str, example_inputs: Sequence[Any] | None = None) -> Any:
+        """Write the fused model to ``path`` and its weight map to ``path.map.json``, as
+        ``fxfuse fuse -o`` does (``.pt2`` with a dynamic batch, ``.pt``/``.pth``
+        pickled, ``.safetensors`` weights; both files or neither).
+
+        Returns:
+            A ``SavedModel`` (see :func:`fxfuse.io.save_result.save_result`).
+        """
+        from .io.save_result import save_result
+        with running(None, "saving the model"):
+            return save_result(self, path, example_inputs)
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary."""
         v, t = self.verification, self.timing

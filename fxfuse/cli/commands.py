@@ -29,7 +29,7 @@ from .outputs import (check_out, check_report_path, describe_saved, output_paths
 from ..trace.tracing import trace_model
 from ..rewrite.weights import WeightMap
 
-WEIGHT_SUFFIXES = (".safetensors", ".pt")
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
 
 
 def _load(args: argparse.Namespace) -> tuple[LoadedModel, tuple[torch.Tensor, ...]]:
@@ -85,7 +85,20 @@ def fuse_command(args: argparse.Namespace) -> int:
         loaded, inputs = _load(args)
         check_out(out, loaded.paths)
         check_report_path(args.report_json, out, loaded.paths)
+        _check_pickle_out(args, loaded.model, out)
         return _run_fuse(args, loaded.model, inputs, out, report, outputs)
+
+
+def _check_pickle_out(args: argparse.Namespace, model: torch.nn.Module, out: Path) -> None:
+    """``-o x.pt``/``.pth`` is refused before any work when it cannot be written: a model
+    that does not pickle, or ``--tracer export`` (its graph holds local functions)."""
+    if out.suffix.lower() not in (".pt", ".pth"):
+        return
+    if args.tracer == "export":
+        raise ConfigError(f"cannot write {shown(out)} with --tracer export: a torch.export "
+                          "graph cannot be pickled; write .pt2 or .safetensors instead")
+    from ..io.save_result import check_picklable
+    check_picklable(model, out)
 
 
 def _run_fuse(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple, out: Path,
@@ -293,7 +306,7 @@ def _read_map(path: Path) -> tuple[WeightMap, str]:
 def _check_weights_out(out: str, inputs: list[Path]) -> Path:
     path = Path(out).expanduser().absolute()
     if path.suffix.lower() not in WEIGHT_SUFFIXES:
-        raise ConfigError(f"cannot write weights to {str(path)!r}: name it .safetensors or .pt")
+        raise ConfigError(f"cannot write weights to {str(path)!r}: name it .safetensors, .pt or .pth")
     return check_output_path(path, inputs)
 
 

@@ -15,7 +15,7 @@ from ..errors import ConfigError
 log = logging.getLogger("fxfuse")
 
 SAVE_FORMATS: dict[str, Literal["export", "pickle", "safetensors"]] = {
-    ".pt2": "export", ".pt": "pickle", ".safetensors": "safetensors"}
+    ".pt2": "export", ".pt": "pickle", ".pth": "pickle", ".safetensors": "safetensors"}
 
 
 def format_of(out: Path) -> Literal["export", "pickle", "safetensors"]:
@@ -23,7 +23,7 @@ def format_of(out: Path) -> Literal["export", "pickle", "safetensors"]:
     fmt = SAVE_FORMATS.get(out.suffix.lower())
     if fmt is None:
         raise ConfigError(f"cannot save to {str(out)!r}: unknown suffix {out.suffix!r}; use "
-                          ".pt2 (torch.export), .pt (pickled GraphModule) or .safetensors "
+                          ".pt2 (torch.export), .pt/.pth (pickled GraphModule) or .safetensors "
                           "(weights only)")
     return fmt
 
