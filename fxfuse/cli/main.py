@@ -224,9 +224,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     start_clock()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="fxfuse: %(message)s")
-    from . import commands
+    from . import commands, weights_cmd
     handler = {"inspect": commands.inspect, "fuse": commands.fuse_command,
-               "demo": commands.demo, "weights": commands.convert_weights}[args.command]
+               "demo": commands.demo, "weights": weights_cmd.convert_weights}[args.command]
     try:
         with _signals_interrupt(), _human_output(args), \
                 _quiet(not (args.debug or args.verbose)):

@@ -27,14 +27,10 @@ from torch import nn
 from .checkpoints import (MODEL_FORMS, PICKLE_SUFFIXES, apply_weights, existing_file,
                           first_line, load_export, load_pickle)
 from ..errors import ConfigError
+from .inputs import (_parse_device, parse_dtype, parse_input_shapes,  # noqa: F401
+                     parse_model_kwargs)
 
 log = logging.getLogger("fxfuse")
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float64": torch.float64, "fp64": torch.float64, "double": torch.float64}
-
 
 @dataclass(frozen=True)
 class LoadedModel:
@@ -54,85 +50,6 @@ class LoadedModel:
     kind: Literal["factory", "export", "pickle"]
     paths: tuple[Path, ...]
     runs: tuple[str, ...] = ()
-
-
-def parse_dtype(name: str | torch.dtype | None) -> torch.dtype:
-    """A floating dtype from its name (``float32``/``fp32``, ``float16``/``half``,
-    ``bfloat16``/``bf16``, ``float64``); None means float32.
-
-    Raises:
-        ConfigError: the name is not one of those.
-    """
-    if name is None:
-        return torch.float32
-    if isinstance(name, torch.dtype):
-        if not name.is_floating_point:
-            raise ConfigError(f"dtype {name} is not a floating type; use float32, float16 or bfloat16")
-        return name
-    key = str(name).strip().lower().removeprefix("torch.")
-    if key not in _DTYPES:
-        raise ConfigError(f"unknown dtype {name!r}; use float32 (fp32), float16 (half), "
-                          "bfloat16 (bf16) or float64")
-    return _DTYPES[key]
-
-
-def _parse_device(device: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as exc:
-        raise ConfigError(f"unknown device {device!r} ({first_line(exc)}); use cpu, cuda "
-                          "or cuda:N") from exc
-    if dev.type == "meta":
-        raise ConfigError("--device meta holds no data, so nothing can be verified or timed; "
-                          "use cpu, cuda or cuda:N")
-    return dev
-
-
-def parse_input_shapes(shapes: list[str], dtype: str | torch.dtype | None = None,
-                       device: str | torch.device = "cpu") -> tuple[torch.Tensor, ...]:
-    """One random tensor per ``--input-shape`` (``"32,15,10,100"`` or ``"32x15x10x100"``).
-
-    Values come from ``torch.randn`` with a ``torch.Generator`` seeded 0 (drawn in
-    float32 on the CPU, then cast and moved), so every run sees the same inputs.
-
-    Returns:
-        The tensors, in the order given.
-
-    Raises:
-        ConfigError: no shape, a non-integer or non-positive size, or a bad dtype/device.
-    """
-    if not shapes:
-        raise ConfigError("no --input-shape given; pass one per model input, e.g. "
-                          "--input-shape 32,15,10,100")
-    dt, dev = parse_dtype(dtype), _parse_device(device)
-    gen = torch.Generator().manual_seed(0)
-    out = []
-    for text in shapes:
-        size = _parse_shape(text)
-        try:
-            out.append(torch.randn(size, generator=gen).to(device=dev, dtype=dt))
-        except (RuntimeError, AssertionError, TypeError, OverflowError, MemoryError) as exc:
-            raise ConfigError(f"cannot make an input of shape {text!r} on {dev} ({first_line(exc)}); "
-                              "choose an available --device") from exc
-    return tuple(out)
-
-
-def _parse_shape(text: str) -> tuple[int, ...]:
-    parts = str(text).lower().replace("x", ",").split(",")
-    try:
-        size = tuple(int(p) for p in parts)
-    except ValueError:
-        raise ConfigError(f"bad --input-shape {text!r}; write whole sizes separated by ',' "
-                          "or 'x', e.g. 32,15,10,100") from None
-    if any(s <= 0 for s in size):
-        raise ConfigError(f"bad --input-shape {text!r}: every size must be at least 1")
-    total = 1
-    for s in size:
-        total *= s
-    if total >= 2 ** 63:
-        raise ConfigError(f"bad --input-shape {text!r}: {total} elements is beyond int64; "
-                          "give the sizes of one real input")
-    return size
 
 
 @contextlib.contextmanager
@@ -204,25 +121,6 @@ def _import(target: str) -> tuple[Any, Path | None]:
                           "in that module") from exc
     source = getattr(module, "__file__", None)
     return module, (Path(source).resolve() if source and Path(source).is_file() else None)
-
-
-def parse_model_kwargs(text: str | None) -> dict[str, Any]:
-    """The factory's keyword arguments from ``--model-kwargs`` JSON ({} when not given).
-
-    Raises:
-        ConfigError: not JSON, or not a JSON object.
-    """
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise ConfigError(f"--model-kwargs is not valid JSON ({exc}); write an object, e.g. "
-                          "'{\"rows\": 8, \"channels\": 16}'") from exc
-    if not isinstance(value, dict):
-        raise ConfigError(f"--model-kwargs must be a JSON object of keyword arguments, got "
-                          f"{type(value).__name__}; e.g. '{{\"rows\": 8}}'")
-    return value
 
 
 def _build(spec: str, target: str, attr_path: str,
