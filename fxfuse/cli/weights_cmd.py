@@ -62,9 +62,10 @@ def _check_direction(source: Path, wmap: WeightMap, state: dict, to: str) -> str
             wmap.check_original(state) if to == "original" else wmap.check_fused(state)
         except ConfigError:
             raise exc from None
+        why = str(exc).splitlines()[0][:160]
         raise ConfigError(f"{str(source)!r} is already in the {to} layout, so there is "
-                          f"nothing to convert with --to {to}; to convert it to the {other} "
-                          f"layout, use --to {other}") from exc
+                          f"nothing to convert with --to {to} ({why}); to convert it to the "
+                          f"{other} layout, use --to {other}") from exc
 
 
 def _read_checkpoint(source: Path, args: argparse.Namespace) -> dict:
@@ -110,7 +111,7 @@ def _read_map(path: Path) -> tuple[WeightMap, str]:
 def _check_weights_out(out: str, inputs: list[Path]) -> Path:
     path = Path(out).expanduser().absolute()
     if path.suffix.lower() not in WEIGHT_SUFFIXES:
-        raise ConfigError(f"cannot write weights to {str(path)!r}: name it .safetensors, .pt or .pth")
+        raise ConfigError(f"cannot write weights to {str(path)!r}: name it .safetensors or .pt (or .pth)")
     return check_output_path(path, inputs)
 
 
