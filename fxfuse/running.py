@@ -80,7 +80,10 @@ def running(model: Any, doing: str = "fusing the model") -> Iterator[tuple[str, 
     """The context of one fxfuse call on ``model``; yields notes for the result."""
     from .trace.sharing import sharing_note, shared_on_copy, uncopyable_attributes
     with PIPELINE, torch_warnings_muted():
-        found = uncopyable_attributes(model) if model is not None else []
+        try:
+            found = uncopyable_attributes(model) if model is not None else []
+        except RecursionError:   # nested too deeply: the copy itself says so, in one line
+            found = []
         types = {t for _, _, kinds in found for t in kinds}
         try:
             with shared_on_copy(types):
