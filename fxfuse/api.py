@@ -11,7 +11,9 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from .check.bench import BenchResult, benchmark_models
+from .running import quiet_import, running
+quiet_import("torch.utils.benchmark")   # some torch builds print when it is first imported
+from .check.bench import BenchResult, benchmark_models  # noqa: E402
 from .config import FuseConfig, merge_config
 from .errors import ConfigError
 from .check.decisions import Decisions
@@ -89,6 +91,18 @@ class FuseResult:
             return text + "\n" + "\n".join(f"note: {n}" for n in self.notes)
         return text + "\n" + trace_table(self.trace_check)
 
+    def save(self, path: str, example_inputs: Sequence[Any] | None = None) -> Any:
+        """Write the fused model to ``path`` and its weight map to ``path.map.json``, as
+        ``fxfuse fuse -o`` does (``.pt2`` with a dynamic batch, ``.pt``/``.pth``
+        pickled, ``.safetensors`` weights; both files or neither).
+
+        Returns:
+            A ``SavedModel`` (see :func:`fxfuse.io.save_result.save_result`).
+        """
+        from .io.save_result import save_result
+        with running(None, "saving the model"):
+            return save_result(self, path, example_inputs)
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary."""
         v, t = self.verification, self.timing
@@ -155,14 +169,15 @@ def fuse(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs, alias_notes = _example_inputs(example_inputs)
-    if cfg.inplace:
-        saved = _snapshot(model)
-        try:
-            return _fuse(model, inputs, cfg, alias_notes)
-        except BaseException:
-            _restore(saved)
-            raise
-    return _fuse(model, inputs, cfg, alias_notes)
+    with running(model) as shared_notes:   # warnings muted, locks shared, OOM named
+        if cfg.inplace:
+            saved = _snapshot(model)
+            try:
+                return _fuse(model, inputs, cfg, alias_notes + shared_notes)
+            except BaseException:
+                _restore(saved)
+                raise
+        return _fuse(model, inputs, cfg, alias_notes + shared_notes)
 
 
 def _example_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], tuple[str, ...]]:

@@ -28,6 +28,10 @@ class InternalError(FxFuseError):
     The command line reports it as an internal error (exit 3)."""
 
 
+class ResourceError(FxFuseError):
+    """A resource ran out (memory, say); the message names which and how much was asked."""
+
+
 class VerificationError(FxFuseError):
     """The rewritten model's numbers differ from the original's; the rewrite is refused.
 

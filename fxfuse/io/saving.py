@@ -107,6 +107,14 @@ def _export(gm: torch.nn.Module, inputs: tuple[Any, ...]) -> torch.export.Export
                          "save as .pt or .safetensors instead") from exc
 
 
+def _without_provenance(program: torch.export.ExportedProgram) -> None:
+    """Drop each node's ``from_node`` provenance (it names graphs by their ``id()``, so
+    the same fuse would write other bytes each run; loading does not need it)."""
+    for module in program.graph_module.modules():
+        for node in getattr(getattr(module, "graph", None), "nodes", ()):
+            node.meta.pop("from_node", None)
+
+
 def _as_text(extra_files: Mapping[str, bytes | str] | None) -> dict[str, str] | None:
     if not extra_files:
         return None
@@ -196,6 +204,7 @@ def render_model(gm: fx.GraphModule | torch.nn.Module, out: str | Path,
             program.example_inputs = None  # user data must not end up in the file
         except (AttributeError, TypeError, ValueError):  # older torch: no setter
             program._example_inputs = None
+        _without_provenance(program)   # the same fuse writes the same bytes
         torch.export.save(program, buffer, extra_files=texts)
         return buffer.getvalue(), SavedModel(out, fmt, _has_dynamic_batch(program), program)
     if fmt == "safetensors":

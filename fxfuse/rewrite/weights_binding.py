@@ -147,7 +147,7 @@ def fused_hash(wmap: "WeightMap", state_dict: Mapping[str, Any]) -> str:
     for e in wmap.entries:
         t = state_dict[e.fused_key].detach().cpu().contiguous()
         digest.update(json.dumps([e.fused_key, _meta(t)]).encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
 
