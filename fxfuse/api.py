@@ -15,7 +15,7 @@ from .running import quiet_import, running
 quiet_import("torch.utils.benchmark")   # some torch builds print when it is first imported
 from .check.bench import BenchResult, benchmark_models  # noqa: E402
 from .config import FuseConfig, merge_config
-from .errors import ConfigError
+from .errors import ConfigError, VerificationError
 from .check.decisions import Decisions
 from .check.report import format_report, slower_warning
 from .match.sites import RowSite
@@ -236,8 +236,15 @@ def _fuse(model: torch.nn.Module, inputs: tuple[Any, ...], cfg: FuseConfig,
         trace_check = _check_trace(model, gm, inputs, notes, cfg)
     verification = None
     if cfg.verify and any(s.fused for s in sites):
-        verification = verify_models(reference, gm, inputs, weight_map=wmap,
-                                     check_grads=cfg.check_grads, rtol=cfg.rtol, atol=cfg.atol)
+        try:
+            verification = _verify(reference, gm, inputs, wmap, cfg)
+        except VerificationError as exc:
+            if not any(s.fused and s.loop_kind == "rows" for s in sites):
+                raise
+            gm, sites, wmap = _without_vectorised(work, inputs, cfg, decisions, sites, exc)
+            wmap = renames + getattr(gm, RENAMES_KEY, WeightMap()) + wmap
+            verification = _verify(reference, gm, inputs, wmap, cfg) \
+                if any(s.fused for s in sites) else None
     # Timing runs the models many times; copies keep their buffers (BatchNorm statistics
     # in train mode) as they were.
     timing = benchmark_models(copy.deepcopy(reference), copy.deepcopy(gm), inputs,
@@ -247,6 +254,31 @@ def _fuse(model: torch.nn.Module, inputs: tuple[Any, ...], cfg: FuseConfig,
     return FuseResult(gm, sites, wmap, verification, timing, code_before,
                       getattr(gm, TRACER_KEY, "symbolic"), trace_check, tuple(notes),
                       decisions.to_dict())
+
+
+def _verify(reference: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],
+            wmap: WeightMap, cfg: FuseConfig) -> VerifyReport:
+    return verify_models(reference, gm, inputs, weight_map=wmap, check_grads=cfg.check_grads,
+                         rtol=cfg.rtol, atol=cfg.atol)
+
+
+def _without_vectorised(work: torch.nn.Module, inputs: tuple[Any, ...], cfg: FuseConfig,
+                        decisions: Decisions, sites: tuple[RowSite, ...],
+                        exc: VerificationError):
+    """The pass again without the vectorised loops, whose numbers verification refused
+    (a float64 buffer fed by float32 rows, say): the kinds' rewrites are kept, and each
+    vectorised loop is reported kept, with the reason."""
+    log.warning("verification refused the vectorised loops (%s); fusing without them", exc)
+    gm = trace_model(work, inputs, concrete_args=cfg.concrete_args, tracer=cfg.tracer)
+    result = run_pass(gm, inputs, cfg, decisions=decisions, structural=False)
+    note = f"vectorised, but verification refused the result ({exc}); kept as a loop"
+    reverted = {s.combine: s for s in sites if s.fused and s.loop_kind == "rows"}
+    again = tuple(dataclasses.replace(s, notes=s.notes + (note,)) if s.combine in reverted
+                  else s for s in result.sites)
+    known = {s.combine for s in again}
+    kept = tuple(dataclasses.replace(s, lowering="loop", notes=s.notes + (note,))
+                 for c, s in reverted.items() if c not in known)
+    return gm, again + kept, result.weight_map
 
 
 def _check_trace(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],

@@ -21,7 +21,7 @@ from ..errors import RewriteError
 from ..match.find import find_row_sites
 from ..match.siblings import with_siblings
 from ..match.sites import RowSite
-from ..rewrite.rewriter import finalize_graph
+from ..rewrite.rewriter import INSERTED_KEY, finalize_graph
 from ..rewrite.weights import WeightMap
 from ..trace.export import fix_mode
 from ..structural.extract import CannotCut
@@ -54,7 +54,7 @@ def find_sites(gm: fx.GraphModule, inputs: tuple[Any, ...], config: FuseConfig
 
 
 def run_pass(gm: fx.GraphModule, inputs: tuple[Any, ...], config: FuseConfig, *,
-             decisions: Decisions | None = None) -> PassResult:
+             decisions: Decisions | None = None, structural: bool = True) -> PassResult:
     """Rewrite ``gm`` in place (see the module docstring).
 
     Args:
@@ -62,6 +62,7 @@ def run_pass(gm: fx.GraphModule, inputs: tuple[Any, ...], config: FuseConfig, *,
         inputs: the example inputs it was traced with.
         config: the options (``lowering``, ``min_rows``, ``auto_rounds``).
         decisions: ``auto``'s recorded decisions to reuse (new ones are added).
+        structural: also vectorise loops of identical rows (after the kinds).
     """
     kinds: tuple[RowSite, ...] = ()
     wmap = WeightMap()
@@ -71,7 +72,9 @@ def run_pass(gm: fx.GraphModule, inputs: tuple[Any, ...], config: FuseConfig, *,
         kinds, wmap = apply_sites(gm, found, config.lowering, auto_rounds=config.auto_rounds,
                                   decisions=decisions)
     fusion = RowsByStructure()
-    rows = fusion.find(gm, Context(config, inputs), first=len(kinds))
+    claimed = frozenset(n for n in gm.graph.nodes if INSERTED_KEY in n.meta)  # the kinds' own
+    rows = fusion.find(gm, Context(config, inputs, claimed), first=len(kinds)) \
+        if structural else []
     done, fixed = [], set()
     for found in rows:
         site = _mode_refusal(found, config)
@@ -134,7 +137,7 @@ def _timed(gm: fx.GraphModule, fusion: RowsByStructure, found: Found,
 
 def _merged(kinds: tuple[RowSite, ...], rows: list[RowSite]) -> tuple[RowSite, ...]:
     """The kinds' sites and the structural ones, a loop both found reported once: the
-    structural record where it fused the loop or covers every row the kinds refused,
+    structural record where it fused the loop, or covers every row the kinds refused;
     else the kinds' record (both when the kinds' reason explains rows left over)."""
     by_join = {s.combine: s for s in rows}
     kept, dropped = [], set()
@@ -142,10 +145,11 @@ def _merged(kinds: tuple[RowSite, ...], rows: list[RowSite]) -> tuple[RowSite, .
         r = by_join.get(k.combine)
         if r is None or k.fused:
             kept.append(k)
-        elif r.fused or (not k.fusable and r.fusable and r.rows >= k.rows):
             continue
-        else:
-            kept.append(k)
-            if k.fusable or not r.fusable:
-                dropped.add(r.combine)
+        covers = set(k.convs) <= set(r.convs)
+        if r.fused and covers or (not k.fusable and r.fusable and covers):
+            continue
+        kept.append(k)
+        if (k.fusable and not r.fused) or not r.fusable:
+            dropped.add(r.combine)
     return tuple(kept) + tuple(s for s in rows if s.combine not in dropped)

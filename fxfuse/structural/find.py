@@ -53,13 +53,13 @@ def find_loops(gm: fx.GraphModule, inputs: tuple[Any, ...], claimed: set[fx.Node
     loops: list[Loop] = []
     taken = set(claimed)
     for join, split, rows in _candidates(gm, order, deps, min_rows):
+        if not rows:
+            i, j = split.carried[0]
+            loops.append(Loop(join, None, f"loop-carried: row {i} reads row {j}'s result "
+                                          f"(`{split.outputs[j].name}`)"))
+            continue
         body_nodes = {n for r in rows for n in split.bodies[r]}
         if body_nodes & taken:
-            continue
-        carried = [(i, j) for i, j in split.carried if i in rows]
-        if carried:
-            i, j = carried[0]
-            loops.append(Loop(join, None, f"loop-carried: row {i} reads row {j}'s result"))
             continue
         try:
             plan = plan_rows(split, rows, gm)
@@ -76,14 +76,26 @@ def find_loops(gm: fx.GraphModule, inputs: tuple[Any, ...], claimed: set[fx.Node
 def _candidates(gm: fx.GraphModule, order, deps, min_rows: int):
     """(join, split, rows) for each class of identical rows that run a layer, the
     largest first."""
-    found, writes = [], writers(gm)
+    found, carried, writes = [], [], writers(gm)
     for join in find_joins(gm, min_rows):
         split = split_rows(list(join.tensors), order, deps, writes)
-        for rows in group_rows(split, gm, min_rows):
-            if has_parameters(split.bodies[rows[0]]):
-                found.append((join, split, rows))
+        classes = [r for r in group_rows(split, gm, min_rows) if has_parameters(split.bodies[r[0]])]
+        found += [(join, split, rows) for rows in classes]
+        if not classes and join.kind in ("cat", "stack", "buffer") and \
+                _carried_loop(split, min_rows):
+            carried.append((join, split, []))
     found.sort(key=lambda c: -sum(len(c[1].bodies[r]) for r in c[2]))
-    return found
+    return found + carried
+
+
+def _carried_loop(split, min_rows: int) -> bool:
+    """The joined tensors are a chain of layers, each reading the one before: a
+    recurrence (``h = f_i(h)``), not rows."""
+    feeders = {j for _, j in split.carried
+               if split.outputs[j].op not in ("placeholder", "get_attr")}
+    layered = any(n.op in ("call_module", "get_attr") for b in split.bodies for n in b)
+    rows = len(split.outputs)
+    return rows >= max(3, min_rows) and len(feeders) == rows - 1 and layered
 
 
 def _tensors_of(gm: fx.GraphModule, node: fx.Node) -> dict[int, str]:
