@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # for type checkers; at run time each name loads on first use
     from .match.find import find_row_sites
     from .match.sites import ConvSpec, InputPlan, OutputPlan, RowSite
     from .rewrite.rewriter import rewrite_site
-    from .rewrite.weights import WeightEntry, WeightMap
+    from .weightmap import WeightEntry, WeightMap
     from .trace.tracing import trace_model
 
 from .errors import (ConfigError, FxFuseError, InternalError, ResourceError, RewriteError,
@@ -55,7 +55,7 @@ _LAZY = {
     **dict.fromkeys(("ConvSpec", "InputPlan", "OutputPlan", "RowSite"), "fxfuse.match.sites"),
     "trace_model": "fxfuse.trace.tracing",
     **dict.fromkeys(("VerifyReport", "verify_models"), "fxfuse.check.verify"),
-    **dict.fromkeys(("WeightEntry", "WeightMap"), "fxfuse.rewrite.weights"),
+    **dict.fromkeys(("WeightEntry", "WeightMap"), "fxfuse.weightmap"),
     "export_onnx": "fxfuse.deploy.onnx", "backend": "fxfuse.deploy.backend",
 }
 

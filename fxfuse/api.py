@@ -26,7 +26,7 @@ from .trace.prepare import copy_model, weight_norm_modules
 from .trace.tracing import NOTES_KEY, TRACER_KEY, alias_note, distinct_inputs, trace_model, trace_general
 from .check.fidelity import TraceCheck, check_trace, trace_table
 from .check.verify import VerifyReport, verify_models
-from .rewrite.weights import WeightMap
+from .weightmap import WeightMap
 
 log = logging.getLogger("fxfuse")
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxfuse
-from fxfuse.rewrite.weights import WeightMap
+from fxfuse.weightmap import WeightMap
 from fxfuse.errors import ConfigError
 from fxfuse.match.kinds.rawparam import attr_row
 from helpers import rewrites_win

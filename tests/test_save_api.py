@@ -11,7 +11,7 @@ import torch
 
 import fxfuse
 from cli_support import FAST, SHAPE, assert_error, project, user_code  # noqa: F401
-from fxfuse.rewrite.weights import WeightMap
+from fxfuse.weightmap import WeightMap
 from trust_support import run_inprocess
 from zoo.heads import HeadsIntoBuffer
 from zoo.towers import Tower

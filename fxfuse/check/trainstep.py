@@ -10,7 +10,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..errors import VerificationError
-from ..rewrite.weights import WeightMap
+from ..weightmap import WeightMap
 from .compare import Check, compare, leaves as _leaves
 from .precision import PrecisionMode
 

@@ -19,7 +19,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..errors import VerificationError
-from ..rewrite.weights import WeightMap
+from ..weightmap import WeightMap
 from . import precision as _precision
 from .compare import (FLOOR_ROUNDOFFS, MODE_FACTOR, Check, compare, judge_in_mode,
                       leaves as _leaves, tolerances)

@@ -14,7 +14,7 @@ from ..io.checkpoints import existing_file, first_line, read_weights
 from ..io.maps import map_from_metadata, map_metadata, read_map_text
 from ..io.transaction import OutputSet
 from ..io.writing import check_output_path
-from ..rewrite.weights import WeightMap
+from ..weightmap import WeightMap
 from .console import EXIT_OK, shown, warn
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")

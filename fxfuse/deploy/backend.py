@@ -40,7 +40,7 @@ from ..config import FuseConfig
 from ..passes.driver import run_pass
 from ..match.kinds.conv import conv_call
 from ..match.sites import RowSite
-from ..rewrite.weights import WeightMap
+from ..weightmap import WeightMap
 from ..trace.tracing import _RecordingShapeProp
 from .spelling import respell_for_matching
 

@@ -22,7 +22,7 @@ from ..match.find import find_row_sites
 from ..match.siblings import with_siblings
 from ..match.sites import RowSite
 from ..rewrite.rewriter import INSERTED_KEY, finalize_graph
-from ..rewrite.weights import WeightMap
+from ..weightmap import WeightMap
 from ..trace.export import fix_mode
 from ..structural.extract import CannotCut
 from ..structural.fusion import RowsByStructure

@@ -13,7 +13,7 @@ from torch import fx
 
 from ..config import FuseConfig
 from ..match.sites import RowSite
-from ..rewrite.weights import WeightMap
+from ..weightmap import WeightMap
 
 
 @dataclass

@@ -16,7 +16,7 @@ from ..rewrite.copies import drop_needless_copies, restore_output_layout
 from ..rewrite.rewriter import LOWERINGS, finalize_graph, lowerings_for, rewrite_site
 from ..rewrite.siblings import rewrite_siblings
 from ..rewrite.simplify import simplify_layout
-from ..rewrite.weights import WeightMap
+from ..weightmap import WeightMap
 
 
 def apply_sites(gm: fx.GraphModule, sites: Sequence[RowSite],

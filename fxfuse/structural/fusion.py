@@ -8,7 +8,7 @@ from torch import fx
 
 from ..match.sites import RowMatch, RowSite
 from ..passes.fusion import Context, Found
-from ..rewrite.weights import WeightMap
+from ..weightmap import WeightMap
 from .extract import candidates
 from .find import Loop, find_loops
 from .rewrite import rewrite_loop

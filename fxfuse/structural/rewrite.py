@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from ..rewrite.weights import WeightEntry, WeightMap
+from ..weightmap import WeightEntry, WeightMap
 from .find import Loop
 from .joins import restore_joins
 from .splice import attr_name, holder_module, repair_order, splice
