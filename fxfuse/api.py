@@ -236,15 +236,8 @@ def _fuse(model: torch.nn.Module, inputs: tuple[Any, ...], cfg: FuseConfig,
         trace_check = _check_trace(model, gm, inputs, notes, cfg)
     verification = None
     if cfg.verify and any(s.fused for s in sites):
-        try:
-            verification = _verify(reference, gm, inputs, wmap, cfg)
-        except VerificationError as exc:
-            if not any(s.fused and s.loop_kind == "rows" for s in sites):
-                raise
-            gm, sites, wmap = _without_vectorised(work, inputs, cfg, decisions, sites, exc)
-            wmap = renames + getattr(gm, RENAMES_KEY, WeightMap()) + wmap
-            verification = _verify(reference, gm, inputs, wmap, cfg) \
-                if any(s.fused for s in sites) else None
+        gm, sites, wmap, verification = _verified(reference, work, gm, inputs, cfg,
+                                                  decisions, sites, wmap, renames)
     # Timing runs the models many times; copies keep their buffers (BatchNorm statistics
     # in train mode) as they were.
     timing = benchmark_models(copy.deepcopy(reference), copy.deepcopy(gm), inputs,
@@ -254,6 +247,23 @@ def _fuse(model: torch.nn.Module, inputs: tuple[Any, ...], cfg: FuseConfig,
     return FuseResult(gm, sites, wmap, verification, timing, code_before,
                       getattr(gm, TRACER_KEY, "symbolic"), trace_check, tuple(notes),
                       decisions.to_dict())
+
+
+def _verified(reference: torch.nn.Module, work: torch.nn.Module, gm: fx.GraphModule,
+              inputs: tuple[Any, ...], cfg: FuseConfig, decisions: Decisions,
+              sites: tuple[RowSite, ...], wmap: WeightMap, renames: WeightMap):
+    """Verify; when the vectorised loops are what verification refuses, fuse without
+    them and verify that (a refusal of the kinds' rewrites raises as before)."""
+    try:
+        return gm, sites, wmap, _verify(reference, gm, inputs, wmap, cfg)
+    except VerificationError as exc:
+        if not any(s.fused and s.loop_kind == "rows" for s in sites):
+            raise
+        gm, sites, wmap = _without_vectorised(work, inputs, cfg, decisions, sites, exc)
+    wmap = renames + getattr(gm, RENAMES_KEY, WeightMap()) + wmap
+    verification = _verify(reference, gm, inputs, wmap, cfg) \
+        if any(s.fused for s in sites) else None
+    return gm, sites, wmap, verification
 
 
 def _verify(reference: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],

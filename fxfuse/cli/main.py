@@ -64,15 +64,22 @@ def _absolute_paths(args: argparse.Namespace) -> None:
             SHOWN[full] = value
             setattr(args, name, full)
     model = getattr(args, "model", None)
-    if isinstance(model, str) and model and os.path.isfile(os.path.expanduser(model)):
-        args.model = os.path.abspath(os.path.expanduser(model))  # a file, even with a ':'
-    elif isinstance(model, str) and model:
-        left, sep, right = model.rpartition(":")
-        if sep and left and (left.endswith(".py") or "/" in left or os.sep in left):
-            args.model = f"{os.path.abspath(os.path.expanduser(left))}:{right}"
-        elif not sep and Path(model).suffix.lower() in (".pt2", ".pt", ".pth", ".bin",
-                                                          ".safetensors", ".py"):
-            args.model = os.path.abspath(os.path.expanduser(model))
+    if isinstance(model, str) and model:
+        args.model = _absolute_model(model)
+
+
+def _absolute_model(model: str) -> str:
+    """MODEL made absolute where it names a file: a file even with a ':' in its name,
+    ``path/file.py:factory``, or a bare model file; ``module:factory`` as it is."""
+    if os.path.isfile(os.path.expanduser(model)):
+        return os.path.abspath(os.path.expanduser(model))
+    left, sep, right = model.rpartition(":")
+    if sep and left and (left.endswith(".py") or "/" in left or os.sep in left):
+        return f"{os.path.abspath(os.path.expanduser(left))}:{right}"
+    if not sep and Path(model).suffix.lower() in (".pt2", ".pt", ".pth", ".bin",
+                                                  ".safetensors", ".py"):
+        return os.path.abspath(os.path.expanduser(model))
+    return model
 
 
 def _positive_int(text: str) -> int:
@@ -253,20 +260,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = exc.filename if exc.filename is not None else "a file"
         return _fail(args, os_problem(exc, Path(str(where)), "use"),
                      EXIT_USAGE)
-    except RecursionError as exc:
-        return _fail(args, ConfigError("RecursionError: the model is nested too deeply for "
-                                       "Python's recursion limit; flatten its module tree"),
-                     EXIT_USAGE)
     except Exception as exc:  # noqa: BLE001 - the CLI never shows a raw traceback by default
-        from ..running import resource_problem
-        problem = resource_problem(exc, f"running 'fxfuse {args.command}'")
-        if problem is not None:
-            return _fail(args, problem, EXIT_USAGE)
-        return _fail(args, exc, EXIT_INTERNAL, internal=True)
+        return _unexpected(args, exc)
     except (SystemExit, GeneratorExit):
         raise
     except BaseException as exc:  # noqa: BLE001 - asyncio.CancelledError and the like
         return _fail(args, exc, EXIT_INTERNAL, internal=True)
+
+
+def _unexpected(args: argparse.Namespace, exc: Exception) -> int:
+    """An exception no fxfuse error class names: too deep a model and running out of
+    memory are the user's to fix (exit 2); anything else is a bug (exit 3)."""
+    if isinstance(exc, RecursionError):
+        return _fail(args, ConfigError("RecursionError: the model is nested too deeply for "
+                                       "Python's recursion limit; flatten its module tree"),
+                     EXIT_USAGE)
+    from ..running import resource_problem
+    problem = resource_problem(exc, f"running 'fxfuse {args.command}'")
+    if problem is not None:
+        return _fail(args, problem, EXIT_USAGE)
+    return _fail(args, exc, EXIT_INTERNAL, internal=True)
 
 
 def _fail(args: argparse.Namespace, exc: BaseException, code: int, internal: bool = False) -> int:

@@ -144,27 +144,26 @@ def _vectorise_all(gm: fx.GraphModule, inputs: tuple[Any, ...], loops: list[Loop
     if not loops:
         return
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    wanted = set(placeholders)
-    for lp in loops:
-        for slot in lp.plan.inputs:
-            for node in slot:
-                wanted.add(node)
-                wanted.update(node.all_input_nodes)
-                for dep in node.all_input_nodes:
-                    wanted.update(dep.all_input_nodes)
-                    wanted.add(dep)
-        wanted.update(n for b in lp.plan.bodies for p in lp.plan.leaks for n in [b[p]])
-        for readers in lp.plan.readers:
-            for node in readers:
-                wanted.add(node)
-                wanted.update(node.all_input_nodes)
-    values = probe(gm, inputs, wanted)
+    values = probe(gm, inputs, set(placeholders).union(*(_wanted(lp.plan) for lp in loops)))
     for lp in loops:
         try:
             _vectorise(gm, lp, values, placeholders)
         except Refused as exc:
             lp.reason = str(exc)
         log.info("rows at %s: %s", lp.join.node.name, lp.reason or "vectorised")
+
+
+def _wanted(plan: RowPlan) -> set[fx.Node]:
+    """The values a plan needs recorded: what the rows read (and what those read, two
+    steps up, for the probes of the reads), the readers and the leaked values."""
+    wanted: set[fx.Node] = set()
+    for node in [n for slot in plan.inputs for n in slot] + [n for r in plan.readers for n in r]:
+        wanted.add(node)
+        for dep in node.all_input_nodes:
+            wanted.add(dep)
+            wanted.update(dep.all_input_nodes)
+    wanted.update(b[p] for b in plan.bodies for p in plan.leaks)
+    return wanted
 
 
 def _batch_source(values: Probe, placeholders: list[fx.Node]) -> fx.Node | None:
@@ -184,22 +183,9 @@ def _vectorise(gm: fx.GraphModule, lp: Loop, values: Probe, placeholders) -> Non
     runs = [values.first] + ([values.second] if values.second else [])
     examples: list[dict[int, Any]] = [{} for _ in runs]
     for slot, nodes in enumerate(plan.inputs):
-        for k, run in enumerate(runs):
-            if nodes[0] not in run:
-                raise Refused(f"`{nodes[0].name}` did not run on the example inputs")
-        if plan.shared(slot):
-            if isinstance(runs[0][nodes[0]], TensorLike):
-                operands.append(Operand("shared", slot=slot))
-            for k, run in enumerate(runs):
-                examples[k][slot] = run[nodes[0]]
-            continue
-        if not all(isinstance(runs[0][n], TensorLike) for n in nodes):
-            raise Refused(f"rows read different non-tensor values (`{nodes[0].name}`, ...)")
-        read = plan_read(nodes, values.first)
-        lp.reads[slot] = read
-        operands.append(Operand("rows", slot=slot, in_dim=read.in_dim))
-        for k, run in enumerate(runs):
-            examples[k][slot] = example_of(read, run)
+        operand = _slot(lp, slot, nodes, runs, examples)
+        if operand is not None:
+            operands.append(operand)
     lp.batch_source = _batch_source(values, placeholders)
     if len(runs) == 2 and lp.batch_source is None:
         runs, examples = runs[:1], examples[:1]
@@ -212,6 +198,25 @@ def _vectorise(gm: fx.GraphModule, lp: Loop, values: Probe, placeholders) -> Non
     lp.row = row
     lp.values = values.first
     lp.row_ndims = tuple(len(values.first[plan.bodies[0][p]].shape) for p in plan.leaks)
+
+
+def _slot(lp: Loop, slot: int, nodes: tuple[fx.Node, ...], runs: list[dict],
+          examples: list[dict[int, Any]]) -> Operand | None:
+    """Input ``slot``'s operand (``None`` for a shared number, passed as a constant),
+    with its example value at each batch size filled into ``examples``."""
+    if any(nodes[0] not in run for run in runs):
+        raise Refused(f"`{nodes[0].name}` did not run on the example inputs")
+    if lp.plan.shared(slot):
+        for k, run in enumerate(runs):
+            examples[k][slot] = run[nodes[0]]
+        return Operand("shared", slot=slot) if isinstance(runs[0][nodes[0]], TensorLike) else None
+    if not all(isinstance(runs[0][n], TensorLike) for n in nodes):
+        raise Refused(f"rows read different non-tensor values (`{nodes[0].name}`, ...)")
+    read = plan_read(nodes, runs[0])
+    lp.reads[slot] = read
+    for k, run in enumerate(runs):
+        examples[k][slot] = example_of(read, run)
+    return Operand("rows", slot=slot, in_dim=read.in_dim)
 
 
 def _mode_dependent(row: RowFunction, operands, example, weights, body: Body) -> bool:

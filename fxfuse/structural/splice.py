@@ -145,17 +145,24 @@ def _place(gm: fx.GraphModule, block: list[fx.Node]) -> None:
     if not users:
         return
     first = min(users, key=order.__getitem__)
-    needed, stack = set(), list(block)
-    while stack:
-        for dep in stack.pop().all_input_nodes:
-            if dep not in inside and dep not in needed and order[dep] > order[first]:
-                needed.add(dep)
-                stack.append(dep)
+    needed = _needed_after(block, first, order)
     if any(mutated_input(n, gm) is not None or n.op in ("placeholder", "output")
            or n.is_impure() for n in needed):
         return
     for node in sorted(needed, key=order.__getitem__) + block:
         first.prepend(node)
+
+
+def _needed_after(block: list[fx.Node], first: fx.Node, order: dict[fx.Node, int]
+                  ) -> set[fx.Node]:
+    """The old nodes the block needs that come after ``first``."""
+    inside, needed, stack = set(block), set(), list(block)
+    while stack:
+        for dep in stack.pop().all_input_nodes:
+            if dep not in inside and dep not in needed and order[dep] > order[first]:
+                needed.add(dep)
+                stack.append(dep)
+    return needed
 
 
 def repair_order(graph: fx.Graph) -> None:
