@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import fx
 
 from ..check.decide import Choice, choose_among, untimed
@@ -22,7 +23,7 @@ from ..match.find import find_row_sites
 from ..match.siblings import with_siblings
 from ..match.sites import RowSite
 from ..rewrite.rewriter import INSERTED_KEY, finalize_graph
-from ..weightmap import WeightMap
+from ..weightmap import WeightEntry, WeightMap
 from ..trace.export import fix_mode
 from ..structural.extract import CannotCut
 from ..structural.fusion import RowsByStructure
@@ -65,7 +66,7 @@ def run_pass(gm: fx.GraphModule, inputs: tuple[Any, ...], config: FuseConfig, *,
         structural: also vectorise loops of identical rows (after the kinds).
     """
     kinds: tuple[RowSite, ...] = ()
-    wmap = WeightMap()
+    wmap, before = WeightMap(), _state(gm)
     if config.lowering != "vmap":
         found = with_siblings(gm, find_row_sites(gm, min_rows=config.min_rows),
                               min_rows=config.min_rows)
@@ -86,11 +87,42 @@ def run_pass(gm: fx.GraphModule, inputs: tuple[Any, ...], config: FuseConfig, *,
                 wmap = wmap + fusion.rewrite(gm, found, choice.lowering)
                 fixed.add(found.plan.fixed_mode)
         done.append(site)
-    finalize_graph(gm)
+    wmap = wmap + _finalize_keeping_tensors(gm, before, wmap)
     for mode in fixed - {""}:
         fix_mode(gm, mode == "train")
     sites = _merged(kinds, done)
     return PassResult(sites, wmap, any(s.fused for s in sites))
+
+
+KEPT = "fxfuse_kept"
+
+
+def _state(gm: fx.GraphModule) -> dict[str, Any]:
+    return dict(gm.state_dict(keep_vars=True))
+
+
+def _finalize_keeping_tensors(gm: fx.GraphModule, before: dict[str, Any],
+                              wmap: WeightMap) -> WeightMap:
+    """Lint, recompile, drop unused submodules; a tensor of the model that nothing maps
+    and nothing reads any more (an unread batch counter of a fused row, say) is moved to
+    a ``fxfuse_kept`` submodule rather than lost. Returns the map entries of those."""
+    finalize_graph(gm)
+    mapped = {p for e in wmap.entries for p in e.parts}
+    lost = [k for k in before if k not in _state(gm) and k not in mapped]
+    if not lost:
+        return WeightMap()
+    holder = getattr(gm, KEPT, None) or torch.nn.Module()
+    entries = []
+    for key in lost:
+        name = f"t{len(holder.state_dict())}"
+        value = before[key]
+        if isinstance(value, torch.nn.Parameter):
+            holder.register_parameter(name, value)
+        else:
+            holder.register_buffer(name, value)
+        entries.append(WeightEntry(f"{KEPT}.{name}", (key,), 0, None, "same"))
+    gm.add_submodule(KEPT, holder)
+    return WeightMap(tuple(entries))
 
 
 def _mode_refusal(found: Found, config: FuseConfig) -> RowSite:
