@@ -86,3 +86,12 @@ def rewrites_win(monkeypatch) -> FakeAutoClock:
     clock = FakeAutoClock()
     monkeypatch.setattr(auto, "choose_among", clock.choose_among)
     return clock
+
+
+def vmap_wins(monkeypatch) -> FakeAutoClock:
+    """Make ``auto`` choose the vectorised form of a loop of identical rows (a rewrite's
+    call costs half the loop's on a fake clock)."""
+    import fxfuse.passes.driver as driver
+    clock = FakeAutoClock()
+    monkeypatch.setattr(driver, "choose_among", clock.choose_among)
+    return clock

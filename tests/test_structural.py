@@ -113,6 +113,21 @@ def test_real_spellings_vectorise(make, inputs, rows, mode):
             torch.testing.assert_close(got, want)
 
 
+def test_auto_picks_the_vectorised_rows_when_they_are_faster(monkeypatch):
+    """The default path: no row-op kind covers GLU + RMSNorm + softmax rows; ``auto``
+    times their vectorised form against the loop (a fake clock where it is faster) and
+    rewrites; the decision is in the site."""
+    from helpers import vmap_wins
+    vmap_wins(monkeypatch)
+    model = Gated().eval()
+    result = fxfuse.fuse(model, (torch.randn(6, 4, 8),), benchmark=False)
+    (site,) = [s for s in result.sites if s.fused]
+    assert site.lowering == "vmap" and dict(site.timings).keys() >= {"loop", "vmap"}
+    other = torch.randn(9, 4, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(other), model(other))
+
+
 class Recurrent(nn.Module):
     def __init__(self, n: int = 4, d: int = 8):
         super().__init__()
