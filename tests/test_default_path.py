@@ -143,14 +143,13 @@ def test_candidate_that_fails_to_run_is_an_error_naming_the_site(monkeypatch):
 def test_a_rewrite_that_raises_under_auto_propagates(monkeypatch, target):
     """The rewrite entry point raising (a rewriter bug) propagates from ``fuse`` as an
     error that names the site, for row loops and sibling Linears alike."""
-    import fxfuse.rewrite.siblings as siblings_rewrite
     from fxfuse.errors import InternalError
 
     def bug(*args, **kwargs):
         raise KeyError("rewriter bug")
 
-    module, model = (auto, M.Seed()) if target == "rewrite_site" else \
-        (siblings_rewrite, _Siblings())
+    model = M.Seed() if target == "rewrite_site" else _Siblings()
+    module = auto
     monkeypatch.setattr(module, target, bug)
     x = model.example() if hasattr(model, "example") else torch.randn(4, 16)
     with pytest.raises(InternalError, match=r"site\d+ .*rewriter bug") as info:

@@ -23,6 +23,7 @@ from torch import fx
 from .decide import MARGIN, Choice, Clock, choose_among, untimed  # noqa: F401 (re-exported)
 from ..errors import FxFuseError, InternalError, RewriteError, one_line
 from ..rewrite.rewriter import LOWERINGS, lowerings_for, node_index, rewrite_site
+from ..rewrite.siblings import rewrite_siblings
 from ..match.sites import RowSite
 from ..trace.tracing import VALUE_KEY
 
@@ -218,12 +219,10 @@ def choose_lowering(gm: fx.GraphModule, site: RowSite, *, rounds: int = 9,
     Raises:
         RewriteError, InternalError: a candidate rewrite failed (naming the site).
     """
-    try:
-        loop, inputs = _timed_loop(gm, site, extract_loop)
-    except CannotTime as exc:
-        reason = _failure_text(exc)
-        log.info("%s: cannot time the loop alone (%s); keeping the loop", site.name, reason)
-        return untimed(f"kept as a loop: auto could not time it ({reason})")
+    cut = _cut_or_note(gm, site, extract_loop, "kept as a loop")
+    if isinstance(cut, Choice):
+        return cut
+    loop, inputs = cut
     fns = _candidates(loop, site, candidates)
     return _decided(site, fns, inputs, rounds, clock, budget_s)
 
@@ -266,17 +265,24 @@ def extract_siblings(gm: fx.GraphModule, site: RowSite) -> fx.GraphModule:
     return fx.GraphModule(gm, graph, class_name="Siblings")
 
 
+def _cut_or_note(gm: fx.GraphModule, site: RowSite, extract, kept: str):
+    """The site cut out with its timing inputs, or the untimed choice saying why not."""
+    try:
+        return _timed_loop(gm, site, extract)
+    except CannotTime as exc:
+        reason = _failure_text(exc)
+        log.info("%s: cannot time it alone (%s); %s", site.name, reason, kept)
+        return untimed(f"{kept}: auto could not time it ({reason})")
+
+
 def choose_siblings(gm: fx.GraphModule, site: RowSite, *, rounds: int = 9,
                     clock: Clock | None = None, budget_s: float | None = None) -> Choice:
     """:func:`choose_lowering` for a sibling-Linear site: the separate Linears against
     the fused one, timed side by side; the separate ones are kept unless beaten."""
-    from ..rewrite.siblings import rewrite_siblings
-    try:
-        loop, inputs = _timed_loop(gm, site, extract_siblings)
-    except CannotTime as exc:
-        reason = _failure_text(exc)
-        log.info("%s: cannot time the siblings alone (%s); keeping them", site.name, reason)
-        return untimed(f"kept separate: auto could not time it ({reason})")
+    cut = _cut_or_note(gm, site, extract_siblings, "kept separate")
+    if isinstance(cut, Choice):
+        return cut
+    loop, inputs = cut
     fused = copy.deepcopy(loop)
     _guarded(site, "siblings", lambda: rewrite_siblings(fused, site))
     return _decided(site, {"loop": loop, "siblings": fused}, inputs, rounds, clock, budget_s)
