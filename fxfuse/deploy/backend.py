@@ -256,7 +256,14 @@ def _fuse_graph(gm: fx.GraphModule, example_inputs: list[Any],
             _RecordingShapeProp(work).propagate(*example_inputs)
         config = FuseConfig(lowering=opts.lowering, min_rows=opts.min_rows, verify=False,
                             benchmark=False)
-        result = run_pass(work, tuple(example_inputs), config)
+        dynamic = any(isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
+                      for v in example_inputs)
+        # A graph with size inputs (a dynamic capture) is left to the kinds; in a static
+        # one the lifted weights are no batch.
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        batched = tuple(n not in weights for n in placeholders)
+        result = run_pass(work, tuple(example_inputs), config, structural=not dynamic,
+                          batched=batched)
         sites, wmap = result.sites, result.weight_map
         if not any(s.fusable for s in sites):
             return _unchanged(gm, sites, convs, "no fusable loop")

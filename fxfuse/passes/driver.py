@@ -55,7 +55,8 @@ def find_sites(gm: fx.GraphModule, inputs: tuple[Any, ...], config: FuseConfig
 
 
 def run_pass(gm: fx.GraphModule, inputs: tuple[Any, ...], config: FuseConfig, *,
-             decisions: Decisions | None = None, structural: bool = True) -> PassResult:
+             decisions: Decisions | None = None, structural: bool = True,
+             batched: tuple[bool, ...] | None = None) -> PassResult:
     """Rewrite ``gm`` in place (see the module docstring).
 
     Args:
@@ -64,6 +65,8 @@ def run_pass(gm: fx.GraphModule, inputs: tuple[Any, ...], config: FuseConfig, *,
         config: the options (``lowering``, ``min_rows``, ``auto_rounds``).
         decisions: ``auto``'s recorded decisions to reuse (new ones are added).
         structural: also vectorise loops of identical rows (after the kinds).
+        batched: which inputs carry the batch (``None``: every tensor input); a captured
+            graph's lifted weights do not.
     """
     kinds: tuple[RowSite, ...] = ()
     wmap, before = WeightMap(), _state(gm)
@@ -74,7 +77,7 @@ def run_pass(gm: fx.GraphModule, inputs: tuple[Any, ...], config: FuseConfig, *,
                                   decisions=decisions)
     fusion = RowsByStructure()
     claimed = frozenset(n for n in gm.graph.nodes if INSERTED_KEY in n.meta)  # the kinds' own
-    rows = fusion.find(gm, Context(config, inputs, claimed), first=len(kinds)) \
+    rows = fusion.find(gm, Context(config, inputs, claimed, batched), first=len(kinds)) \
         if structural else []
     done, fixed = [], set()
     for found in rows:

@@ -46,8 +46,9 @@ class Loop:
 
 
 def find_loops(gm: fx.GraphModule, inputs: tuple[Any, ...], claimed: set[fx.Node],
-               min_rows: int) -> list[Loop]:
-    """Every loop of identical rows in ``gm`` not already claimed, planned and traced."""
+               min_rows: int, *, batched: tuple[bool, ...] | None = None) -> list[Loop]:
+    """Every loop of identical rows in ``gm`` not already claimed, planned and traced
+    (``batched``: which inputs carry the batch; ``None``: every tensor input)."""
     deps = dependencies(gm)
     order = list(gm.graph.nodes)
     loops: list[Loop] = []
@@ -69,7 +70,7 @@ def find_loops(gm: fx.GraphModule, inputs: tuple[Any, ...], claimed: set[fx.Node
             continue
         taken |= plan.nodes()
         loops.append(Loop(join, plan))
-    _vectorise_all(gm, inputs, [lp for lp in loops if lp.plan is not None])
+    _vectorise_all(gm, inputs, [lp for lp in loops if lp.plan is not None], batched)
     return loops
 
 
@@ -139,12 +140,14 @@ def _check_module(gm: fx.GraphModule, target: str) -> None:
             raise Refused(f"`{where}` has parametrizations, which a fused module would lose")
 
 
-def _vectorise_all(gm: fx.GraphModule, inputs: tuple[Any, ...], loops: list[Loop]) -> None:
+def _vectorise_all(gm: fx.GraphModule, inputs: tuple[Any, ...], loops: list[Loop],
+                   batched: tuple[bool, ...] | None = None) -> None:
     """Record what the rows read (one run per batch size), then trace each body."""
     if not loops:
         return
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    values = probe(gm, inputs, set(placeholders).union(*(_wanted(lp.plan) for lp in loops)))
+    values = probe(gm, inputs, set(placeholders).union(*(_wanted(lp.plan) for lp in loops)),
+                   batched=batched)
     for lp in loops:
         try:
             _vectorise(gm, lp, values, placeholders)
