@@ -169,6 +169,9 @@ def _fuse_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report-json", default=None, metavar="FILE",
                    help="also write the report as JSON to FILE ('-': to stdout, the human "
                         "report then goes to stderr)")
+    p.add_argument("--decisions", default=None, metavar="FILE",
+                   help="auto's timing decisions: reused from FILE when it exists (no timing), "
+                        "recorded into it otherwise")
 
 
 _EXAMPLES = """examples:

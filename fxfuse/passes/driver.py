@@ -170,21 +170,24 @@ def _timed(gm: fx.GraphModule, fusion: RowsByStructure, found: Found,
     return choose_among(calls, rounds=config.auto_rounds)
 
 
+def _would_fuse(site: RowSite) -> bool:
+    """Found fusable and not yet decided (``fxfuse inspect``)."""
+    return site.fusable and not site.lowering
+
+
 def _merged(kinds: tuple[RowSite, ...], rows: list[RowSite]) -> tuple[RowSite, ...]:
-    """The kinds' sites and the structural ones, a loop both found reported once: the
-    structural record where it fused the loop, or covers every row the kinds refused;
-    else the kinds' record (both when the kinds' reason explains rows left over)."""
+    """The kinds' sites and the structural ones, a loop both found reported once: where
+    the structural fusion rewrote it (or, in ``inspect``, would, the kinds refusing), its
+    record, and the kinds' too when their reason explains rows it left; else the kinds'."""
     by_join = {s.combine: s for s in rows}
     kept, dropped = [], set()
     for k in kinds:
         r = by_join.get(k.combine)
         if r is None or k.fused:
             kept.append(k)
-            continue
-        covers = set(k.convs) <= set(r.convs)
-        if r.fused and covers or (not k.fusable and r.fusable and covers):
-            continue
-        kept.append(k)
-        if (k.fusable and not r.fused) or not r.fusable:
+        elif not (r.fused or _would_fuse(r) and not k.fusable):
+            kept.append(k)
             dropped.add(r.combine)
+        elif not set(k.convs) <= set(r.convs):
+            kept.append(k)
     return tuple(kept) + tuple(s for s in rows if s.combine not in dropped)
