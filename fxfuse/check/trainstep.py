@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
-from ..errors import VerificationError
+from ..errors import VerificationError, one_line
 from ..weightmap import WeightMap
 from .compare import Check, compare, leaves as _leaves
 from .precision import PrecisionMode
@@ -226,7 +226,16 @@ def _step_checks(ref_model: torch.nn.Module, new_model: torch.nn.Module,
     """One forward/backward of each prepared copy, compared."""
     steps = []
     for model in (ref_model, new_model):
-        step = _step(model, inputs, seed)
+        try:
+            step = _step(model, inputs, seed)
+        except RuntimeError as exc:
+            if model is new_model:
+                raise
+            # The original cannot take a gradient step itself (two in-place ReLUs on one
+            # tensor, say): there is nothing to compare the rewrite's gradients with.
+            skipped.append(f"{mode} gradients: the original model's own backward fails "
+                           f"({one_line(exc)}); gradients not compared")
+            return []
         if step is None:
             skipped.append("gradients: the output does not require grad")
             return []
