@@ -188,6 +188,6 @@ def _merged(kinds: tuple[RowSite, ...], rows: list[RowSite]) -> tuple[RowSite, .
         elif not (r.fused or _would_fuse(r) and not k.fusable):
             kept.append(k)
             dropped.add(r.combine)
-        elif not set(k.convs) <= set(r.convs):
+        elif r.rows < k.rows:          # rows the structural fusion left: the kinds say why
             kept.append(k)
     return tuple(kept) + tuple(s for s in rows if s.combine not in dropped)
