@@ -154,12 +154,16 @@ def _timed(gm: fx.GraphModule, fusion: RowsByStructure, found: Found,
            config: FuseConfig) -> Choice:
     """Time the loop against its vectorised form; a loop that cannot run alone is kept
     (with the reason), a vectorised form that fails is a bug and raises."""
+    name = "vmap"
     try:
         calls = fusion.candidates(gm, found)
-        calls["loop"]()
-    except (CannotCut, Refused, RuntimeError) as exc:   # the loop alone does not run
+    except (CannotCut, Refused) as exc:   # the loop alone cannot run: not timed, kept
         text = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
         return untimed(f"kept as a loop: auto could not time it ({type(exc).__name__}: {text})")
+    except Exception as exc:  # noqa: BLE001 - re-raised: a rewrite that fails is a bug
+        raise RewriteError(f"{found.site.name}: the vmap rewrite of the rows at "
+                           f"{found.site.where()} fails ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from exc
     try:
         for name, call in calls.items():
             call()

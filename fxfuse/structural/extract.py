@@ -106,13 +106,17 @@ def candidates(gm: fx.GraphModule, loop: Loop) -> tuple[fx.GraphModule, fx.Graph
     """The loop alone, the loop fused, and inputs to time them on."""
     cut, moved, outside = cut_out(gm, loop)
     inputs = timing_inputs(outside, loop.values)
-    fused = copy.deepcopy(cut)
+    try:
+        with torch.no_grad():
+            cut(*inputs)
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        raise CannotCut(f"the rows alone do not run on random inputs ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:120] if str(exc) else ''})") from exc
+    fused = copy.deepcopy(cut)            # a failure from here on is a bug: it propagates
     fused_loop = _moved(moved, _identity_map(cut, fused))
     rewrite_loop(fused, fused_loop)
     fused.graph.lint()
     fused.recompile()
-    with torch.no_grad():
-        cut(*inputs)
     return cut, fused, inputs
 
 
