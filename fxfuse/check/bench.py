@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from torch.utils import benchmark as tbench
 from .precision import matmul_precision
 
 log = logging.getLogger("fxfuse")
@@ -88,6 +87,9 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], *, rounds: int = 15,
     Returns:
         name → seconds per call, one value per round.
     """
+    # imported here, not at module level: under some torch builds (2.4-2.6 CUDA wheels
+    # without a CUDA runtime) importing it prints to stderr, and `import fxfuse` must not
+    from torch.utils import benchmark as tbench
     threads = torch.get_num_threads()
     timers = {k: tbench.Timer("fn()", globals={"fn": f}, num_threads=threads)
               for k, f in fns.items()}
