@@ -12,6 +12,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from .check.bench import BenchResult, benchmark_models
+from .compat import quiet_torch
 from .config import FuseConfig, merge_config
 from .errors import ConfigError
 from .check.report import format_report
@@ -141,14 +142,15 @@ def fuse(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs, alias_notes = _example_inputs(example_inputs)
-    if cfg.inplace:
+    with quiet_torch():
+        if not cfg.inplace:
+            return _fuse(model, inputs, cfg, alias_notes)
         saved = _snapshot(model)
         try:
             return _fuse(model, inputs, cfg, alias_notes)
         except BaseException:
             _restore(saved)
             raise
-    return _fuse(model, inputs, cfg, alias_notes)
 
 
 def _example_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], tuple[str, ...]]:

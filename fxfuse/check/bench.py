@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+from ..compat import torch_benchmark
 from .precision import matmul_precision
 
 log = logging.getLogger("fxfuse")
@@ -87,9 +88,7 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], *, rounds: int = 15,
     Returns:
         name → seconds per call, one value per round.
     """
-    # imported here, not at module level: under some torch builds (2.4-2.6 CUDA wheels
-    # without a CUDA runtime) importing it prints to stderr, and `import fxfuse` must not
-    from torch.utils import benchmark as tbench
+    tbench = torch_benchmark()   # not at import: it prints to stderr under some torch builds
     threads = torch.get_num_threads()
     timers = {k: tbench.Timer("fn()", globals={"fn": f}, num_threads=threads)
               for k, f in fns.items()}

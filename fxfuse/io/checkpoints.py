@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from ..compat import quiet_torch
 from ..errors import ConfigError
 
 log = logging.getLogger("fxfuse")
@@ -216,7 +217,8 @@ def load_export(path: Path, allow_pickle: bool = False,
                                   f"code from the file: {'; '.join(report.runs)}")
 
     def reader() -> nn.Module:
-        return torch.export.load(io.BytesIO(report.data)).module()
+        with quiet_torch():
+            return torch.export.load(io.BytesIO(report.data)).module()
     try:
         return _read(path, "torch.export archive", reader), report.runs
     except ConfigError:

@@ -25,6 +25,7 @@ from .checkpoints import first_line
 from .transaction import OutputSet
 from .writing import (SAVE_FORMATS, atomic_write, check_directory,  # noqa: F401 - re-exported
                       check_output_path, format_of, write_sidecar)
+from ..compat import BatchDims, quiet_torch
 from ..errors import ConfigError, TraceError
 
 log = logging.getLogger("fxfuse")
@@ -49,7 +50,8 @@ class SavedModel:
 
 
 def _batch_dims(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
-    return tuple({0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() > 0
+    batch = BatchDims()
+    return tuple({0: batch(x)} if isinstance(x, torch.Tensor) and x.dim() > 0
                  else None for x in inputs)
 
 
@@ -191,12 +193,13 @@ def render_model(gm: fx.GraphModule | torch.nn.Module, out: str | Path,
     texts = _as_text(extra_files)
     buffer = io.BytesIO()
     if fmt == "export":
-        program = _export(gm, tuple(example_inputs))
-        try:
-            program.example_inputs = None  # user data must not end up in the file
-        except (AttributeError, TypeError, ValueError):  # older torch: no setter
-            program._example_inputs = None
-        torch.export.save(program, buffer, extra_files=texts)
+        with quiet_torch():
+            program = _export(gm, tuple(example_inputs))
+            try:
+                program.example_inputs = None  # user data must not end up in the file
+            except (AttributeError, TypeError, ValueError):  # older torch: no setter
+                program._example_inputs = None
+            torch.export.save(program, buffer, extra_files=texts)
         return buffer.getvalue(), SavedModel(out, fmt, _has_dynamic_batch(program), program)
     if fmt == "safetensors":
         from safetensors.torch import save

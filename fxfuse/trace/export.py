@@ -10,6 +10,7 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
+from ..compat import BatchDims, quiet_torch
 from ..errors import TraceError
 
 MODE_KEY = "fxfuse_traced_training"   # gm.meta: the mode a batch-norm export graph fixes
@@ -19,12 +20,13 @@ def export_model(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> fx.
     """``torch.export`` (non-strict) with a dynamic batch when export keeps one, static
     shapes otherwise; returns the unlifted module, dropout as ``nn.Dropout`` modules."""
     dims = batch_dynamic_shapes(model, example_inputs)
-    try:
-        program = torch.export.export(model, _batch_of_two(example_inputs), dynamic_shapes=dims,
-                                      strict=False)
-    except Exception:  # noqa: BLE001 - a dynamic batch is a bonus; fall back to static shapes
-        program = torch.export.export(model, example_inputs, strict=False)
-    gm = program.module()
+    with quiet_torch():
+        try:
+            program = torch.export.export(model, _batch_of_two(example_inputs),
+                                          dynamic_shapes=dims, strict=False)
+        except Exception:  # noqa: BLE001 - a dynamic batch is a bonus; fall back to static
+            program = torch.export.export(model, example_inputs, strict=False)
+        gm = program.module()
     dropout_as_modules(gm)
     follow_mode(gm, model.training)
     return gm
@@ -46,8 +48,10 @@ def batch_dynamic_shapes(model: torch.nn.Module, example_inputs: tuple[Any, ...]
     """``torch.export`` dynamic shapes with a dynamic dim 0 for every batched tensor,
     shaped like the signature (``*args`` get a tuple, nested tuples nest): a flat spec
     is refused for varargs and export then falls back to one batch size."""
+    batch = BatchDims()
+
     def spec(value: Any) -> Any:
-        return pytree.tree_map(lambda x: {0: torch.export.Dim.AUTO}
+        return pytree.tree_map(lambda x: {0: batch(x)}
                                if isinstance(x, torch.Tensor) and x.dim() > 0 else None, value)
     try:
         bound = inspect.signature(model.forward).bind(*example_inputs)

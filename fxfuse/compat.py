@@ -1,0 +1,77 @@
+"""What the installed torch can do, detected by feature, never by version number.
+
+fxfuse runs on every torch from the floor in ``pyproject.toml`` on. Where a capability is
+absent, the stand-in is chosen here and said once, in one log line (``fxfuse`` logger,
+INFO). :func:`quiet_torch` keeps torch's deprecation warnings from fxfuse's own calls
+into it out of the user's process (the user's own calls still warn as usual).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from typing import Any, Iterator
+
+import torch
+
+log = logging.getLogger("fxfuse")
+
+#: ``torch.export.Dim.AUTO`` (export decides which dims stay dynamic); absent in torch 2.4,
+#: where ``torch.export.Dim`` is a function that makes named dims.
+HAS_DIM_AUTO = hasattr(torch.export.Dim, "AUTO")
+
+_said: set[str] = set()
+
+
+def say_absent(capability: str, instead: str) -> None:
+    """One log line, once per process: ``capability`` is absent, ``instead`` is used."""
+    if capability in _said:
+        return
+    _said.add(capability)
+    log.info("torch %s has no %s; %s", torch.__version__, capability, instead)
+
+
+class BatchDims:
+    """The dynamic-shape entry for dim 0 of each batched example tensor.
+
+    ``torch.export.Dim.AUTO`` where torch has it. Otherwise a named ``Dim`` per distinct
+    example batch size (``batch``, ``batch_1``, ...): tensors with the same batch size
+    share one, so export sees them as equal, as a batch is.
+    """
+
+    def __init__(self) -> None:
+        self._named: dict[int, Any] = {}
+
+    def __call__(self, x: torch.Tensor) -> Any:
+        if HAS_DIM_AUTO:
+            return torch.export.Dim.AUTO
+        say_absent("torch.export.Dim.AUTO",
+                   "the batch dim is exported as a named Dim, shared by inputs of one batch size")
+        size = int(x.shape[0])
+        if size not in self._named:
+            name = "batch" if not self._named else f"batch_{len(self._named)}"
+            self._named[size] = torch.export.Dim(name)
+        return self._named[size]
+
+
+@contextlib.contextmanager
+def quiet_torch() -> Iterator[None]:
+    """Ignore, inside the block, torch's deprecation warnings from fxfuse's own calls into
+    it: FutureWarning/DeprecationWarning attributed to torch's or fxfuse's code, and
+    ``LeafSpec``'s (raised from ``copyreg`` when an exported graph is deep-copied). They
+    speak of torch internals the user cannot change; warnings raised from the user's
+    own code (a model's forward) still show."""
+    with warnings.catch_warnings():
+        for category in (FutureWarning, DeprecationWarning):
+            warnings.filterwarnings("ignore", category=category, module=r"(torch|fxfuse)\b")
+        warnings.filterwarnings("ignore", message=r".*\bLeafSpec\b", category=FutureWarning)
+        yield
+
+
+def torch_benchmark() -> Any:
+    """``torch.utils.benchmark``, imported without the line some CUDA wheels of torch (2.4
+    to 2.6) print to stderr on a machine without CUDA (``No CUDA runtime is found``)."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        from torch.utils import benchmark
+    return benchmark
