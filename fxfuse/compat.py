@@ -69,6 +69,21 @@ def quiet_torch() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def muted_logger(name: str, below: int = logging.ERROR) -> Iterator[None]:
+    """Drop the records under ``below`` that torch's logger ``name`` emits in the block
+    (``torch.export.load`` logs a traceback at WARNING before it reads a flat archive)."""
+    logger = logging.getLogger(name)
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno >= below
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
 def torch_benchmark() -> Any:
     """``torch.utils.benchmark``, imported without the line some CUDA wheels of torch (2.4
     to 2.6) print to stderr on a machine without CUDA (``No CUDA runtime is found``)."""
