@@ -19,6 +19,7 @@ from torch import nn
 
 from ..compat import muted_logger, quiet_torch
 from ..errors import ConfigError
+from ..trace.export import keep_input_checks
 
 log = logging.getLogger("fxfuse")
 
@@ -218,9 +219,11 @@ def load_export(path: Path, allow_pickle: bool = False,
 
     try:
         with quiet_torch(), muted_logger("torch.export"):  # torch logs its legacy-layout path
-            return torch.export.load(io.BytesIO(report.data)).module(), report.runs
+            module = torch.export.load(io.BytesIO(report.data)).module()
     except Exception as exc:  # noqa: BLE001 - deserialisation errors have many types
         raise _load_failure(path, report, exc) from exc
+    keep_input_checks(module)
+    return module, report.runs
 
 
 def _load_failure(path: Path, report: Any, exc: Exception) -> ConfigError:
