@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import sys
 import warnings
 from typing import Any, Iterator
 
@@ -20,6 +21,12 @@ log = logging.getLogger("fxfuse")
 #: ``torch.export.Dim.AUTO`` (export decides which dims stay dynamic); absent in torch 2.4,
 #: where ``torch.export.Dim`` is a function that makes named dims.
 HAS_DIM_AUTO = hasattr(torch.export.Dim, "AUTO")
+
+#: ``torch.export`` to the graph that keeps in-place writes as ``copy_`` (the training IR):
+#: ``torch.export.export`` from torch 2.6 on; on torch 2.5 ``export`` functionalises them
+#: into ``select_scatter``/``slice_scatter`` chains and ``export_for_training`` keeps them
+#: (an alias of ``export`` where both exist later; gone where ``export`` is all there is).
+export_training_ir = getattr(torch.export, "export_for_training", torch.export.export)
 
 _said: set[str] = set()
 
@@ -51,7 +58,8 @@ class BatchDims:
         size = int(x.shape[0])
         if size not in self._named:
             name = "batch" if not self._named else f"batch_{len(self._named)}"
-            self._named[size] = torch.export.Dim(name)
+            # below the default top: torch 2.5's slices guard ``size != 2**63 - 1``
+            self._named[size] = torch.export.Dim(name, max=sys.maxsize - 1)
         return self._named[size]
 
 

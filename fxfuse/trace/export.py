@@ -11,7 +11,7 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from ..compat import BatchDims, quiet_torch, say_absent
+from ..compat import BatchDims, export_training_ir, quiet_torch, say_absent
 from ..errors import TraceError
 
 MODE_KEY = "fxfuse_traced_training"   # gm.meta: the mode a batch-norm export graph fixes
@@ -24,10 +24,10 @@ def export_model(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> fx.
     dims = batch_dynamic_shapes(model, example_inputs)
     with quiet_torch():
         try:
-            program = torch.export.export(model, _batch_of_two(example_inputs),
-                                          dynamic_shapes=dims, strict=False)
+            program = export_training_ir(model, _batch_of_two(example_inputs),
+                                         dynamic_shapes=dims, strict=False)
         except Exception:  # noqa: BLE001 - a dynamic batch is a bonus; fall back to static
-            program = torch.export.export(model, example_inputs, strict=False)
+            program = export_training_ir(model, example_inputs, strict=False)
         gm = program.module()
     dropout_as_modules(gm)
     follow_mode(gm, model.training)
