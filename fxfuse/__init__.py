@@ -9,20 +9,28 @@ The steps are public too: :func:`trace_model`, :func:`find_row_sites`,
 :func:`rewrite_site`, :func:`verify_models`, :func:`benchmark_models`.
 
 Deploying: :func:`export_onnx` (needs ``pip install "fxfuse[onnx]"``) and
-:func:`backend`, the ``torch.compile`` backend (``backend="fxfuse"``); both are
-imported on first use.
+:func:`backend`, the ``torch.compile`` backend (``backend="fxfuse"``).
+
+Every name is imported on first use, so ``import fxfuse`` loads no torch and prints
+nothing. Progress is logged on ``logging.getLogger("fxfuse")`` (INFO), quiet by default.
 """
-from .api import FuseResult, apply_sites, fuse
-from .check.bench import BenchResult, Timing, benchmark_models, time_interleaved
-from .config import FuseConfig
-from .errors import ConfigError, FxFuseError, RewriteError, TraceError, VerificationError
-from .match.find import find_row_sites
-from .check.auto import choose_lowering, extract_loop
-from .rewrite.rewriter import rewrite_site
-from .match.sites import ConvSpec, InputPlan, OutputPlan, RowSite
-from .trace.tracing import trace_model
-from .check.verify import VerifyReport, verify_models
-from .rewrite.weights import WeightEntry, WeightMap
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for type checkers; at run time each name loads on first use
+    from .api import FuseResult, apply_sites, fuse
+    from .check.auto import choose_lowering, extract_loop
+    from .check.bench import BenchResult, Timing, benchmark_models, time_interleaved
+    from .check.decide import Choice, choose_among
+    from .check.verify import VerifyReport, verify_models
+    from .config import FuseConfig
+    from .match.find import find_row_sites
+    from .match.sites import ConvSpec, InputPlan, OutputPlan, RowSite
+    from .rewrite.rewriter import rewrite_site
+    from .weightmap import WeightEntry, WeightMap
+    from .trace.tracing import trace_model
+
+from .errors import (ConfigError, FxFuseError, InternalError, ResourceError, RewriteError,
+                     TraceError, VerificationError)
 
 __version__ = "0.1.0"
 
@@ -32,19 +40,36 @@ __all__ = [
     "verify_models", "VerifyReport", "benchmark_models", "time_interleaved", "BenchResult",
     "Timing", "WeightMap", "WeightEntry", "RowSite", "ConvSpec", "InputPlan", "OutputPlan",
     "FxFuseError", "ConfigError", "TraceError", "RewriteError", "VerificationError",
+    "InternalError", "ResourceError", "Choice", "choose_among",
     "export_onnx", "backend",
 ]
 
-_LAZY = {"export_onnx": ("fxfuse.deploy.onnx", "export_onnx"),
-         "backend": ("fxfuse.deploy.backend", "backend")}
+_LAZY = {
+    **dict.fromkeys(("fuse", "FuseResult", "apply_sites"), "fxfuse.api"),
+    **dict.fromkeys(("BenchResult", "Timing", "benchmark_models", "time_interleaved"),
+                    "fxfuse.check.bench"),
+    "FuseConfig": "fxfuse.config", "find_row_sites": "fxfuse.match.find",
+    **dict.fromkeys(("Choice", "choose_among"), "fxfuse.check.decide"),
+    **dict.fromkeys(("choose_lowering", "extract_loop"), "fxfuse.check.auto"),
+    "rewrite_site": "fxfuse.rewrite.rewriter",
+    **dict.fromkeys(("ConvSpec", "InputPlan", "OutputPlan", "RowSite"), "fxfuse.match.sites"),
+    "trace_model": "fxfuse.trace.tracing",
+    **dict.fromkeys(("VerifyReport", "verify_models"), "fxfuse.check.verify"),
+    **dict.fromkeys(("WeightEntry", "WeightMap"), "fxfuse.weightmap"),
+    "export_onnx": "fxfuse.deploy.onnx", "backend": "fxfuse.deploy.backend",
+}
 
 
 def __getattr__(name: str):
-    """``export_onnx`` and ``backend`` load their modules (ONNX, Dynamo) on first use."""
+    """Every public name loads its module (and torch) on first use: ``import fxfuse`` and
+    ``fxfuse --help`` stay fast and print nothing."""
     if name in _LAZY:
-        import importlib
-        module, attr = _LAZY[name]
-        value = getattr(importlib.import_module(module), attr)
+        from .running import quiet_import
+        value = getattr(quiet_import(_LAZY[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'fxfuse' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

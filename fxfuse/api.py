@@ -11,11 +11,13 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from .check.bench import BenchResult, benchmark_models
-from .compat import quiet_torch
+from .running import quiet_import, running
+quiet_import("torch.utils.benchmark")   # some torch builds print when it is first imported
+from .check.bench import BenchResult, benchmark_models  # noqa: E402
 from .config import FuseConfig, merge_config
-from .errors import ConfigError
-from .check.report import format_report
+from .errors import ConfigError, VerificationError
+from .check.decisions import Decisions
+from .check.report import format_report, slower_warning
 from .match.sites import RowSite
 from .passes.driver import run_pass
 from .passes.kinds import apply_sites
@@ -24,7 +26,7 @@ from .trace.prepare import copy_model, weight_norm_modules
 from .trace.tracing import NOTES_KEY, TRACER_KEY, alias_note, distinct_inputs, trace_model, trace_general
 from .check.fidelity import TraceCheck, check_trace, trace_table
 from .check.verify import VerifyReport, verify_models
-from .rewrite.weights import WeightMap
+from .weightmap import WeightMap
 
 log = logging.getLogger("fxfuse")
 
@@ -45,6 +47,9 @@ class FuseResult:
             rewrite) with notes on the trace and the batch sizes accepted (``None`` when
             ``verify=False``).
         notes: what the trace did that a user should know (also without ``verify``).
+        decisions: ``auto``'s decisions, JSON-ready, keyed by each site's structure,
+            shapes, dtype, device and torch version: pass them back as
+            ``fuse(..., decisions=result.decisions)`` to reuse them without timing.
     """
 
     model: fx.GraphModule
@@ -56,6 +61,7 @@ class FuseResult:
     tracer: str
     trace_check: TraceCheck | None = None
     notes: tuple[str, ...] = ()
+    decisions: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def batch_sizes(self) -> tuple[int, ...] | None:
@@ -68,6 +74,12 @@ class FuseResult:
         return any(s.fused for s in self.sites)
 
     @property
+    def warnings(self) -> tuple[str, ...]:
+        """What a user must not miss: the fused model measured slower than the original."""
+        text = slower_warning(self.timing) if self.changed else ""
+        return (text,) if text else ()
+
+    @property
     def code_after(self) -> str:
         """The rewritten ``forward``."""
         return self.model.code
@@ -78,6 +90,18 @@ class FuseResult:
         if self.trace_check is None and self.notes:
             return text + "\n" + "\n".join(f"note: {n}" for n in self.notes)
         return text + "\n" + trace_table(self.trace_check)
+
+    def save(self, path: str, example_inputs: Sequence[Any] | None = None) -> Any:
+        """Write the fused model to ``path`` and its weight map to ``path.map.json``, as
+        ``fxfuse fuse -o`` does (``.pt2`` with a dynamic batch, ``.pt``/``.pth``
+        pickled, ``.safetensors`` weights; both files or neither).
+
+        Returns:
+            A ``SavedModel`` (see :func:`fxfuse.io.save_result.save_result`).
+        """
+        from .io.save_result import save_result
+        with running(None, "saving the model"):
+            return save_result(self, path, example_inputs)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary."""
@@ -94,6 +118,8 @@ class FuseResult:
             "timing": None if t is None else dataclasses.asdict(t),
             "trace_check": None if self.trace_check is None else self.trace_check.to_dict(),
             "notes": list(self.notes),
+            "warnings": list(self.warnings),
+            "decisions": self.decisions,
         }
 
 
@@ -126,7 +152,8 @@ def fuse(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *
             keywords not given leave them as they are (defaults: ``lowering="auto"``,
             ``verify=True``, ``benchmark=True``, ``inplace=False``, ``min_rows=2``).
         **options: other :class:`FuseConfig` fields (``tracer``, ``concrete_args``,
-            ``check_grads``, ``rtol``, ``atol``, ``bench_rounds``, ``auto_rounds``).
+            ``check_grads``, ``rtol``, ``atol``, ``bench_rounds``, ``auto_rounds``,
+            ``decisions``: a previous ``result.decisions``, reused without timing).
 
     Returns:
         A :class:`FuseResult`. Nothing half-done is ever returned: any failure raises.
@@ -142,15 +169,15 @@ def fuse(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs, alias_notes = _example_inputs(example_inputs)
-    with quiet_torch():
-        if not cfg.inplace:
-            return _fuse(model, inputs, cfg, alias_notes)
-        saved = _snapshot(model)
-        try:
-            return _fuse(model, inputs, cfg, alias_notes)
-        except BaseException:
-            _restore(saved)
-            raise
+    with running(model) as shared_notes:   # warnings muted, locks shared, OOM named
+        if cfg.inplace:
+            saved = _snapshot(model)
+            try:
+                return _fuse(model, inputs, cfg, alias_notes + shared_notes)
+            except BaseException:
+                _restore(saved)
+                raise
+        return _fuse(model, inputs, cfg, alias_notes + shared_notes)
 
 
 def _example_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], tuple[str, ...]]:
@@ -199,7 +226,9 @@ def _fuse(model: torch.nn.Module, inputs: tuple[Any, ...], cfg: FuseConfig,
     notes += getattr(gm, NOTES_KEY, ())
     trace_check = _check_trace(model, gm, inputs, notes, cfg)
     code_before = gm.code
-    sites, wmap, _ = _run(gm, inputs, cfg)
+    decisions = Decisions(cfg.decisions)
+    result = run_pass(gm, inputs, cfg, decisions=decisions)
+    sites, wmap = result.sites, result.weight_map
     wmap = renames + getattr(gm, RENAMES_KEY, WeightMap()) + wmap
     if not any(s.fused for s in sites) and getattr(gm, TRACER_KEY, "symbolic") != "symbolic":
         gm, more = trace_general(work, gm, inputs, cfg.concrete_args)
@@ -207,19 +236,59 @@ def _fuse(model: torch.nn.Module, inputs: tuple[Any, ...], cfg: FuseConfig,
         trace_check = _check_trace(model, gm, inputs, notes, cfg)
     verification = None
     if cfg.verify and any(s.fused for s in sites):
-        verification = verify_models(reference, gm, inputs, weight_map=wmap,
-                                     check_grads=cfg.check_grads, rtol=cfg.rtol, atol=cfg.atol)
+        gm, sites, wmap, verification = _verified(reference, work, gm, inputs, cfg,
+                                                  decisions, sites, wmap, renames)
     # Timing runs the models many times; copies keep their buffers (BatchNorm statistics
     # in train mode) as they were.
     timing = benchmark_models(copy.deepcopy(reference), copy.deepcopy(gm), inputs,
                               rounds=cfg.bench_rounds) if cfg.benchmark else None
+    if any(s.fused for s in sites) and slower_warning(timing):
+        log.warning("%s", slower_warning(timing))
     return FuseResult(gm, sites, wmap, verification, timing, code_before,
-                      getattr(gm, TRACER_KEY, "symbolic"), trace_check, tuple(notes))
+                      getattr(gm, TRACER_KEY, "symbolic"), trace_check, tuple(notes),
+                      decisions.to_dict())
 
 
-def _run(gm: fx.GraphModule, inputs: tuple[Any, ...], cfg: FuseConfig):
-    result = run_pass(gm, inputs, cfg)
-    return result.sites, result.weight_map, result.changed
+def _verified(reference: torch.nn.Module, work: torch.nn.Module, gm: fx.GraphModule,
+              inputs: tuple[Any, ...], cfg: FuseConfig, decisions: Decisions,
+              sites: tuple[RowSite, ...], wmap: WeightMap, renames: WeightMap):
+    """Verify; when the vectorised loops are what verification refuses, fuse without
+    them and verify that (a refusal of the kinds' rewrites raises as before)."""
+    try:
+        return gm, sites, wmap, _verify(reference, gm, inputs, wmap, cfg)
+    except VerificationError as exc:
+        if not any(s.fused and s.loop_kind == "rows" for s in sites):
+            raise
+        gm, sites, wmap = _without_vectorised(work, inputs, cfg, decisions, sites, exc)
+    wmap = renames + getattr(gm, RENAMES_KEY, WeightMap()) + wmap
+    verification = _verify(reference, gm, inputs, wmap, cfg) \
+        if any(s.fused for s in sites) else None
+    return gm, sites, wmap, verification
+
+
+def _verify(reference: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],
+            wmap: WeightMap, cfg: FuseConfig) -> VerifyReport:
+    return verify_models(reference, gm, inputs, weight_map=wmap, check_grads=cfg.check_grads,
+                         rtol=cfg.rtol, atol=cfg.atol)
+
+
+def _without_vectorised(work: torch.nn.Module, inputs: tuple[Any, ...], cfg: FuseConfig,
+                        decisions: Decisions, sites: tuple[RowSite, ...],
+                        exc: VerificationError):
+    """The pass again without the vectorised loops, whose numbers verification refused
+    (a float64 buffer fed by float32 rows, say): the kinds' rewrites are kept, and each
+    vectorised loop is reported kept, with the reason."""
+    log.warning("verification refused the vectorised loops (%s); fusing without them", exc)
+    gm = trace_model(work, inputs, concrete_args=cfg.concrete_args, tracer=cfg.tracer)
+    result = run_pass(gm, inputs, cfg, decisions=decisions, structural=False)
+    note = f"vectorised, but verification refused the result ({exc}); kept as a loop"
+    reverted = {s.combine: s for s in sites if s.fused and s.loop_kind == "rows"}
+    again = tuple(dataclasses.replace(s, notes=s.notes + (note,)) if s.combine in reverted
+                  else s for s in result.sites)
+    known = {s.combine for s in again}
+    kept = tuple(dataclasses.replace(s, lowering="loop", notes=s.notes + (note,))
+                 for c, s in reverted.items() if c not in known)
+    return gm, again + kept, result.weight_map
 
 
 def _check_trace(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],

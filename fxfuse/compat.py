@@ -2,16 +2,14 @@
 
 fxfuse runs on every torch from the floor in ``pyproject.toml`` on. Where a capability is
 absent, the stand-in is chosen here and said once, in one log line (``fxfuse`` logger,
-INFO). :func:`quiet_torch` keeps torch's deprecation warnings from fxfuse's own calls
-into it out of the user's process (the user's own calls still warn as usual).
+INFO). (torch's deprecation warnings from fxfuse's own calls are muted in
+:mod:`fxfuse.running`.)
 """
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import sys
-import warnings
 from typing import Any, Iterator
 
 import torch
@@ -64,20 +62,6 @@ class BatchDims:
 
 
 @contextlib.contextmanager
-def quiet_torch() -> Iterator[None]:
-    """Ignore, inside the block, torch's deprecation warnings from fxfuse's own calls into
-    it: FutureWarning/DeprecationWarning attributed to torch's or fxfuse's code, and
-    ``LeafSpec``'s (raised from ``copyreg`` when an exported graph is deep-copied). They
-    speak of torch internals the user cannot change; warnings raised from the user's
-    own code (a model's forward) still show."""
-    with warnings.catch_warnings():
-        for category in (FutureWarning, DeprecationWarning):
-            warnings.filterwarnings("ignore", category=category, module=r"(torch|fxfuse)\b")
-        warnings.filterwarnings("ignore", message=r".*\bLeafSpec\b", category=FutureWarning)
-        yield
-
-
-@contextlib.contextmanager
 def muted_logger(name: str, below: int = logging.ERROR) -> Iterator[None]:
     """Drop the records under ``below`` that torch's logger ``name`` emits in the block
     (``torch.export.load`` logs a traceback at WARNING before it reads a flat archive)."""
@@ -90,11 +74,3 @@ def muted_logger(name: str, below: int = logging.ERROR) -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(keep)
-
-
-def torch_benchmark() -> Any:
-    """``torch.utils.benchmark``, imported without the line some CUDA wheels of torch (2.4
-    to 2.6) print to stderr on a machine without CUDA (``No CUDA runtime is found``)."""
-    with contextlib.redirect_stderr(io.StringIO()):
-        from torch.utils import benchmark
-    return benchmark

@@ -30,7 +30,9 @@ class FuseConfig:
         rtol, atol: override the per-dtype verification tolerances.
         bench_rounds: interleaved rounds for the timing.
         auto_rounds: interleaved rounds for each site's timing under ``lowering="auto"``
-            (more are run when the first rounds are too close to call).
+            (doubled until the decision holds or the time budget is spent).
+        decisions: recorded ``auto`` decisions (a previous ``FuseResult.decisions``),
+            reused for sites with the same structure, shapes, dtype, device and torch.
     """
 
     lowering: str = "auto"
@@ -45,6 +47,7 @@ class FuseConfig:
     atol: float | None = None
     bench_rounds: int = 15
     auto_rounds: int = 9
+    decisions: Mapping[str, Any] | None = field(default=None, hash=False, compare=False)
 
     def __post_init__(self) -> None:
         for name, check in _VALIDATORS:
@@ -84,6 +87,14 @@ def _mapping_or_none(name: str, value: Any) -> str | None:
     return None
 
 
+def _recorded(name: str, value: Any) -> str | None:
+    """None, or recorded decisions (a ``FuseResult.decisions`` dict)."""
+    if value is not None and not isinstance(value, Mapping):
+        return (f"{name} must be the dict of a previous result.decisions (or read from a "
+                f"--decisions file), got {type(value).__name__}")
+    return None
+
+
 def _tolerance(name: str, value: Any) -> str | None:
     """None, or a non-negative number."""
     if value is not None and not (isinstance(value, (int, float)) and value >= 0):
@@ -103,6 +114,7 @@ _VALIDATORS = (
     ("inplace", _flag),
     ("check_grads", _flag),
     ("concrete_args", _mapping_or_none),
+    ("decisions", _recorded),
     ("rtol", _tolerance),
     ("atol", _tolerance),
 )

@@ -23,6 +23,15 @@ class RewriteError(FxFuseError):
     """A planned rewrite could not be applied; the model was left as it was."""
 
 
+class InternalError(FxFuseError):
+    """A bug in fxfuse itself (e.g. a rewrite that raised); the message names the site.
+    The command line reports it as an internal error (exit 3)."""
+
+
+class ResourceError(FxFuseError):
+    """A resource ran out (memory, say); the message names which and how much was asked."""
+
+
 class VerificationError(FxFuseError):
     """The rewritten model's numbers differ from the original's; the rewrite is refused.
 

@@ -251,3 +251,15 @@ def assert_left_alone(model: nn.Module, inputs: Sequence[Any], *reason_words: st
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _vectorised_rows_timed_on_a_fake_clock(monkeypatch) -> None:
+    """``auto``'s timing of a vectorised loop against its rows runs both (a broken
+    rewrite still raises) on a fake clock where the loop wins: no test's outcome
+    depends on this machine's load. Tests of auto choosing ``vmap`` use
+    :func:`helpers.vmap_wins`."""
+    import fxfuse.passes.driver as driver
+    from helpers import FakeAutoClock
+    monkeypatch.setattr(driver, "choose_among",
+                        FakeAutoClock(loop_s=1e-3, rewrite_s=2e-3).choose_among)

@@ -55,3 +55,43 @@ def call_sequence(gm: fx.GraphModule) -> list[str]:
         elif n.op == "call_function":
             out.append(getattr(n.target, "__name__", str(n.target)))
     return out
+
+
+class FakeAutoClock:
+    """``auto`` on a fake clock: every candidate still runs (a broken rewrite still
+    raises), but a rewrite's call costs half the loop's fake seconds, so the default
+    path's choice is the rule's, never the machine's load."""
+
+    def __init__(self, loop_s: float = 1e-3, rewrite_s: float = 0.5e-3) -> None:
+        self.now, self.loop_s, self.rewrite_s = 0.0, loop_s, rewrite_s
+
+    def __call__(self) -> float:
+        return self.now
+
+    def choose_among(self, calls, **kw):
+        from fxfuse.check.decide import choose_among
+
+        def timed(name, call):
+            def run():
+                call()
+                self.now += self.loop_s if name == "loop" else self.rewrite_s
+            return run
+        kw.update(clock=self, round_s=0.0)
+        return choose_among({k: timed(k, c) for k, c in calls.items()}, **kw)
+
+
+def rewrites_win(monkeypatch) -> FakeAutoClock:
+    """Make ``auto`` choose a rewrite deterministically (see :class:`FakeAutoClock`)."""
+    import fxfuse.check.auto as auto
+    clock = FakeAutoClock()
+    monkeypatch.setattr(auto, "choose_among", clock.choose_among)
+    return clock
+
+
+def vmap_wins(monkeypatch) -> FakeAutoClock:
+    """Make ``auto`` choose the vectorised form of a loop of identical rows (a rewrite's
+    call costs half the loop's on a fake clock)."""
+    import fxfuse.passes.driver as driver
+    clock = FakeAutoClock()
+    monkeypatch.setattr(driver, "choose_among", clock.choose_among)
+    return clock

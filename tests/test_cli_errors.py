@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cli_support import (FAST, SHAPE, assert_error, project, run_cli, user_code)  # noqa: F401
-from fxfuse.rewrite.weights import WeightEntry, WeightMap
+from fxfuse.weightmap import WeightEntry, WeightMap
 
 MODEL = "mypkg.model:build"
 

@@ -125,7 +125,8 @@ def test_untimed_site_is_kept_as_a_loop(monkeypatch):
     torch.testing.assert_close(result.model(x), model(x), rtol=0, atol=0)
 
 
-def test_candidate_that_fails_to_run_keeps_the_loop(monkeypatch):
+def test_candidate_that_fails_to_run_is_an_error_naming_the_site(monkeypatch):
+    """A rewrite that breaks is a bug to see: auto must not turn it into "kept as loop"."""
     real = auto._candidates
 
     def broken(loop, site, lowerings):
@@ -134,10 +135,38 @@ def test_candidate_that_fails_to_run_keeps_the_loop(monkeypatch):
         return fns
 
     monkeypatch.setattr(auto, "_candidates", broken)
-    monkeypatch.setattr(RowsByStructure, "find", lambda self, gm, ctx, first=0: [])
-    result = _fuse(M.Seed(), (M.Seed().example(),))
-    assert result.sites[0].lowering == "loop"
-    assert "boom" in " ".join(result.sites[0].notes)
+    with pytest.raises(fxfuse.FxFuseError, match=r"site0 .*grouped.*boom"):
+        _fuse(M.Seed(), (M.Seed().example(),))
+
+
+@pytest.mark.parametrize("target", ["rewrite_site", "rewrite_siblings"])
+def test_a_rewrite_that_raises_under_auto_propagates(monkeypatch, target):
+    """The rewrite entry point raising (a rewriter bug) propagates from ``fuse`` as an
+    error that names the site, for row loops and sibling Linears alike."""
+    from fxfuse.errors import InternalError
+
+    def bug(*args, **kwargs):
+        raise KeyError("rewriter bug")
+
+    model = M.Seed() if target == "rewrite_site" else _Siblings()
+    module = auto
+    monkeypatch.setattr(module, target, bug)
+    x = model.example() if hasattr(model, "example") else torch.randn(4, 16)
+    with pytest.raises(InternalError, match=r"site\d+ .*rewriter bug") as info:
+        _fuse(model, (x,))
+    assert isinstance(info.value.__cause__, KeyError)
+
+
+class _Siblings(nn.Module):
+    """Three Linears on one input (q, k, v, an attention score): one sibling site."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(16, 8) for _ in range(3))
+
+    def forward(self, x):
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        return torch.softmax(q @ k.transpose(-1, -2), -1) @ v
 
 
 # ------------------------------------------------------------------ layout copies

@@ -207,3 +207,31 @@ def test_a_refused_rewrite_hands_the_captured_graph_on(monkeypatch):
     graph = backend.graphs[-1]
     assert not graph.changed and "VerificationError" in graph.unchanged_because
     assert count_convs(graph.graph) == 4
+
+
+class _QKV(nn.Module):
+    """Sibling Linears on one input (q, k, v) and per-row GLU heads: the compile backend
+    runs the one driver, so siblings and loops of identical rows fuse there too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(16, 16) for _ in range(3))
+        self.heads = nn.ModuleList(nn.Linear(16, 32) for _ in range(4))
+
+    def forward(self, x):                                   # (B, 4, 16)
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        h = torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+        return torch.stack([torch.nn.functional.glu(f(h[:, i]), -1)
+                            for i, f in enumerate(self.heads)], 1)
+
+
+def test_backend_fuses_siblings_and_identical_rows():
+    model = _QKV().eval()
+    backend = fxfuse.backend(inner="eager", lowering="grouped")
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        x = torch.randn(3, 4, 16)
+        _close(compiled(x), model(x))
+    lowerings = sorted(s.lowering for g in backend.graphs for s in g.sites if s.fused)
+    assert "siblings" in lowerings and ("vmap" in lowerings or "bmm" in lowerings), \
+        [(s.lowering, s.reason) for g in backend.graphs for s in g.sites]

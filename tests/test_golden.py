@@ -57,6 +57,21 @@ GOLDEN = {
                               "grouped", ("permute", "flatten", "Conv1d", "unflatten",
                                           "layer_norm", "view", "view", "addcmul", "flatten",
                                           "relu", "Conv1d") + LAYOUT_OUT),
+    # vmap of one row over the stacked weights, traced into ATen: the batching rules give
+    # one grouped convolution (groups = rows) and one bmm; the source is read as a view
+    # (one permute), the batch size from the input (size), the join is one movedim.
+    "vmap-conv": Golden(spellings.Seed, (2, 3, 4, 8), "vmap", "vmap",
+                        ("size", "permute.default", "clone.default", "_unsafe_view.default",
+                         "permute.default", "view.default", "convolution.default",
+                         "view.default", "permute.default", "unsqueeze.default",
+                         "view.default", "add.Tensor", "unsqueeze.default", "movedim",
+                         "flatten", "contiguous")),
+    "vmap-linear-heads": Golden(lambda: heads.Heads(v=3, length=8, p=4), (2, 3, 8), "vmap",
+                                "vmap", ("size", "transpose.int", "permute.default",
+                                         "expand.default", "view.default", "expand.default",
+                                         "view.default", "bmm.default", "_unsafe_view.default",
+                                         "mul.Scalar", "view.default", "add.Tensor",
+                                         "movedim", "contiguous")),
 }
 
 
@@ -69,10 +84,31 @@ def test_golden_graph(case):
     result = fxfuse.fuse(model, (x,), lowering=case.lowering, benchmark=False)
     assert [s.lowering for s in result.sites] == [case.label], [s.reason for s in result.sites]
     assert tuple(call_sequence(result.model)) == case.expected, result.model.code
-    assert len(before) > len(case.expected)          # one call per row became one in all
+    if case.label == "vmap":                         # H layer calls became one ATen call
+        layers = [c for c in before if c in ("Conv1d", "Linear")]
+        assert len(layers) > 1 and sum(c.split(".")[0] in ("convolution", "bmm")
+                                       for c in case.expected) == 1
+    else:
+        assert len(before) > len(case.expected)      # one call per row became one in all
     other = torch.randn(case.shape[0] + 1, *case.shape[1:])
     with torch.no_grad():
         torch.testing.assert_close(result.model(other), model(other), rtol=1e-4, atol=1e-5)
+
+
+def test_golden_vmap_embedding_rows():
+    """Per-column embeddings: one lookup into the stacked tables with offset indices
+    (``arange`` of the row starts added), then one bmm for the rows' Linears."""
+    from zoo.rowgen import RowModel
+    torch.manual_seed(0)
+    model = RowModel("idx", ["linear"], 3, "index", "cat").eval()
+    x = model.example()
+    result = fxfuse.fuse(model, (x,), lowering="vmap", benchmark=False)
+    calls = call_sequence(result.model)
+    assert calls.count("embedding.default") == 1 and calls.count("bmm.default") == 1, calls
+    assert "arange.start_step" in calls and "getitem" not in calls and "stack" not in calls
+    other = model.example(7)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(other), model(other))
 
 
 def test_golden_grouped_conv_code():

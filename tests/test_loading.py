@@ -198,10 +198,17 @@ def test_weights_mismatch_lists_keys(models, tmp_path):
     assert "conv.weight (5, 3, 3) vs (4, 3, 3)" in message
 
 
-def test_weights_dataparallel_prefix_hint(models, tmp_path):
+def test_weights_dataparallel_prefix_is_stripped_or_named(models, tmp_path):
+    """A prefix every key shares is stripped when what remains fits exactly (issue 20);
+    when it does not, the message names the prefix."""
     sd = {f"module.{k}": v for k, v in _reference(models).state_dict().items()}
     torch.save(sd, tmp_path / "dp.pt")
-    _raises("DataParallel", lambda: load_model(f"{models[0]}:build", weights=tmp_path / "dp.pt"))
+    loaded = load_model(f"{models[0]}:build", weights=tmp_path / "dp.pt")
+    assert set(loaded.model.state_dict()) == {k[len("module."):] for k in sd}
+    sd.pop(next(iter(sd)))
+    torch.save(sd, tmp_path / "dp_short.pt")
+    _raises("starts with 'module.'",
+            lambda: load_model(f"{models[0]}:build", weights=tmp_path / "dp_short.pt"))
 
 
 @pytest.mark.parametrize("content,match", [

@@ -17,7 +17,6 @@ NEGATIVES = {
     "buffer-row-reads-previous-row": (refused.BufferFeedback, {}, ("depend",)),
     "fewer-rows-than-min-rows": (spellings.Seed, {"min_rows": 5}, ("4 rows", "min_rows=5")),
     "weight-tied-outside-the-loop": (refused.TiedOutside, {}, ("layers.0.weight", "outside the loop")),
-    "buffer-partly-written": (refused.PartialBuffer, {}, ("unwritten",)),
     "buffer-of-another-dtype": (refused.DtypeChange, {}, ("float64",)),
     "rows-with-tied-weights": (refused.TiedRows, {"check_grads": False},
                                ("layers.1.weight", "tied to layers.0.weight")),
@@ -36,6 +35,7 @@ STRUCTURAL = {
     "cat-joins-a-non-conv-tensor": (refused.CatWithInput, 4),
     "one-row-frozen": (refused.PartlyFrozen, 3),
     "weight-norm-on-one-row": (refused.WeightNormed, 3),
+    "buffer-partly-written": (refused.PartialBuffer, 4),
 }
 
 

@@ -1,52 +1,21 @@
 """What fxfuse does where the installed torch lacks a capability (``fxfuse/compat.py``).
 
 Each stand-in is tested under every torch: under the newest by taking the capability away,
-under the floor (``.ci/run`` runs this file there too) as it is.
+under the floor (``.ci/floor`` runs this file there too) as it is. The quiet import and the
+muted deprecation warnings are tested in ``test_cli_habits.py``.
 """
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
-import warnings
 
 import pytest
 import torch
 from torch import nn
 
-import fxfuse
 from fxfuse import compat
 from fxfuse.io.saving import render_model
 from fxfuse.trace.export import FixedModeError, fix_mode, keep_input_checks
 from zoo import spellings
-
-
-def test_import_prints_nothing():
-    result = subprocess.run([sys.executable, "-c", "import fxfuse"], capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0 and result.stdout == "" and result.stderr == "", result.stderr
-
-
-class WarnsInForward(spellings.BufferWrite):
-    """The user's own code warns; that warning must still reach the user."""
-
-    def forward(self, x):
-        warnings.warn("the user's own deprecation", FutureWarning)
-        return super().forward(x)
-
-
-def test_torch_deprecations_from_our_calls_stay_inside():
-    model = WarnsInForward()
-    x = model.example()
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        result = fxfuse.fuse(model, (x,), lowering="grouped", benchmark=False,
-                             tracer="export")
-        render_model(result.model, "out.pt2", (x,))
-    assert result.changed
-    ours = [w for w in seen if issubclass(w.category, (FutureWarning, DeprecationWarning))]
-    assert ours and all("the user's own deprecation" in str(w.message) for w in ours), \
-        [f"{w.category.__name__}: {w.message} ({w.filename})" for w in ours]
 
 
 def test_named_batch_dims_stand_in_for_dim_auto(monkeypatch):

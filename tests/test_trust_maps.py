@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from cli_support import FAST, SHAPE, reference, user_code  # noqa: F401
 from fxfuse.cli.main import main
 from fxfuse.errors import ConfigError
-from fxfuse.rewrite.weights import WeightMap
+from fxfuse.weightmap import WeightMap
 
 MAP = "fused.safetensors.map.json"
 

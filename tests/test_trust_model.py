@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import fxfuse
 from cli_support import FAST, SHAPE, assert_error, project, run_cli, user_code  # noqa: F401
 from fxfuse.errors import FxFuseError
-from fxfuse.rewrite.weights import WeightMap
+from fxfuse.weightmap import WeightMap
 from trust_support import run_inprocess
 
 BAD = textwrap.dedent('''

@@ -157,9 +157,9 @@ def test_checked_batch_sizes_are_on_the_report():
     model = M.Seed().eval()
     report = _fuse(model, model.example(3)).verification
     if report is not None:             # auto may keep the loop: nothing to verify
-        assert report.batch_sizes == (1, 3, 9)
+        assert report.batch_sizes == (1, 3, 8, 9)
     report = _fuse(model, model.example(3), lowering="grouped").verification
-    assert report.batch_sizes == (1, 3, 9) and report.batch_refused == ()
+    assert report.batch_sizes == (1, 3, 8, 9) and report.batch_refused == ()
 
 
 # ------------------------------------------------------------------ train and eval

@@ -4,22 +4,26 @@ The site's whole loop (indexing, every per-row op of every row, the combine) is 
 of the graph into a small GraphModule of its own: the source and any other tensor the
 loop reads become its inputs, the combined result its output, the modules are the same.
 Each candidate rewrite is applied to a copy of it, and all are timed side by side on
-random inputs with the traced shapes, strides, dtypes and the weights' device. The loop
-is kept unless a rewrite beats it; a site that cannot be timed is kept too, with the
-reason.
+random inputs with the traced shapes, strides, dtypes and the weights' device, and the
+decision is :func:`fxfuse.check.decide.choose_among`'s (minimum of interleaved rounds,
+grown until the decision holds, a margin before a rewrite replaces the loop). A site
+whose loop cannot be run on its own (:class:`CannotTime`) is kept, with the reason; a
+rewrite that fails is an error naming the site, never "kept as a loop".
 """
 from __future__ import annotations
 
 import copy
 import itertools
 import logging
-from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import fx
 
-from .bench import time_interleaved, timing_of
+from .decide import MARGIN, Choice, Clock, choose_among, untimed  # noqa: F401 (re-exported)
+from ..errors import FxFuseError, InternalError, RewriteError, one_line
 from ..rewrite.rewriter import LOWERINGS, lowerings_for, node_index, rewrite_site
+from ..rewrite.siblings import rewrite_siblings
 from ..match.sites import RowSite
 from ..trace.tracing import VALUE_KEY
 
@@ -28,21 +32,6 @@ log = logging.getLogger("fxfuse")
 
 class CannotTime(Exception):
     """The site's loop cannot be run on its own (the message says why)."""
-
-
-@dataclass(frozen=True)
-class Choice:
-    """What ``auto`` decided for one site.
-
-    Attributes:
-        lowering: ``"loop"`` (keep it) or a lowering name.
-        timings: (candidate, median seconds) for the loop and each rewrite tried.
-        note: why the loop was kept without timing (``""`` when it was timed).
-    """
-
-    lowering: str
-    timings: tuple[tuple[str, float], ...] = ()
-    note: str = ""
 
 
 def _site_nodes(gm: fx.GraphModule, site: RowSite) -> set[fx.Node]:
@@ -159,67 +148,90 @@ def timing_inputs(loop: fx.GraphModule, device: torch.device) -> tuple[torch.Ten
 
 def _candidates(loop: fx.GraphModule, site: RowSite,
                 lowerings: tuple[str, ...]) -> dict[str, fx.GraphModule]:
+    """The loop and, per lowering, a copy of it rewritten (a rewrite's failure raises)."""
     fns = {"loop": loop}
     for lowering in lowerings_for(site, lowerings):
         fused = copy.deepcopy(loop)
-        rewrite_site(fused, site, lowering)
+        _guarded(site, lowering, lambda: rewrite_site(fused, site, lowering))
         fns[lowering] = fused
     return fns
 
 
+def _guarded(site: RowSite, lowering: str, step: Callable[[], Any]) -> Any:
+    """Run ``step`` (rewriting or running a rewrite); a failure is an error naming the
+    site, never "kept as a loop": a rewrite that breaks is a bug to see, not to hide."""
+    try:
+        return step()
+    except FxFuseError as exc:
+        raise RewriteError(f"site {site.name} ({site.where()}): the {lowering} rewrite "
+                           f"failed while auto timed it: {one_line(exc)}") from exc
+    except Exception as exc:  # noqa: BLE001 - re-raised, with the site named
+        raise InternalError(f"site {site.name} ({site.where()}): the {lowering} rewrite "
+                            f"raised {type(exc).__name__}: {one_line(exc)}") from exc
+
+
+def _timed_loop(gm: fx.GraphModule, site: RowSite, extract: Callable
+                ) -> tuple[fx.GraphModule, tuple[torch.Tensor, ...]]:
+    """The site's cut-out (a copy: timing must not touch gm's buffers) and inputs for it,
+    after one run of it. Any failure up to here means the loop cannot be timed."""
+    loop = extract(gm, site)
+    try:
+        loop = copy.deepcopy(loop)
+        inputs = timing_inputs(loop, _device_of(loop))
+        _call(loop, inputs)()
+    except CannotTime:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the original loop itself fails alone
+        raise CannotTime(f"the loop alone fails: {_failure_text(exc)}") from exc
+    return loop, inputs
+
+
+def _decided(site: RowSite, fns: dict[str, fx.GraphModule], inputs: tuple[torch.Tensor, ...],
+             rounds: int, clock: Clock | None, budget_s: float | None) -> Choice:
+    """Warm every rewrite up once (a failure names the site), then time and decide."""
+    calls = {k: _call(f, inputs) for k, f in fns.items()}
+    for name, call in calls.items():
+        if name != "loop":
+            _guarded(site, name, call)
+    extra = {} if budget_s is None else {"budget_s": budget_s}
+    choice = choose_among(calls, rounds=rounds, clock=clock, **extra)
+    log.info("%s: %s", site.name, choice.rule())
+    return choice
+
+
 def choose_lowering(gm: fx.GraphModule, site: RowSite, *, rounds: int = 9,
-                    candidates: tuple[str, ...] = LOWERINGS) -> Choice:
-    """Time the loop and each candidate lowering for ``site``; return the fastest.
+                    candidates: tuple[str, ...] = LOWERINGS, clock: Clock | None = None,
+                    budget_s: float | None = None) -> Choice:
+    """Time the loop and each candidate lowering for ``site``; return the decision.
 
     Args:
         gm: the traced module the site was found in (not changed).
         site: a fusable site of ``gm``.
-        rounds: interleaved timing rounds (more when the first result is too close).
+        rounds: interleaved timing rounds of the first decision (doubled until it holds).
         candidates: the lowerings tried for a site with per-row weights.
+        clock: seconds now, for :func:`~fxfuse.check.decide.choose_among` (tests pass a
+            fake one); budget_s: its time budget (default ``decide.BUDGET_S``).
 
     Returns:
-        A :class:`Choice`: the loop unless a rewrite's median per-round speedup over it is
-        above :data:`MARGIN`; the loop, with a note, when the site cannot be timed.
+        A :class:`Choice` (:func:`~fxfuse.check.decide.choose_among`'s rule); the loop,
+        with a note, when the loop cannot be timed on its own.
+
+    Raises:
+        RewriteError, InternalError: a candidate rewrite failed (naming the site).
     """
-    try:
-        loop = copy.deepcopy(extract_loop(gm, site))   # timing must not touch gm's buffers
-        inputs = timing_inputs(loop, _device_of(loop))
-        fns = _candidates(loop, site, candidates)
-        calls = _warmed({k: _call(f, inputs) for k, f in fns.items()})
-    except Exception as exc:  # noqa: BLE001 - any failure means "not measured": keep the loop
-        reason = _failure_text(exc)
-        log.info("%s: cannot time the loop alone (%s); keeping the loop", site.name, reason)
-        return Choice("loop", (), f"kept as a loop: auto could not time it ({reason})")
-    return _timed_choice(site, calls, rounds)
+    cut = _cut_or_note(gm, site, extract_loop, "kept as a loop")
+    if isinstance(cut, Choice):
+        return cut
+    loop, inputs = cut
+    fns = _candidates(loop, site, candidates)
+    return _decided(site, fns, inputs, rounds, clock, budget_s)
 
 
 def _failure_text(exc: Exception) -> str:
     """One line naming why timing failed: the exception type and its first line."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
-
-
-def _warmed(calls: dict) -> dict:
-    """Run each call once (warm-up; a failure here means the site cannot be timed)."""
-    for fn in calls.values():
-        fn()
-    return calls
-
-
-def _timed_choice(site: RowSite, calls: dict, rounds: int) -> Choice:
-    """Time ``calls`` interleaved (longer when too close) and pick the loop unless beaten."""
-    samples = time_interleaved(calls, rounds=rounds, round_s=0.01)
-    top, (q1, med) = _top_rewrite(samples)
-    if 0.9 < med < 1.2 or (med > MARGIN and q1 <= 1.0):
-        # Too close to call: measure again, longer, and decide on all rounds.
-        more = time_interleaved(calls, rounds=2 * rounds, round_s=0.02)
-        samples = {k: samples[k] + more[k] for k in samples}
-        top, (q1, med) = _top_rewrite(samples)
-    best = top if med > MARGIN and q1 > 1.0 else "loop"
-    medians = {k: timing_of(v).median_s for k, v in samples.items()}
-    log.info("%s: %s -> %s", site.name,
-             ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in medians.items()), best)
-    return Choice(best, tuple(medians.items()))
+    if isinstance(exc, CannotTime):
+        return one_line(exc)
+    return f"{type(exc).__name__}: {one_line(exc)[:160]}"
 
 
 def _call(fn: fx.GraphModule, inputs: tuple[torch.Tensor, ...]):
@@ -227,24 +239,6 @@ def _call(fn: fx.GraphModule, inputs: tuple[torch.Tensor, ...]):
         with torch.inference_mode():
             return fn(*inputs)
     return run
-
-
-# A rewrite must beat the loop by this factor in the median round, and in its lower
-# quartile beat it at all, before "auto" picks it: on a noisy machine ties go to the loop.
-MARGIN = 1.05
-
-
-def _top_rewrite(samples: dict[str, list[float]]) -> tuple[str, tuple[float, float]]:
-    """The rewrite with the best median per-round speedup over the loop: (name, (q1, median))."""
-    best, stats = "loop", (0.0, 0.0)
-    for name, times in samples.items():
-        if name == "loop":
-            continue
-        ratios = sorted(a / b for a, b in zip(samples["loop"], times))
-        q1, med = ratios[len(ratios) // 4], ratios[len(ratios) // 2]
-        if med > stats[1]:
-            best, stats = name, (q1, med)
-    return best, stats
 
 
 def extract_siblings(gm: fx.GraphModule, site: RowSite) -> fx.GraphModule:
@@ -271,18 +265,24 @@ def extract_siblings(gm: fx.GraphModule, site: RowSite) -> fx.GraphModule:
     return fx.GraphModule(gm, graph, class_name="Siblings")
 
 
-def choose_siblings(gm: fx.GraphModule, site: RowSite, *, rounds: int = 9) -> Choice:
+def _cut_or_note(gm: fx.GraphModule, site: RowSite, extract, kept: str):
+    """The site cut out with its timing inputs, or the untimed choice saying why not."""
+    try:
+        return _timed_loop(gm, site, extract)
+    except CannotTime as exc:
+        reason = _failure_text(exc)
+        log.info("%s: cannot time it alone (%s); %s", site.name, reason, kept)
+        return untimed(f"{kept}: auto could not time it ({reason})")
+
+
+def choose_siblings(gm: fx.GraphModule, site: RowSite, *, rounds: int = 9,
+                    clock: Clock | None = None, budget_s: float | None = None) -> Choice:
     """:func:`choose_lowering` for a sibling-Linear site: the separate Linears against
     the fused one, timed side by side; the separate ones are kept unless beaten."""
-    from ..rewrite.siblings import rewrite_siblings
-    try:
-        loop = copy.deepcopy(extract_siblings(gm, site))
-        inputs = timing_inputs(loop, _device_of(loop))
-        fused = copy.deepcopy(loop)
-        rewrite_siblings(fused, site)
-        calls = _warmed({"loop": _call(loop, inputs), "siblings": _call(fused, inputs)})
-    except Exception as exc:  # noqa: BLE001 - any failure means "not measured": keep the loop
-        reason = _failure_text(exc)
-        log.info("%s: cannot time the siblings alone (%s); keeping them", site.name, reason)
-        return Choice("loop", (), f"kept separate: auto could not time it ({reason})")
-    return _timed_choice(site, calls, rounds)
+    cut = _cut_or_note(gm, site, extract_siblings, "kept separate")
+    if isinstance(cut, Choice):
+        return cut
+    loop, inputs = cut
+    fused = copy.deepcopy(loop)
+    _guarded(site, "siblings", lambda: rewrite_siblings(fused, site))
+    return _decided(site, {"loop": loop, "siblings": fused}, inputs, rounds, clock, budget_s)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from ..compat import torch_benchmark
+from torch.utils import benchmark as tbench
 from .precision import matmul_precision
 
 log = logging.getLogger("fxfuse")
@@ -88,7 +88,6 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], *, rounds: int = 15,
     Returns:
         name → seconds per call, one value per round.
     """
-    tbench = torch_benchmark()   # not at import: it prints to stderr under some torch builds
     threads = torch.get_num_threads()
     timers = {k: tbench.Timer("fn()", globals={"fn": f}, num_threads=threads)
               for k, f in fns.items()}

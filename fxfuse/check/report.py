@@ -35,6 +35,13 @@ def site_table(sites: Sequence[RowSite]) -> str:
                                    "candidate times"], tablefmt="simple")
 
 
+def decision_lines(sites: Sequence[RowSite]) -> list[str]:
+    """One line per site ``auto`` decided: each candidate's estimate and spread, the
+    margin against the threshold, the rounds (the rule, in the decision's own words)."""
+    return [f"decision {s.name}: {s.decision['rule']}" for s in sites
+            if s.decision is not None and s.decision.get("rule")]
+
+
 def _error_rows(verification: VerifyReport) -> list[list[str]]:
     """The worst absolute and relative error, for outputs and for gradients apart."""
     rows = []
@@ -72,16 +79,33 @@ def _verification_rows(verification: VerifyReport | None) -> list[list[str]]:
     return rows
 
 
-def _timing_rows(timing: BenchResult | None) -> list[list[str]]:
-    """Original and fused median time with their IQR, and the speedup."""
+def _timing_rows(timing: BenchResult | None, fused: bool = True) -> list[list[str]]:
+    """Original and fused median time with their IQR, and the speedup (only the
+    original's time when nothing was fused: the two would be one model)."""
     if timing is None:
         return [["timing", "not run"]]
-    return [["original time", f"{_ms(timing.original.median_s)} "
+    if not fused:
+        return [["original time", f"{_ms(timing.original.median_s)} "
+                 f"(IQR {_ms(timing.original.q1_s)}–{_ms(timing.original.q3_s)})"],
+                ["speedup", "none: nothing was fused"]]
+    rows = [["original time", f"{_ms(timing.original.median_s)} "
              f"(IQR {_ms(timing.original.q1_s)}–{_ms(timing.original.q3_s)})"],
             ["fused time", f"{_ms(timing.fused.median_s)} "
              f"(IQR {_ms(timing.fused.q1_s)}–{_ms(timing.fused.q3_s)})"],
             ["speedup", f"{timing.speedup:.2f}x (IQR {timing.speedup_q1:.2f}–"
              f"{timing.speedup_q3:.2f}x, {timing.original.rounds} interleaved rounds)"]]
+    warning = slower_warning(timing)
+    return rows + ([["warning", warning]] if warning else [])
+
+
+def slower_warning(timing: BenchResult | None) -> str:
+    """One line when the fused model measured slower than the original beyond the
+    spread (the speedup's upper quartile below 1); ``""`` otherwise."""
+    if timing is None or timing.speedup_q3 >= 1.0:
+        return ""
+    return (f"the fused model measured slower than the original (speedup "
+            f"{timing.speedup:.2f}x, IQR {timing.speedup_q1:.2f}–{timing.speedup_q3:.2f}x): "
+            "to keep the original, use your model as it is instead of the fused one")
 
 
 def summary_table(sites: Sequence[RowSite], verification: VerifyReport | None,
@@ -91,11 +115,13 @@ def summary_table(sites: Sequence[RowSite], verification: VerifyReport | None,
     rows = [["sites fused", f"{fused} of {len(sites)}"],
             ["rows fused", str(sum(s.rows for s in sites if s.fused))]]
     rows += _verification_rows(verification)
-    rows += _timing_rows(timing)
+    rows += _timing_rows(timing, fused > 0)
     return tabulate(rows, tablefmt="simple")
 
 
 def format_report(sites: Sequence[RowSite], verification: VerifyReport | None,
                   timing: BenchResult | None) -> str:
     """The full text report: site table, then the summary."""
-    return site_table(sites) + "\n\n" + summary_table(sites, verification, timing)
+    decided = decision_lines(sites)
+    middle = "\n" + "\n".join(decided) + "\n" if decided else ""
+    return site_table(sites) + "\n" + middle + "\n" + summary_table(sites, verification, timing)

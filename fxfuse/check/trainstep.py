@@ -9,8 +9,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
-from ..errors import VerificationError
-from ..rewrite.weights import WeightMap
+from ..errors import VerificationError, one_line
+from ..weightmap import WeightMap
 from .compare import Check, compare, leaves as _leaves
 from .precision import PrecisionMode
 
@@ -33,6 +33,23 @@ def quiet_dropout(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.modules.dropout._DropoutNd):
             module.eval()
+
+
+def draws_hidden_random(model: torch.nn.Module, inputs: Sequence[Any], seed: int) -> bool:
+    """True when ``model``, in its mode with its dropout modules quiet, still gives other
+    outputs under another seed: it draws random numbers fxfuse cannot switch off (an
+    ``nn.MultiheadAttention(dropout=...)`` calls dropout inside its forward)."""
+    if not getattr(model, "training", False):
+        return False
+    quiet = copy.deepcopy(model)
+    quiet_dropout(quiet)
+    try:
+        with torch.no_grad():
+            first, second = run(quiet, inputs, seed), run(quiet, inputs, seed + 1)
+    except Exception:  # noqa: BLE001 - a model that fails here fails in the checks too
+        return False
+    return any(a.shape != b.shape or not torch.equal(a, b)
+               for a, b in zip(_leaves(first), _leaves(second)))
 
 
 _RANDOM = {"dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d",
@@ -83,10 +100,10 @@ def grad_checks(original: torch.nn.Module, fused: torch.nn.Module, inputs: tuple
 
 
 def _train_copies(original: torch.nn.Module, fused: torch.nn.Module,
-                  inputs: tuple[Any, ...], dtype: torch.dtype | None
+                  inputs: tuple[Any, ...], dtype: torch.dtype | None, quiet: bool = True
                   ) -> tuple[torch.nn.Module, torch.nn.Module, tuple[Any, ...], str]:
     """Copies of both models (and the floating inputs) cast to ``dtype`` when given, put in
-    train mode with dropout quiet; and the mode's name for the checks' labels."""
+    train mode with dropout quiet (``quiet``); and the mode's name for the checks' labels."""
     ref_model, new_model = copy.deepcopy(original), copy.deepcopy(fused)
     if dtype is not None:
         ref_model, new_model = ref_model.to(dtype), new_model.to(dtype)
@@ -98,7 +115,7 @@ def _train_copies(original: torch.nn.Module, fused: torch.nn.Module,
         mode = "train"
     except Exception:  # noqa: BLE001 - exported graphs keep the mode they were traced in
         mode = "traced-mode"
-    for model in (ref_model, new_model):
+    for model in (ref_model, new_model) if quiet else ():
         quiet_dropout(model)
     return ref_model, new_model, inputs, mode
 
@@ -121,12 +138,26 @@ def _step(model: torch.nn.Module, inputs: tuple[Any, ...], seed: int
     return out, input_grads, param_grads
 
 
+def _first_names(named: Any) -> dict[str, str]:
+    """Every name of a tensor reachable under several (one module assigned to two
+    attributes, ``nn.ModuleList([layer] * 3)``) -> its first name, the one
+    ``named_parameters()`` reports: tensors are matched by identity, not by spelling."""
+    first: dict[int, str] = {}
+    return {name: first.setdefault(id(t), name) for name, t in named}
+
+
+def _renamed(values: dict[str, torch.Tensor], names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """``values`` keyed by the original's first name of each tensor."""
+    return {names.get(k, k): v for k, v in values.items()}
+
+
 def _param_check(mode: str, ref_model: torch.nn.Module, new_model: torch.nn.Module,
                  ref_grads: dict[str, torch.Tensor], new_grads: dict[str, torch.Tensor],
                  weight_map: WeightMap, rtol: float | None, atol: float | None) -> Check:
     """Parameter gradients and floating buffers after the step, the fused model's mapped
     back to the original's keys, summed up in one check (worst error over all keys)."""
-    mapped = weight_map.to_original(new_grads, strict=False)
+    params = _first_names(ref_model.named_parameters(remove_duplicate=False))
+    mapped = _renamed(weight_map.to_original(new_grads, strict=False), params)
     lost = sorted(set(ref_grads) ^ set(mapped))
     if lost:
         raise VerificationError(f"{mode} gradients: {lost[0]} gets a gradient in only one of "
@@ -135,7 +166,8 @@ def _param_check(mode: str, ref_model: torch.nn.Module, new_model: torch.nn.Modu
     per_key = [compare(f"{mode} grad of {k}", ref_grads[k], mapped[k], rtol, atol)
                for k in common]
     buffers_ref = dict(ref_model.named_buffers())
-    buffers_new = weight_map.to_original(dict(new_model.named_buffers()), strict=False)
+    buffers_new = _renamed(weight_map.to_original(dict(new_model.named_buffers()), strict=False),
+                           _first_names(ref_model.named_buffers(remove_duplicate=False)))
     shared = sorted(k for k in set(buffers_ref) & set(buffers_new)
                     if buffers_ref[k].is_floating_point())
     if shared:
@@ -157,9 +189,53 @@ def _train_step_checks(original: torch.nn.Module, fused: torch.nn.Module,
     if random_ops:
         skipped.append(f"gradients: the model calls {random_ops[0]} (random) in train mode")
         return []
+    if draws_hidden_random(ref_model, inputs, seed):
+        return _aligned_step_checks(original, fused, inputs, weight_map, seed, rtol, atol,
+                                    skipped, dtype)
+    return _step_checks(ref_model, new_model, inputs, weight_map, seed, rtol, atol, skipped,
+                        mode)
+
+
+def _aligned_step_checks(original: torch.nn.Module, fused: torch.nn.Module,
+                         inputs: tuple[Any, ...], weight_map: WeightMap, seed: int,
+                         rtol: float | None, atol: float | None, skipped: list[str],
+                         dtype: torch.dtype | None) -> list[Check]:
+    """The train step when the original draws random numbers that cannot be switched off:
+    both models run with their dropout on, from one RNG seed, so the same draws meet the
+    same tensors. When the draws cannot be aligned (the rewrite draws once for rows the
+    loop drew one by one), the step is skipped with a note instead of refused."""
+    ref_model, new_model, inputs, mode = _train_copies(original, fused, inputs, dtype,
+                                                       quiet=False)
+    try:
+        checks = _step_checks(ref_model, new_model, inputs, weight_map, seed, rtol, atol,
+                              skipped, mode)
+    except VerificationError as exc:
+        skipped.append(f"{mode} outputs and gradients: the original draws random numbers in "
+                       f"{mode} mode that cannot be switched off, and the two models' draws "
+                       f"could not be aligned under one seed ({exc.check}); not compared")
+        return []
+    skipped.append(f"{mode} step compared with dropout on, both models from one RNG seed "
+                   "(the original draws random numbers that cannot be switched off)")
+    return checks
+
+
+def _step_checks(ref_model: torch.nn.Module, new_model: torch.nn.Module,
+                 inputs: tuple[Any, ...], weight_map: WeightMap, seed: int,
+                 rtol: float | None, atol: float | None, skipped: list[str],
+                 mode: str) -> list[Check]:
+    """One forward/backward of each prepared copy, compared."""
     steps = []
     for model in (ref_model, new_model):
-        step = _step(model, inputs, seed)
+        try:
+            step = _step(model, inputs, seed)
+        except RuntimeError as exc:
+            if model is new_model:
+                raise
+            # The original cannot take a gradient step itself (two in-place ReLUs on one
+            # tensor, say): there is nothing to compare the rewrite's gradients with.
+            skipped.append(f"{mode} gradients: the original model's own backward fails "
+                           f"({one_line(exc)}); gradients not compared")
+            return []
         if step is None:
             skipped.append("gradients: the output does not require grad")
             return []

@@ -1,8 +1,8 @@
 """Check that a rewritten model computes what the original did. Knows nothing of matching.
 
 The checks: outputs on the example inputs (and that the rewrite's outputs share no memory
-the original's did not); outputs on fresh random inputs at batch 1 and at a larger batch
-than traced; outputs in the other train/eval mode; in train mode, outputs and gradients
+the original's did not); outputs on fresh random inputs at batch 1 and at two larger batches
+than traced, one even and one odd; outputs in the other train/eval mode; in train mode, outputs and gradients
 (inputs and parameters, the fused parameters' gradients mapped back through the
 :class:`WeightMap`). Under a reduced-precision mode (TF32 on CUDA) a result outside the
 float tolerance is judged against float64 by what the mode permits the original
@@ -19,12 +19,13 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..errors import VerificationError
-from ..rewrite.weights import WeightMap
+from ..weightmap import WeightMap
 from . import precision as _precision
 from .compare import (FLOOR_ROUNDOFFS, MODE_FACTOR, Check, compare, judge_in_mode,
                       leaves as _leaves, tolerances)
 from .precision import PrecisionMode
-from .trainstep import grad_checks, quiet_dropout, random_nodes, run as _run
+from .trainstep import (draws_hidden_random, grad_checks, quiet_dropout, random_nodes,
+                        run as _run)
 
 __all__ = ["Check", "VerifyReport", "compare", "permitted_error", "tolerances",
            "verify_models"]
@@ -159,8 +160,9 @@ def _check_aliasing(original_out: Any, fused_out: Any) -> None:
 
 
 def _other_batches(batch: int) -> list[int]:
-    """Batch 1 and a batch larger than traced (and not a multiple of it)."""
-    return sorted({1, 2 * batch + 3} - {batch})
+    """Batch 1 and two batches larger than traced, one even and one odd (neither a
+    multiple of it): a forward that branches on the batch size's parity shows."""
+    return sorted({1, 2 * batch + 2, 2 * batch + 3} - {batch})
 
 
 def verify_models(original: torch.nn.Module, fused: torch.nn.Module, example_inputs: Sequence[Any],
@@ -193,14 +195,18 @@ def verify_models(original: torch.nn.Module, fused: torch.nn.Module, example_inp
     checks, skipped = [], []
     # Copies: a train-mode forward updates BatchNorm statistics, and the caller's
     # models must come out of verification as they went in.
-    to_eval = fused.training and bool(random_nodes(fused))
+    hidden = draws_hidden_random(original, inputs, seed)
+    to_eval = fused.training and (bool(random_nodes(fused)) or hidden)
     exported = _is_exported(fused)
     original, fused = _copy_for_checks(original, to_eval), _copy_for_checks(fused, to_eval)
     # The train step starts from the state both models came in with: the forward checks
     # below move train-mode BatchNorm statistics, each model by its own rounding.
     step_models = (copy.deepcopy(original), copy.deepcopy(fused)) if check_grads else None
     if to_eval:
-        skipped.append("outputs compared in eval mode: the model calls a random op in train mode")
+        skipped.append("outputs compared in eval mode: the model " + (
+            "draws random numbers in train mode that cannot be switched off (its train "
+            "step is compared from one RNG seed)" if hidden else
+            "calls a random op in train mode"))
     judge = _Judge(original, mode, rtol, atol, seed)
     batches, refused = [], []
     with torch.no_grad():
@@ -286,8 +292,9 @@ def _mode_checks(original: torch.nn.Module, fused: torch.nn.Module, inputs: tupl
         return (given, other)                       # the train step below compares it
     for model in (ref_model, new_model):
         quiet_dropout(model)
-    if other == "train" and random_nodes(new_model):
-        skipped.append("train mode: the model calls a random op in train mode")
+    if other == "train" and (random_nodes(new_model) or
+                             draws_hidden_random(ref_model, inputs, seed)):
+        skipped.append("train mode: the model draws random numbers in train mode")
         return (given,)
     ref = _run(ref_model, inputs, seed)
     try:

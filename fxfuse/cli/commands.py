@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -11,12 +10,12 @@ from typing import Iterator
 import torch
 
 from ..api import fuse
-from ..io.checkpoints import read_weights, existing_file, first_line
-from .console import EXIT_OK, MAP_NAME, progress, dump_json, shown, user_code, warn
+from ..io.checkpoints import first_line
+from .console import EXIT_OK, emit, progress, dump_json, shown, user_code, warn
 from ..errors import ConfigError, VerificationError
-from ..match.find import find_row_sites
-from ..match.siblings import with_siblings
-from ..io.loading import LoadedModel, load_model, parse_input_shapes
+from ..config import FuseConfig
+from ..passes.driver import find_sites
+from ..io.loading import LoadedModel, load_model, parse_input_shapes, parse_model_kwargs
 from ..examples import SEED_SHAPE, seed_model
 from ..check.report import site_table
 from ..deploy.onnx import is_onnx_path
@@ -24,19 +23,19 @@ from ..deploy.onnx_choice import write_onnx
 from ..io.writing import atomic_write, check_output_path
 from ..io.transaction import OutputSet
 from .outputs import (check_out, check_report_path, describe_saved, output_paths,
-                      weight_map_path, write_outputs)
+                      read_decisions, report_shown, weight_map_path, write_outputs,
+                      write_report)
 from ..trace.tracing import trace_model
-from ..rewrite.weights import WeightMap
-
-WEIGHT_SUFFIXES = (".safetensors", ".pt")
 
 
 def _load(args: argparse.Namespace) -> tuple[LoadedModel, tuple[torch.Tensor, ...]]:
     progress(f"loading {args.model}")
     inputs = parse_input_shapes(args.input_shape, args.dtype, args.device)
+    kwargs = parse_model_kwargs(getattr(args, "model_kwargs", None))
     with user_code("loading the model"):
         loaded = load_model(args.model, weights=args.weights, allow_pickle=args.allow_pickle,
-                            device=args.device, dtype=args.dtype, announce=warn)
+                            device=args.device, dtype=args.dtype, announce=warn,
+                            model_kwargs=kwargs)
     with user_code("running forward() once"):
         _check_runs(loaded.model, inputs, args.input_shape)
     return loaded, inputs
@@ -62,10 +61,10 @@ def inspect(args: argparse.Namespace) -> int:
     progress("tracing")
     with user_code("tracing the model"):
         gm = trace_model(loaded.model, inputs, tracer=args.tracer)
-        sites = with_siblings(gm, find_row_sites(gm, min_rows=args.min_rows),
-                              min_rows=args.min_rows)
+        sites = find_sites(gm, inputs, FuseConfig(min_rows=args.min_rows,
+                                                  lowering=getattr(args, "lowering", "auto")))
     if args.json:
-        print(dump_json({"tracer": getattr(gm, "fxfuse_tracer", ""),
+        emit(dump_json({"tracer": getattr(gm, "fxfuse_tracer", ""),
                          "sites": [s.to_dict() for s in sites]}))
     else:
         print(site_table(sites))
@@ -78,11 +77,38 @@ def fuse_command(args: argparse.Namespace) -> int:
     """Fuse, verify, benchmark, print the report, write OUT (+ OUT.map.json)."""
     out = check_out(args.out)
     report = check_report_path(args.report_json, out)
-    with OutputSet(output_paths(out, report)) as outputs:  # every temp made before any work
+    paths = _all_outputs(args, out, report)
+    with OutputSet(paths) as outputs:  # every temp made before any work
         loaded, inputs = _load(args)
         check_out(out, loaded.paths)
         check_report_path(args.report_json, out, loaded.paths)
+        _check_pickle_out(args, loaded.model, out)
         return _run_fuse(args, loaded.model, inputs, out, report, outputs)
+
+
+def _all_outputs(args: argparse.Namespace, out: Path, report: Path | None) -> list[Path]:
+    """OUT, its map, the report, and ``--decisions FILE`` when it is to be written (its
+    recorded decisions, when it exists, are read now into ``args.decisions_in``)."""
+    args.decisions_in, args.decisions_out = read_decisions(
+        getattr(args, "decisions", None), out, report)
+    if args.decisions_out is not None and is_onnx_path(out):
+        warn("--decisions does not apply to an .onnx output (ONNX Runtime times the "
+             "exports itself); nothing is recorded")
+        args.decisions_out = None
+    extra = [args.decisions_out] if args.decisions_out is not None else []
+    return output_paths(out, report) + extra
+
+
+def _check_pickle_out(args: argparse.Namespace, model: torch.nn.Module, out: Path) -> None:
+    """``-o x.pt``/``.pth`` is refused before any work when it cannot be written: a model
+    that does not pickle, or ``--tracer export`` (its graph holds local functions)."""
+    if out.suffix.lower() not in (".pt", ".pth"):
+        return
+    if args.tracer == "export":
+        raise ConfigError(f"cannot write {shown(out)} with --tracer export: a torch.export "
+                          "graph cannot be pickled; write .pt2 or .safetensors instead")
+    from ..io.save_result import check_picklable
+    check_picklable(model, out)
 
 
 def _run_fuse(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple, out: Path,
@@ -93,15 +119,28 @@ def _run_fuse(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple, o
     with user_code("fusing the model"):
         result = fuse(model, inputs, lowering=args.lowering, benchmark=not args.no_bench,
                       min_rows=args.min_rows, tracer=args.tracer,
-                      check_grads=not args.no_grad_check, rtol=args.rtol, atol=args.atol)
+                      check_grads=not args.no_grad_check, rtol=args.rtol, atol=args.atol,
+                      decisions=getattr(args, "decisions_in", None))
     print(result.report())
+    for warning in result.warnings:
+        warn(warning)
     if not result.changed:
         print("no loop was rewritten; writing the traced model unchanged")
     progress(f"writing {out}")
     with user_code("saving the model"):
-        saved, checked = write_outputs(result, model, inputs, out, report_json, outputs)
+        saved, checked, pending = write_outputs(result, model, inputs, out, report_json,
+                                                outputs)
+    decided = getattr(args, "decisions_out", None)
+    if decided is not None:
+        outputs.write(decided, dump_json(result.decisions).encode("utf-8"))
     signals = outputs.commit()
-    also = f" and the report {shown(report_json)}" if report_json is not None else ""
+    if pending is not None:
+        emit(pending)
+    also = report_shown(report_json)
+    if decided is not None:
+        also += f", the decisions {shown(decided)}"
+    elif getattr(args, "decisions_in", None) is not None:
+        print(f"\nreused the decisions recorded in {shown(args.decisions)} (not timed again)")
     print(f"\nwrote {shown(out)} ({describe_saved(saved, checked)}), its weight map "
           f"{shown(weight_map_path(out))}{also}")
     if signals:
@@ -126,12 +165,15 @@ def _run_fuse_onnx(args: argparse.Namespace, model: torch.nn.Module, inputs: tup
         outputs.write(out, staged.read_bytes())
     print(result.report())
     print(onnx_report.summary().replace(str(staged), str(out)))
+    pending = None
     if report_json is not None:
         data = dict(result.to_dict(), output=str(out), fused=fused, onnx=onnx_report.to_dict())
-        outputs.write(report_json, dump_json(data).encode("utf-8"))
+        pending = write_report(outputs, report_json, data)
     signals = outputs.commit()
+    if pending is not None:
+        emit(pending)
     what = "the fused model" if fused else "the original model (no fused export was faster)"
-    also = f" and the report {shown(report_json)}" if report_json is not None else ""
+    also = report_shown(report_json)
     print(f"\nwrote {shown(out)} ({what}, ONNX){also}")
     return 128 + signals[0] if signals else EXIT_OK
 
@@ -152,7 +194,7 @@ def demo(args: argparse.Namespace) -> int:
             tracer="auto", out=str(root / "seed_rowconv_fused.pt2")))
         out = check_output_path(Path(ns.out).absolute())
         report = check_report_path(ns.report_json, out)
-        with OutputSet(output_paths(out, report)) as outputs:
+        with OutputSet(_all_outputs(ns, out, report)) as outputs:
             loaded, inputs = _load(ns)
             code = _run_fuse(ns, loaded.model, inputs, out, report, outputs)
         if code != EXIT_OK:
@@ -192,83 +234,3 @@ def _check_reloaded(out: Path, model: torch.nn.Module) -> None:
             raise VerificationError(f"the reloaded {out.name} differs from the seed model on "
                                     f"batch 7 ({first_line(exc)})") from exc
     print(f"reloaded {out.name} with bare torch.export.load: matches the original on batch 7")
-
-
-def convert_weights(args: argparse.Namespace) -> int:
-    """Convert a state_dict between the looped and the fused layout, exactly, after
-    checking the map is well formed and belongs to the checkpoint."""
-    map_path = existing_file(args.map, "weight map")
-    wmap, map_text = _read_map(map_path)
-    source = existing_file(args.checkpoint, "checkpoint")
-    out = _check_weights_out(args.out, [source, map_path])
-    with OutputSet([out]) as outputs:
-        state = read_weights(source, False)
-        if args.to == "original":
-            _check_embedded_map(source, wmap)
-            match = wmap.check_fused(state)
-            converted = wmap.to_original(state)
-        else:
-            wmap.check_original(state)
-            converted, match = wmap.to_fused(state), "layout"
-        if out.suffix.lower() == ".safetensors":
-            # the fused layout carries its map, as 'fxfuse fuse' writes it: same bytes
-            data = _safetensors_bytes(converted, {MAP_NAME: map_text} if args.to == "fused"
-                                      else None)
-        else:
-            buffer = io.BytesIO()
-            torch.save(converted, buffer)
-            data = buffer.getvalue()
-        outputs.write(out, data)
-        outputs.commit()
-    how = ("the very weights the map was written with" if match == "exact" else
-           "shapes and dtypes match the map")
-    print(f"wrote {shown(out)}: {len(converted)} tensors in the {args.to} layout ({how})")
-    return EXIT_OK
-
-
-def _check_embedded_map(source: Path, wmap: WeightMap) -> None:
-    """Refuse a map other than the one 'fxfuse fuse' stored inside ``source`` (a
-    .safetensors written by it carries its map in the metadata)."""
-    if source.suffix.lower() != ".safetensors" or wmap.binding is None:
-        return
-    from safetensors import safe_open
-    try:
-        with safe_open(str(source), "pt") as handle:
-            text = (handle.metadata() or {}).get(MAP_NAME)
-        inner = WeightMap.from_json(text) if text else None
-    except (OSError, ConfigError, RuntimeError, ValueError):
-        return  # no usable map inside: the layout check decides
-    if inner is not None and inner.binding is not None and \
-            inner.binding.get("fused_sha256") != wmap.binding.get("fused_sha256"):
-        raise ConfigError(f"the weight map does not belong to {str(source)!r}: the map stored "
-                          "inside it was written with other weights; use the OUT.map.json "
-                          "written with this checkpoint")
-
-
-def _read_map(path: Path) -> tuple[WeightMap, str]:
-    """The map in ``path`` (validated) and its text, verbatim."""
-    try:
-        text = path.read_text(encoding="utf-8")
-        return WeightMap.from_json(text), text
-    except (OSError, UnicodeDecodeError, ConfigError) as exc:
-        raise ConfigError(f"cannot use weight map {str(path)!r}: "
-                          f"{str(exc) if isinstance(exc, ConfigError) else first_line(exc)}"
-                          ) from exc
-
-
-def _check_weights_out(out: str, inputs: list[Path]) -> Path:
-    path = Path(out).expanduser().absolute()
-    if path.suffix.lower() not in WEIGHT_SUFFIXES:
-        raise ConfigError(f"cannot write weights to {str(path)!r}: name it .safetensors or .pt")
-    return check_output_path(path, inputs)
-
-
-def _safetensors_bytes(state: dict, metadata: dict[str, str] | None) -> bytes:
-    bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
-    if bad is not None:
-        raise ConfigError(f"checkpoint entry {bad!r} is a {type(state[bad]).__name__}, which "
-                          ".safetensors cannot hold; write a .pt instead")
-    tensors = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
-               for k, v in state.items()}
-    from safetensors.torch import save
-    return save(tensors, metadata=metadata)

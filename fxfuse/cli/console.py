@@ -8,24 +8,50 @@ import io
 import json
 import logging
 import sys
+import time
 from typing import Iterator
 
-from ..errors import ConfigError
+from ..errors import ConfigError, one_line
+from ..io.maps import MAP_NAME  # noqa: F401 - re-exported
 
 log = logging.getLogger("fxfuse")
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports it
 MAP_SUFFIX = ".map.json"
-MAP_NAME = "fxfuse_weight_map.json"
+
+
+_CLOCK = [time.monotonic()]
+_DATA_OUT: list = []          # where emit() writes while stdout is redirected
+
+
+def start_clock() -> None:
+    """Elapsed times in progress lines count from now."""
+    _CLOCK[0] = time.monotonic()
 
 
 def progress(message: str) -> None:
-    """Say what is happening, on the real stderr and only when it is a terminal."""
+    """Say what is happening, on the real stderr and only when it is a terminal; logged
+    at INFO (``-v``) with the elapsed time."""
     console = sys.__stderr__
     if console is not None and console.isatty():
         print(f"fxfuse: {message}...", file=console, flush=True)
-    log.info(message)
+    log.info("%s (%.1fs)", message, time.monotonic() - _CLOCK[0])
+
+
+@contextlib.contextmanager
+def using_data_out(stream: object) -> Iterator[None]:
+    """Make :func:`emit` write to ``stream`` while the block runs."""
+    _DATA_OUT.append(stream)
+    try:
+        yield
+    finally:
+        _DATA_OUT.pop()
+
+
+def emit(text: str) -> None:
+    """Machine-readable output (JSON): on stdout even when the report is not."""
+    print(text, file=_DATA_OUT[-1] if _DATA_OUT else sys.stdout, flush=True)
 
 
 SIGNALLED: list[int] = []     # signals received by this process (not raised by user code)
@@ -58,6 +84,14 @@ def user_code(doing: str) -> Iterator[None]:
     except RecursionError as exc:
         raise ConfigError(f"RecursionError while {doing}: the model is nested too deeply for "
                           "Python's recursion limit; flatten its module tree") from exc
+    except (Exception, GeneratorExit):
+        raise
+    except BaseException as exc:  # asyncio.CancelledError and other BaseExceptions
+        what = type(exc).__name__
+        text = one_line(exc)
+        raise ConfigError(f"the model's code raised {what}{'' if text == what else ': ' + text} "
+                          f"while {doing}; remove that raise from the model (fxfuse calls it "
+                          "outside any event loop or task)") from exc
 
 
 SHOWN: dict[str, str] = {}    # absolute path -> as the user wrote it

@@ -21,10 +21,10 @@ import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from ..errors import ConfigError, FxFuseError, VerificationError
+from ..errors import ConfigError, FxFuseError, InternalError, VerificationError
 from .console import (EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_OK, EXIT_REFUSED,  # noqa: F401
                       EXIT_USAGE, MAP_NAME, MAP_SUFFIX, SHOWN, SIGNALLED, dump_json, progress,
-                      shown, user_code, warn)
+                      shown, start_clock, user_code, using_data_out, warn)
 
 log = logging.getLogger("fxfuse")
 
@@ -53,24 +53,33 @@ def _signals_interrupt() -> Iterator[None]:
             signal.signal(sig, previous)
 
 
-_PATH_ARGS = ("weights", "out", "report_json", "map", "checkpoint", "out_dir")
+_PATH_ARGS = ("weights", "out", "report_json", "map", "checkpoint", "out_dir", "decisions")
 def _absolute_paths(args: argparse.Namespace) -> None:
     """Resolve every path the user gave against the current directory, before any user
     code runs (a factory that calls os.chdir must not move the outputs)."""
     for name in _PATH_ARGS:
         value = getattr(args, name, None)
-        if isinstance(value, str) and value:
+        if isinstance(value, str) and value and value != "-":
             full = os.path.abspath(os.path.expanduser(value))
             SHOWN[full] = value
             setattr(args, name, full)
     model = getattr(args, "model", None)
     if isinstance(model, str) and model:
-        left, sep, right = model.rpartition(":")
-        if sep and left and (left.endswith(".py") or "/" in left or os.sep in left):
-            args.model = f"{os.path.abspath(os.path.expanduser(left))}:{right}"
-        elif not sep and Path(model).suffix.lower() in (".pt2", ".pt", ".pth", ".bin",
-                                                          ".safetensors", ".py"):
-            args.model = os.path.abspath(os.path.expanduser(model))
+        args.model = _absolute_model(model)
+
+
+def _absolute_model(model: str) -> str:
+    """MODEL made absolute where it names a file: a file even with a ':' in its name,
+    ``path/file.py:factory``, or a bare model file; ``module:factory`` as it is."""
+    if os.path.isfile(os.path.expanduser(model)):
+        return os.path.abspath(os.path.expanduser(model))
+    left, sep, right = model.rpartition(":")
+    if sep and left and (left.endswith(".py") or "/" in left or os.sep in left):
+        return f"{os.path.abspath(os.path.expanduser(left))}:{right}"
+    if not sep and Path(model).suffix.lower() in (".pt2", ".pt", ".pth", ".bin",
+                                                  ".safetensors", ".py"):
+        return os.path.abspath(os.path.expanduser(model))
+    return model
 
 
 def _positive_int(text: str) -> int:
@@ -99,12 +108,28 @@ def _quiet(enabled: bool) -> Iterator[None]:
             logging.disable(logging.NOTSET)
 
 
+@contextlib.contextmanager
+def _human_output(args: argparse.Namespace) -> Iterator[None]:
+    """With ``-q`` the report is not printed; with ``--report-json -`` it goes to stderr,
+    so stdout holds the JSON only (written with :func:`console.emit`)."""
+    to_stdout = getattr(args, "report_json", None) == "-"
+    if not (args.quiet or to_stdout):
+        yield
+        return
+    data, errors = sys.stdout, sys.stderr
+    with using_data_out(data), contextlib.redirect_stdout(io.StringIO() if args.quiet
+                                                          else errors):
+        yield
+
+
 def _common_args(p: argparse.ArgumentParser) -> None:
     """--debug and -v after the subcommand too (they default to the top-level value)."""
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show tracebacks")
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                   help="log what the pass does")
+                   help="log each stage of the pass on stderr")
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="print only errors, warnings and the JSON asked for")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -113,32 +138,66 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "file.pt (with --allow-pickle)")
     p.add_argument("--input-shape", action="append", required=True, metavar="SHAPE",
                    help="shape of one model input, e.g. 32,15,10,100 (repeat per input)")
-    p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (model and inputs)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default=None,
+                   help="float32, float16 or bfloat16, for the model and its inputs (default: "
+                        "the model's own dtype, float32 inputs)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    p.add_argument("--model-kwargs", default=None, metavar="JSON",
+                   help="keyword arguments for the factory, as a JSON object, e.g. "
+                        "'{\"rows\": 8}' (default: none)")
     p.add_argument("--weights", default=None, metavar="FILE",
                    help="state_dict for a factory model (.pt/.pth loaded weights-only, .safetensors)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow unpickling a whole-module .pt (runs code from the file: trusted files only)")
-    p.add_argument("--min-rows", type=_positive_int, default=2, help="leave loops with fewer rows alone")
-    p.add_argument("--tracer", default="auto", choices=["auto", "symbolic", "export"])
+    p.add_argument("--min-rows", type=_positive_int, default=2,
+                   help="leave loops with fewer rows alone (default: 2)")
+    p.add_argument("--tracer", default="auto", choices=["auto", "symbolic", "export"],
+                   help="how the graph is captured: auto tries torch.fx.symbolic_trace, then "
+                        "torch.export, then make_fx; symbolic or export use only that one "
+                        "(default: auto)")
 
 
 def _fuse_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lowering", default="auto", choices=["auto", "grouped", "grouped2d"],
-                   help="auto: time the candidates per site and keep the loop unless one is faster")
+    p.add_argument("--lowering", default="auto", choices=["auto", "grouped", "grouped2d", "vmap"],
+                   help="auto: time the candidates per site and keep the loop unless one is "
+                        "faster; grouped/grouped2d: force that rewrite where it applies; "
+                        "vmap: vectorise every loop of identical rows (default: auto)")
     p.add_argument("--no-bench", action="store_true", help="skip timing original vs fused")
     p.add_argument("--no-grad-check", action="store_true", help="skip the train-mode gradient check")
     p.add_argument("--rtol", type=float, default=None, help="override the verification rtol")
     p.add_argument("--atol", type=float, default=None, help="override the verification atol")
-    p.add_argument("--report-json", default=None, metavar="FILE", help="also write the report as JSON")
+    p.add_argument("--report-json", default=None, metavar="FILE",
+                   help="also write the report as JSON to FILE ('-': to stdout, the human "
+                        "report then goes to stderr)")
+    p.add_argument("--decisions", default=None, metavar="FILE",
+                   help="auto's timing decisions: reused from FILE when it exists (no timing), "
+                        "recorded into it otherwise")
+
+
+_EXAMPLES = """examples:
+  fxfuse inspect mypkg.model:build --input-shape 32,15,10,100
+  fxfuse fuse mypkg.model:build --weights model.safetensors --input-shape 32,15,10,100 -o fused.pt2
+  fxfuse fuse model.pt2 --input-shape 32,15,10,100 -o fused.pt2 --report-json -
+  fxfuse weights fused.pt2.map.json finetuned.safetensors -o fused.safetensors --to fused
+"""
+
+
+def _version() -> str:
+    from .. import __version__
+    return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fxfuse`` command."""
     parser = _Parser(prog="fxfuse", description="Rewrite per-row Conv1d loops into one grouped "
-                     "convolution, verified and timed.")
+                     "convolution, verified and timed.", epilog=_EXAMPLES,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fxfuse {_version()}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what the pass does")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log each stage of the pass (with elapsed time) on stderr")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="print only errors, warnings and the JSON asked for")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("inspect", help="list the loops found and whether each would fuse")
     _model_args(p)
@@ -153,10 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
     _fuse_args(p)
     p.add_argument("--out-dir", default=None, help="keep the files here (default: a temp dir)")
     p = sub.add_parser("weights", help="convert a checkpoint between the looped and fused layouts")
-    p.add_argument("map", metavar="MAP", help="the OUT.map.json written by 'fxfuse fuse'")
-    p.add_argument("checkpoint", metavar="IN", help="state_dict file (.safetensors or .pt)")
+    p.add_argument("map", metavar="MAP", help="the OUT.map.json written by 'fxfuse fuse' "
+                   "(or the fused .pt2/.safetensors that holds it)")
+    p.add_argument("checkpoint", metavar="IN",
+                   help="state_dict file (.safetensors, .pt, .pth, .bin) or a fused .pt2")
     p.add_argument("-o", "--out", required=True, help="where to write the converted state_dict")
-    p.add_argument("--to", required=True, choices=["original", "fused"])
+    p.add_argument("--to", required=True, choices=["original", "fused"],
+                   help="the layout to write: 'original' (the looped model's keys) or 'fused'")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow a pickled IN that holds Python objects besides tensors (runs "
+                        "code from the file: trusted files only)")
     for p in sub.choices.values():
         _common_args(p)
     return parser
@@ -165,18 +230,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (also used by ``python -m fxfuse``)."""
     args = build_parser().parse_args(argv)
+    args.quiet = getattr(args, "quiet", False)
     SIGNALLED.clear()
+    start_clock()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="fxfuse: %(message)s")
-    from . import commands
+    from . import commands, weights_cmd
     handler = {"inspect": commands.inspect, "fuse": commands.fuse_command,
-               "demo": commands.demo, "weights": commands.convert_weights}[args.command]
+               "demo": commands.demo, "weights": weights_cmd.convert_weights}[args.command]
     try:
-        with _signals_interrupt(), _quiet(not (args.debug or args.verbose)):
+        with _signals_interrupt(), _human_output(args), \
+                _quiet(not (args.debug or args.verbose)):
             _absolute_paths(args)
             return handler(args)
     except VerificationError as exc:
         return _fail(args, exc, EXIT_REFUSED)
+    except InternalError as exc:
+        return _fail(args, exc, EXIT_INTERNAL, internal=True)
     except FxFuseError as exc:
         return _fail(args, exc, EXIT_USAGE)
     except BrokenPipeError:  # stdout closed early (``| head``): stop quietly
@@ -193,12 +263,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = exc.filename if exc.filename is not None else "a file"
         return _fail(args, os_problem(exc, Path(str(where)), "use"),
                      EXIT_USAGE)
-    except RecursionError as exc:
+    except Exception as exc:  # noqa: BLE001 - the CLI never shows a raw traceback by default
+        return _unexpected(args, exc)
+    except (SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - asyncio.CancelledError and the like
+        return _fail(args, exc, EXIT_INTERNAL, internal=True)
+
+
+def _unexpected(args: argparse.Namespace, exc: Exception) -> int:
+    """An exception no fxfuse error class names: too deep a model and running out of
+    memory are the user's to fix (exit 2); anything else is a bug (exit 3)."""
+    if isinstance(exc, RecursionError):
         return _fail(args, ConfigError("RecursionError: the model is nested too deeply for "
                                        "Python's recursion limit; flatten its module tree"),
                      EXIT_USAGE)
-    except Exception as exc:  # noqa: BLE001 - the CLI never shows a raw traceback by default
-        return _fail(args, exc, EXIT_INTERNAL, internal=True)
+    from ..running import resource_problem
+    problem = resource_problem(exc, f"running 'fxfuse {args.command}'")
+    if problem is not None:
+        return _fail(args, problem, EXIT_USAGE)
+    return _fail(args, exc, EXIT_INTERNAL, internal=True)
 
 
 def _fail(args: argparse.Namespace, exc: BaseException, code: int, internal: bool = False) -> int:

@@ -12,10 +12,11 @@ import torch
 from ..api import FuseResult
 from ..deploy.onnx import check_onnx_output, is_onnx_path
 from ..errors import ConfigError
+from ..io.maps import map_metadata
 from ..io.saving import SavedModel, non_persistent_keys, render_model
-from ..io.writing import check_output_path
+from ..io.writing import check_output_path, resolved
 from ..io.transaction import OutputSet
-from .console import MAP_NAME, MAP_SUFFIX, dump_json, user_code, warn
+from .console import MAP_NAME, MAP_SUFFIX, dump_json, shown, user_code, warn
 
 
 def weight_map_path(out: Path) -> Path:
@@ -23,11 +24,31 @@ def weight_map_path(out: Path) -> Path:
     return out.with_name(out.name + MAP_SUFFIX)
 
 
+STDOUT = Path("-")            # --report-json -: the report goes to stdout
+
+
 def output_paths(out: Path, report: Path | None) -> list[Path]:
     """Every file ``fxfuse fuse`` writes: OUT, its map (an .onnx carries its map inside)
-    and the report when asked for."""
+    and the report when asked for (not when it goes to stdout)."""
     maps = [] if is_onnx_path(out) else [weight_map_path(out)]
-    return [out, *maps] + ([report] if report is not None else [])
+    return [out, *maps] + ([report] if report not in (None, STDOUT) else [])
+
+
+def write_report(outputs: OutputSet, report: Path, data: dict) -> str | None:
+    """Stage the JSON report in ``outputs``; for ``-``, return its text instead (the
+    caller prints it once the files are committed)."""
+    text = dump_json(data)
+    if report == STDOUT:
+        return text
+    outputs.write(report, text.encode("utf-8"))
+    return None
+
+
+def report_shown(report: Path | None) -> str:
+    """`` and the report X`` for the closing line ('' when there is none)."""
+    if report is None:
+        return ""
+    return " and the report on stdout" if report == STDOUT else f" and the report {shown(report)}"
 
 
 def check_report_path(report_json: str | None, out: Path,
@@ -36,17 +57,44 @@ def check_report_path(report_json: str | None, out: Path,
     the others, is the writability check)."""
     if not report_json:
         return None
+    if report_json == "-":
+        return STDOUT
     path = Path(report_json).expanduser().absolute()
     if path.suffix != ".json":
         raise ConfigError(f"--report-json {path} should end in .json")
-    taken = {Path(p).resolve() for p in (*inputs, out, weight_map_path(out))}
-    if path.resolve() in taken:
+    taken = {resolved(Path(p)) for p in (*inputs, out, weight_map_path(out))}
+    if resolved(path, "--report-json") in taken:
         raise ConfigError(f"--report-json {path} is the output, its weight map or an input "
                           "file; choose another name")
     if not path.parent.is_dir():
         raise ConfigError(f"cannot write --report-json {path}: {path.parent} is not an "
                           "existing directory; create it first")
     return path
+
+
+def read_decisions(decisions: str | None, out: Path, report: Path | None,
+                   inputs: tuple[Path, ...] = ()) -> tuple[dict | None, Path | None]:
+    """``--decisions FILE``: its recorded decisions when FILE exists (nothing written to
+    it), else the path to record this run's decisions into (checked like an output)."""
+    if not decisions:
+        return None, None
+    path = Path(decisions).expanduser().absolute()
+    taken = {Path(p).resolve() for p in (*inputs, out, weight_map_path(out),
+                                          *([report] if report else []))}
+    if path.resolve() in taken:
+        raise ConfigError(f"--decisions {path} is the output, its weight map, the report or "
+                          "an input file; choose another name")
+    if not path.exists():
+        if not path.parent.is_dir():
+            raise ConfigError(f"cannot write --decisions {path}: {path.parent} is not an "
+                              "existing directory; create it first")
+        return None, path
+    from ..check.decisions import Decisions
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read --decisions {path}: {exc}") from exc
+    return Decisions.from_json(text, source=f"--decisions {path}").to_dict(), None
 
 
 def check_out(out: str | Path, inputs: tuple[Path, ...] = ()) -> Path:
@@ -57,18 +105,27 @@ def check_out(out: str | Path, inputs: tuple[Path, ...] = ()) -> Path:
 def _render_out(result: FuseResult, inputs: tuple, out: Path, map_text: str,
                 non_persistent: frozenset[str]) -> tuple[bytes, SavedModel]:
     """OUT's bytes, in the format its suffix names (the map rides inside where it can)."""
-    extra = {MAP_NAME: map_text} if out.suffix != ".pt" else None
+    extra = None
+    if out.suffix.lower() == ".safetensors":
+        extra = map_metadata(map_text)
+        if not extra:
+            warn(f"the weight map ({len(map_text) >> 20} MiB) is too large for the metadata "
+                 f"of {out.name}; keep {weight_map_path(out).name} with it")
+    elif out.suffix.lower() == ".pt2":
+        extra = {MAP_NAME: map_text}
     return render_model(result.model, out, inputs, extra_files=extra,
                         non_persistent=non_persistent)
 
 
 def write_outputs(result: FuseResult, model: torch.nn.Module, inputs: tuple, out: Path,
-                  report_json: Path | None, outputs: OutputSet) -> tuple[SavedModel, list[int]]:
+                  report_json: Path | None, outputs: OutputSet
+                  ) -> tuple[SavedModel, list[int], str | None]:
     """Write OUT, OUT.map.json and the report to their temps (committed by the caller).
     The map is bound to the fused weights (content hash, shapes, dtypes).
 
     Returns:
-        What OUT holds, and the batch sizes a dynamic ``.pt2`` was checked at.
+        What OUT holds, the batch sizes a dynamic ``.pt2`` was checked at, and the JSON
+        report to print on stdout (``--report-json -``; else None).
     """
     non_persistent = non_persistent_keys(model)
     fused_state = {k: v for k, v in result.model.state_dict().items() if k not in non_persistent}
@@ -78,11 +135,12 @@ def write_outputs(result: FuseResult, model: torch.nn.Module, inputs: tuple, out
                else _checked_batches(result, inputs))
     outputs.write(out, data)
     outputs.write(weight_map_path(out), text.encode("utf-8"))
+    pending = None
     if report_json is not None:
         report = dict(result.to_dict(), output=str(out), weight_map=str(weight_map_path(out)),
                       batch_sizes_checked=checked)
-        outputs.write(report_json, dump_json(report).encode("utf-8"))
-    return saved, checked
+        pending = write_report(outputs, report_json, report)
+    return saved, checked, pending
 
 
 def _checked_batches(result: FuseResult, inputs: tuple) -> list[int]:
@@ -159,7 +217,8 @@ def describe_saved(saved: SavedModel, checked: list[int] = ()) -> str:
             return "torch.export program, runs with the traced shapes only"
         if not checked:
             return "torch.export program with a dynamic batch size (not verified)"
-        if 1 in checked and max(checked) >= 8:
+        parities = {b % 2 for b in checked if b > 1}
+        if 1 in checked and max(checked) >= 8 and parities == {0, 1}:
             return ("torch.export program, runs with any batch size (checked at "
                     f"{', '.join(map(str, checked))})")
         return ("torch.export program with a dynamic batch size, verified at batch "

@@ -34,13 +34,13 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import fx
 
-from ..api import apply_sites
 from ..check.verify import VerifyReport, verify_models
 from ..errors import ConfigError
-from ..match.find import find_row_sites
+from ..config import FuseConfig
+from ..passes.driver import run_pass
 from ..match.kinds.conv import conv_call
 from ..match.sites import RowSite
-from ..rewrite.weights import WeightMap
+from ..weightmap import WeightMap
 from ..trace.tracing import _RecordingShapeProp
 from .spelling import respell_for_matching
 
@@ -254,11 +254,20 @@ def _fuse_graph(gm: fx.GraphModule, example_inputs: list[Any],
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             _RecordingShapeProp(work).propagate(*example_inputs)
-        sites = find_row_sites(work, min_rows=opts.min_rows)
+        config = FuseConfig(lowering=opts.lowering, min_rows=opts.min_rows, verify=False,
+                            benchmark=False)
+        dynamic = any(isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
+                      for v in example_inputs)
+        # A graph with size inputs (a dynamic capture) is left to the kinds; in a static
+        # one the lifted weights are no batch.
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        batched = tuple(n not in weights for n in placeholders)
+        result = run_pass(work, tuple(example_inputs), config, structural=not dynamic,
+                          batched=batched)
+        sites, wmap = result.sites, result.weight_map
         if not any(s.fusable for s in sites):
             return _unchanged(gm, sites, convs, "no fusable loop")
-        sites, wmap = apply_sites(work, sites, opts.lowering)
-        if not any(s.fused for s in sites):
+        if not result.changed:
             return _unchanged(gm, sites, convs, "auto kept every loop (no rewrite was faster)")
         _attrs_as_inputs(work, attrs)
         verification = _verify(gm, work, example_inputs, weights) if opts.verify else None

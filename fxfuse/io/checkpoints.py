@@ -17,13 +17,14 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from ..compat import muted_logger, quiet_torch
+from ..compat import muted_logger
 from ..errors import ConfigError
+from ..running import torch_warnings_muted
 from ..trace.export import keep_input_checks
 
 log = logging.getLogger("fxfuse")
 
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 MODEL_FORMS = ("give MODEL as package.module:factory, path/to/file.py:factory, a "
                "torch.export archive file.pt2, or a pickled file.pt with --allow-pickle")
 _UNREADABLE = (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, OSError,
@@ -91,8 +92,8 @@ def read_weights(path: Path, allow_pickle: bool) -> Mapping[str, Any]:
         from safetensors.torch import load_file
         return _read(path, "weights", lambda: load_file(str(path), device="cpu"))
     if path.suffix.lower() not in PICKLE_SUFFIXES:
-        raise ConfigError(f"weights {str(path)!r}: unknown suffix; use .pt, .pth, .bin or "
-                          ".safetensors")
+        raise ConfigError(f"weights {str(path)!r}: unknown suffix; use .pt, .pth, .bin, "
+                          ".ckpt or .safetensors")
     try:
         obj = _read(path, "weights", lambda: torch.load(
             path, weights_only=not allow_pickle, map_location="cpu"))
@@ -134,9 +135,30 @@ def _mismatch(model: nn.Module, sd: Mapping[str, Any]) -> str | None:
     parts = [_listed(label, items)
              for label, items in (("missing", missing), ("unexpected", unexpected),
                                   ("shape mismatches file vs model", shapes)) if items]
-    if unexpected and all(k.startswith("module.") for k in unexpected):
-        parts.append("keys start with 'module.': strip that DataParallel prefix")
+    prefix = common_prefix(list(sd))
+    if unexpected and prefix:
+        parts.append(f"every key in the file starts with {prefix!r}, and stripping it does "
+                     "not fit either; re-save the state_dict of the inner model")
     return "; ".join(parts) or None
+
+
+def common_prefix(keys: list[str]) -> str:
+    """The first dotted component all ``keys`` share (``"model."``), or ''."""
+    heads = {k.split(".", 1)[0] for k in keys if "." in k}
+    if len(heads) != 1 or not all("." in k for k in keys):
+        return ""
+    return heads.pop() + "."
+
+
+def _strip_prefix(model: nn.Module, sd: Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
+    """``sd`` with a common key prefix removed (``model.`` of Lightning, ``module.`` of
+    DataParallel) when that makes its keys exactly the model's; else ``sd`` unchanged."""
+    own = set(model.state_dict())
+    prefix = common_prefix(list(sd))
+    if not prefix or set(sd) == own:
+        return sd, ""
+    stripped = {k[len(prefix):]: v for k, v in sd.items()}
+    return (stripped, prefix) if set(stripped) == own else (sd, "")
 
 
 def _kind(t: torch.Tensor) -> str:
@@ -164,9 +186,12 @@ def _kind_mismatch(model: nn.Module, sd: Mapping[str, Any]) -> str | None:
 def apply_weights(model: nn.Module, path: Path, allow_pickle: bool) -> None:
     """Load the state_dict in ``path`` into ``model``, strictly.
 
+    A prefix every key shares (``model.`` in a Lightning ``.ckpt``, ``module.`` from
+    DataParallel) is stripped when the stripped keys are exactly the model's.
+
     Args:
         model: the freshly built model.
-        path: ``.pt``/``.pth``/``.bin`` (read with ``weights_only=True`` unless
+        path: ``.pt``/``.pth``/``.bin``/``.ckpt`` (read with ``weights_only=True`` unless
             ``allow_pickle``) or ``.safetensors``.
         allow_pickle: allow Python objects besides tensors in a pickled file.
 
@@ -174,7 +199,10 @@ def apply_weights(model: nn.Module, path: Path, allow_pickle: bool) -> None:
         ConfigError: unreadable file, no state_dict inside, or keys/shapes that do not
             fit (the message lists the first few missing, unexpected and mis-shaped keys).
     """
-    sd = read_weights(path, allow_pickle)
+    sd, prefix = _strip_prefix(model, read_weights(path, allow_pickle))
+    if prefix:
+        log.info("every key in %s starts with %r (a Lightning or DataParallel checkpoint); "
+                 "stripped it", path.name, prefix)
     problem = _mismatch(model, sd) or _kind_mismatch(model, sd)
     if problem:
         raise ConfigError(f"weights {str(path)!r} do not fit {type(model).__name__}: {problem}; "
@@ -218,7 +246,7 @@ def load_export(path: Path, allow_pickle: bool = False,
                                   f"code from the file: {'; '.join(report.runs)}")
 
     try:
-        with quiet_torch(), muted_logger("torch.export"):  # torch logs its legacy-layout path
+        with torch_warnings_muted(), muted_logger("torch.export"):  # torch logs its legacy-layout path
             module = torch.export.load(io.BytesIO(report.data)).module()
     except Exception as exc:  # noqa: BLE001 - deserialisation errors have many types
         raise _load_failure(path, report, exc) from exc

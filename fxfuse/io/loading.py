@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import importlib
 import importlib.util
+import json
 import logging
 import sys
 from dataclasses import dataclass
@@ -26,14 +27,10 @@ from torch import nn
 from .checkpoints import (MODEL_FORMS, PICKLE_SUFFIXES, apply_weights, existing_file,
                           first_line, load_export, load_pickle)
 from ..errors import ConfigError
+from .inputs import (_parse_device, parse_dtype, parse_input_shapes,  # noqa: F401
+                     parse_model_kwargs)
 
 log = logging.getLogger("fxfuse")
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float64": torch.float64, "fp64": torch.float64, "double": torch.float64}
-
 
 @dataclass(frozen=True)
 class LoadedModel:
@@ -53,85 +50,6 @@ class LoadedModel:
     kind: Literal["factory", "export", "pickle"]
     paths: tuple[Path, ...]
     runs: tuple[str, ...] = ()
-
-
-def parse_dtype(name: str | torch.dtype | None) -> torch.dtype:
-    """A floating dtype from its name (``float32``/``fp32``, ``float16``/``half``,
-    ``bfloat16``/``bf16``, ``float64``); None means float32.
-
-    Raises:
-        ConfigError: the name is not one of those.
-    """
-    if name is None:
-        return torch.float32
-    if isinstance(name, torch.dtype):
-        if not name.is_floating_point:
-            raise ConfigError(f"dtype {name} is not a floating type; use float32, float16 or bfloat16")
-        return name
-    key = str(name).strip().lower().removeprefix("torch.")
-    if key not in _DTYPES:
-        raise ConfigError(f"unknown dtype {name!r}; use float32 (fp32), float16 (half), "
-                          "bfloat16 (bf16) or float64")
-    return _DTYPES[key]
-
-
-def _parse_device(device: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as exc:
-        raise ConfigError(f"unknown device {device!r} ({first_line(exc)}); use cpu, cuda "
-                          "or cuda:N") from exc
-    if dev.type == "meta":
-        raise ConfigError("--device meta holds no data, so nothing can be verified or timed; "
-                          "use cpu, cuda or cuda:N")
-    return dev
-
-
-def parse_input_shapes(shapes: list[str], dtype: str | torch.dtype | None = None,
-                       device: str | torch.device = "cpu") -> tuple[torch.Tensor, ...]:
-    """One random tensor per ``--input-shape`` (``"32,15,10,100"`` or ``"32x15x10x100"``).
-
-    Values come from ``torch.randn`` with a ``torch.Generator`` seeded 0 (drawn in
-    float32 on the CPU, then cast and moved), so every run sees the same inputs.
-
-    Returns:
-        The tensors, in the order given.
-
-    Raises:
-        ConfigError: no shape, a non-integer or non-positive size, or a bad dtype/device.
-    """
-    if not shapes:
-        raise ConfigError("no --input-shape given; pass one per model input, e.g. "
-                          "--input-shape 32,15,10,100")
-    dt, dev = parse_dtype(dtype), _parse_device(device)
-    gen = torch.Generator().manual_seed(0)
-    out = []
-    for text in shapes:
-        size = _parse_shape(text)
-        try:
-            out.append(torch.randn(size, generator=gen).to(device=dev, dtype=dt))
-        except (RuntimeError, AssertionError, TypeError, OverflowError, MemoryError) as exc:
-            raise ConfigError(f"cannot make an input of shape {text!r} on {dev} ({first_line(exc)}); "
-                              "choose an available --device") from exc
-    return tuple(out)
-
-
-def _parse_shape(text: str) -> tuple[int, ...]:
-    parts = str(text).lower().replace("x", ",").split(",")
-    try:
-        size = tuple(int(p) for p in parts)
-    except ValueError:
-        raise ConfigError(f"bad --input-shape {text!r}; write whole sizes separated by ',' "
-                          "or 'x', e.g. 32,15,10,100") from None
-    if any(s <= 0 for s in size):
-        raise ConfigError(f"bad --input-shape {text!r}: every size must be at least 1")
-    total = 1
-    for s in size:
-        total *= s
-    if total >= 2 ** 63:
-        raise ConfigError(f"bad --input-shape {text!r}: {total} elements is beyond int64; "
-                          "give the sizes of one real input")
-    return size
 
 
 @contextlib.contextmanager
@@ -198,15 +116,16 @@ def _import(target: str) -> tuple[Any, Path | None]:
                           "missing package") from exc
     except ConfigError:
         raise
-    except (Exception, SystemExit, KeyboardInterrupt) as exc:  # noqa: BLE001 - user code
+    except BaseException as exc:  # noqa: BLE001 - user code (asyncio.CancelledError too)
         raise ConfigError(f"importing {target!r} failed ({first_line(exc)}); fix the error "
                           "in that module") from exc
     source = getattr(module, "__file__", None)
     return module, (Path(source).resolve() if source and Path(source).is_file() else None)
 
 
-def _build(spec: str, target: str, attr_path: str) -> tuple[nn.Module, Path | None]:
-    """Import ``target``, follow ``attr_path``, call it with no arguments."""
+def _build(spec: str, target: str, attr_path: str,
+           kwargs: dict[str, Any] | None = None) -> tuple[nn.Module, Path | None]:
+    """Import ``target``, follow ``attr_path``, call it with ``kwargs`` (none by default)."""
     obj, source = _import(target)
     for part in attr_path.split("."):
         if not hasattr(obj, part):
@@ -219,10 +138,13 @@ def _build(spec: str, target: str, attr_path: str) -> tuple[nn.Module, Path | No
     parent = source.parent if source is not None else Path.cwd()
     try:
         with _on_sys_path(parent):
-            model = obj()
-    except (Exception, SystemExit, KeyboardInterrupt) as exc:  # noqa: BLE001 - user code
-        raise ConfigError(f"factory {spec!r} raised {first_line(exc)}; it is called with no "
-                          "arguments, so fix it or wrap it in one that needs none") from exc
+            model = obj(**(kwargs or {}))
+    except BaseException as exc:  # noqa: BLE001 - user code (asyncio.CancelledError too)
+        given = (f"called with --model-kwargs {json.dumps(kwargs)}" if kwargs else
+                 "called with no arguments; give them with --model-kwargs "
+                 "'{\"name\": value}'")
+        raise ConfigError(f"factory {spec!r} raised {first_line(exc)}; it was {given}, or "
+                          "fix the factory") from exc
     if not isinstance(model, nn.Module):
         raise ConfigError(f"factory {spec!r} returned a {type(model).__name__}, not a "
                           "torch.nn.Module; make it return the model")
@@ -230,13 +152,16 @@ def _build(spec: str, target: str, attr_path: str) -> tuple[nn.Module, Path | No
 
 
 def _open_model(spec: str, allow_pickle: bool,
-                announce: Callable[[str], None] | None = None) -> tuple[nn.Module, str, list[Path], list[str]]:
+                announce: Callable[[str], None] | None = None,
+                kwargs: dict[str, Any] | None = None
+                ) -> tuple[nn.Module, str, list[Path], list[str]]:
     """Build or read the model named by ``spec``: (model, kind, files read, what ran)."""
-    factory = _split_factory(spec)
-    if factory is not None:
-        model, source = _build(spec, *factory)
-        return model, "factory", [source] if source is not None else [], []
     suffix = Path(spec).suffix.lower()
+    is_file = suffix in PICKLE_SUFFIXES + (".pt2", ".safetensors") and Path(spec).is_file()
+    factory = None if is_file else _split_factory(spec)   # a file named a:b.pt2 is a file
+    if factory is not None:
+        model, source = _build(spec, *factory, kwargs)
+        return model, "factory", [source] if source is not None else [], []
     if suffix == ".pt2":
         path = existing_file(spec, "MODEL")
         model, runs = load_export(path, allow_pickle, announce)
@@ -253,7 +178,8 @@ def _open_model(spec: str, allow_pickle: bool,
 def load_model(spec: str, *, weights: str | Path | None = None, allow_pickle: bool = False,
                device: str | torch.device = "cpu",
                dtype: str | torch.dtype | None = None,
-               announce: Callable[[str], None] | None = None) -> LoadedModel:
+               announce: Callable[[str], None] | None = None,
+               model_kwargs: dict[str, Any] | None = None) -> LoadedModel:
     """Load the model named by ``spec``, apply ``weights``, move it to ``device``/``dtype``.
 
     Args:
@@ -267,6 +193,7 @@ def load_model(spec: str, *, weights: str | Path | None = None, allow_pickle: bo
         dtype: floating dtype to cast to (name or ``torch.dtype``); None keeps it.
         announce: told, in one line, what a ``.pt2`` will unpickle or run before it does
             (only with ``allow_pickle``); default: a log warning.
+        model_kwargs: keyword arguments for a factory (``--model-kwargs``).
 
     Returns:
         A :class:`LoadedModel`.
@@ -276,7 +203,10 @@ def load_model(spec: str, *, weights: str | Path | None = None, allow_pickle: bo
     """
     dev = _parse_device(device)
     dt = parse_dtype(dtype) if dtype is not None else None
-    model, kind, paths, runs = _open_model(str(spec), allow_pickle, announce)
+    if model_kwargs and _split_factory(str(spec)) is None:
+        raise ConfigError(f"--model-kwargs applies to a factory (pkg.module:factory), not to "
+                          f"{str(spec)!r}; leave it out")
+    model, kind, paths, runs = _open_model(str(spec), allow_pickle, announce, model_kwargs)
     if weights is not None:
         wpath = existing_file(weights, "weights")
         apply_weights(model, wpath, allow_pickle)

@@ -25,7 +25,7 @@ from .checkpoints import first_line
 from .transaction import OutputSet
 from .writing import (SAVE_FORMATS, atomic_write, check_directory,  # noqa: F401 - re-exported
                       check_output_path, format_of, write_sidecar)
-from ..compat import BatchDims, quiet_torch
+from ..compat import BatchDims
 from ..errors import ConfigError, TraceError
 
 log = logging.getLogger("fxfuse")
@@ -107,6 +107,14 @@ def _export(gm: torch.nn.Module, inputs: tuple[Any, ...]) -> torch.export.Export
     except Exception as exc:  # noqa: BLE001
         raise TraceError(f"torch.export could not export the model ({first_line(exc)}); "
                          "save as .pt or .safetensors instead") from exc
+
+
+def _without_provenance(program: torch.export.ExportedProgram) -> None:
+    """Drop each node's ``from_node`` provenance (it names graphs by their ``id()``, so
+    the same fuse would write other bytes each run; loading does not need it)."""
+    for module in program.graph_module.modules():
+        for node in getattr(getattr(module, "graph", None), "nodes", ()):
+            node.meta.pop("from_node", None)
 
 
 def _as_text(extra_files: Mapping[str, bytes | str] | None) -> dict[str, str] | None:
@@ -193,13 +201,13 @@ def render_model(gm: fx.GraphModule | torch.nn.Module, out: str | Path,
     texts = _as_text(extra_files)
     buffer = io.BytesIO()
     if fmt == "export":
-        with quiet_torch():
-            program = _export(gm, tuple(example_inputs))
-            try:
-                program.example_inputs = None  # user data must not end up in the file
-            except (AttributeError, TypeError, ValueError):  # older torch: no setter
-                program._example_inputs = None
-            torch.export.save(program, buffer, extra_files=texts)
+        program = _export(gm, tuple(example_inputs))
+        try:
+            program.example_inputs = None  # user data must not end up in the file
+        except (AttributeError, TypeError, ValueError):  # older torch: no setter
+            program._example_inputs = None
+        _without_provenance(program)   # the same fuse writes the same bytes
+        torch.export.save(program, buffer, extra_files=texts)
         return buffer.getvalue(), SavedModel(out, fmt, _has_dynamic_batch(program), program)
     if fmt == "safetensors":
         from safetensors.torch import save

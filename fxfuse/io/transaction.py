@@ -80,7 +80,9 @@ def os_problem(exc: OSError, path: Path, action: str) -> ConfigError:
              errno.ENOENT: "create the directory first",
              errno.ENOTDIR: "a part of the path is a file, not a directory: fix the path",
              errno.EISDIR: "give a file name, not a directory",
-             errno.EINVAL: "use a plain file name"}
+             errno.EINVAL: "use a plain file name",
+             errno.ELOOP: "it is a loop of symbolic links: remove the link or choose "
+                          "another name"}
     fix = fixes.get(exc.errno or 0, "choose another output path")
     if exc.errno == errno.ENOENT and path.parent.is_dir():
         fix = "that directory does not accept new files: write elsewhere"

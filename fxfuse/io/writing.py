@@ -15,7 +15,7 @@ from ..errors import ConfigError
 log = logging.getLogger("fxfuse")
 
 SAVE_FORMATS: dict[str, Literal["export", "pickle", "safetensors"]] = {
-    ".pt2": "export", ".pt": "pickle", ".safetensors": "safetensors"}
+    ".pt2": "export", ".pt": "pickle", ".pth": "pickle", ".safetensors": "safetensors"}
 
 
 def format_of(out: Path) -> Literal["export", "pickle", "safetensors"]:
@@ -23,7 +23,7 @@ def format_of(out: Path) -> Literal["export", "pickle", "safetensors"]:
     fmt = SAVE_FORMATS.get(out.suffix.lower())
     if fmt is None:
         raise ConfigError(f"cannot save to {str(out)!r}: unknown suffix {out.suffix!r}; use "
-                          ".pt2 (torch.export), .pt (pickled GraphModule) or .safetensors "
+                          ".pt2 (torch.export), .pt/.pth (pickled GraphModule) or .safetensors "
                           "(weights only)")
     return fmt
 
@@ -41,8 +41,19 @@ def check_directory(out: Path) -> None:
     probe_writable(out)
 
 
+def resolved(path: Path, what: str = "output") -> Path:
+    """``path.resolve()``, or one ConfigError line when it cannot be resolved (a loop of
+    symbolic links: RuntimeError before Python 3.13, OSError ELOOP after)."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:
+        raise ConfigError(f"cannot use {what} {str(path)!r}: it is a loop of symbolic links "
+                          "(or a link that cannot be followed); remove the link or choose "
+                          "another name") from exc
+
+
 def _is_same_file(a: Path, b: Path) -> bool:
-    if a.resolve() == b.resolve():
+    if resolved(a) == resolved(b, "input"):
         return True
     try:
         return os.path.samefile(a, b)

@@ -183,13 +183,16 @@ class RowSite:
         lowering: what the pass did: ``"grouped"``, ``"grouped2d"``, ``"batched"``,
             ``"bmm"``, ``"dense"``, ``"loop"`` (kept), or ``""`` (not fusable / not applied).
         notes: facts worth telling the user (e.g. rows fused in groups).
-        timings: per candidate lowering, median seconds, when the choice was measured.
+        timings: per candidate lowering, estimated seconds, when the choice was measured.
+        decision: ``auto``'s decision, JSON-ready (each candidate's estimate and spread,
+            the margin, the threshold, the rule); ``None`` when auto did not decide.
     """
 
     match: RowMatch
     lowering: Lowering = ""
     notes: tuple[str, ...] = ()
     timings: tuple[tuple[str, float], ...] = ()
+    decision: dict[str, Any] | None = dataclasses.field(default=None, compare=False)
 
     @property
     def rows(self) -> int:
@@ -237,6 +240,7 @@ class RowSite:
             "reason": self.reason,
             "notes": list(self.notes),
             "timings_s": dict(self.timings),
+            "decision": self.decision,
         }
 
 

@@ -12,17 +12,18 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import fx
 
-from ..check.auto import Choice
-from ..check.bench import time_interleaved
+from ..check.decide import Choice, choose_among, untimed
+from ..check.decisions import Decisions, choose_recorded
 from ..config import FuseConfig
 from ..errors import RewriteError
 from ..match.find import find_row_sites
 from ..match.siblings import with_siblings
 from ..match.sites import RowSite
-from ..rewrite.rewriter import finalize_graph
-from ..rewrite.weights import WeightMap
+from ..rewrite.rewriter import INSERTED_KEY, finalize_graph
+from ..weightmap import WeightEntry, WeightMap
 from ..trace.export import fix_mode
 from ..structural.extract import CannotCut
 from ..structural.fusion import RowsByStructure
@@ -31,8 +32,6 @@ from .fusion import Context, Found
 from .kinds import apply_sites
 
 log = logging.getLogger("fxfuse")
-
-MARGIN = 1.05
 
 
 @dataclass(frozen=True)
@@ -55,32 +54,78 @@ def find_sites(gm: fx.GraphModule, inputs: tuple[Any, ...], config: FuseConfig
     return _merged(tuple(kinds), [f.site for f in rows])
 
 
-def run_pass(gm: fx.GraphModule, inputs: tuple[Any, ...], config: FuseConfig) -> PassResult:
-    """Rewrite ``gm`` in place (see the module docstring)."""
+def run_pass(gm: fx.GraphModule, inputs: tuple[Any, ...], config: FuseConfig, *,
+             decisions: Decisions | None = None, structural: bool = True,
+             batched: tuple[bool, ...] | None = None) -> PassResult:
+    """Rewrite ``gm`` in place (see the module docstring).
+
+    Args:
+        gm: the traced model (from :func:`fxfuse.trace_model`).
+        inputs: the example inputs it was traced with.
+        config: the options (``lowering``, ``min_rows``, ``auto_rounds``).
+        decisions: ``auto``'s recorded decisions to reuse (new ones are added).
+        structural: also vectorise loops of identical rows (after the kinds).
+        batched: which inputs carry the batch (``None``: every tensor input); a captured
+            graph's lifted weights do not.
+    """
     kinds: tuple[RowSite, ...] = ()
-    wmap = WeightMap()
+    wmap, before = WeightMap(), _state(gm)
     if config.lowering != "vmap":
         found = with_siblings(gm, find_row_sites(gm, min_rows=config.min_rows),
                               min_rows=config.min_rows)
-        kinds, wmap = apply_sites(gm, found, config.lowering, auto_rounds=config.auto_rounds)
+        kinds, wmap = apply_sites(gm, found, config.lowering, auto_rounds=config.auto_rounds,
+                                  decisions=decisions)
     fusion = RowsByStructure()
-    rows = fusion.find(gm, Context(config, inputs), first=len(kinds))
+    claimed = frozenset(n for n in gm.graph.nodes if INSERTED_KEY in n.meta)  # the kinds' own
+    rows = fusion.find(gm, Context(config, inputs, claimed, batched), first=len(kinds)) \
+        if structural else []
     done, fixed = [], set()
     for found in rows:
         site = _mode_refusal(found, config)
         if site.fusable:
-            choice = _choose(gm, fusion, found, config)
+            choice = _choose(gm, fusion, found, config, decisions)
             site = dataclasses.replace(site, lowering=choice.lowering, timings=choice.timings,
                                        notes=site.notes + ((choice.note,) if choice.note else ()))
             if choice.lowering != "loop":
                 wmap = wmap + fusion.rewrite(gm, found, choice.lowering)
                 fixed.add(found.plan.fixed_mode)
         done.append(site)
-    finalize_graph(gm)
+    wmap = wmap + _finalize_keeping_tensors(gm, before, wmap)
     for mode in fixed - {""}:
         fix_mode(gm, mode == "train")
     sites = _merged(kinds, done)
     return PassResult(sites, wmap, any(s.fused for s in sites))
+
+
+KEPT = "fxfuse_kept"
+
+
+def _state(gm: fx.GraphModule) -> dict[str, Any]:
+    return dict(gm.state_dict(keep_vars=True))
+
+
+def _finalize_keeping_tensors(gm: fx.GraphModule, before: dict[str, Any],
+                              wmap: WeightMap) -> WeightMap:
+    """Lint, recompile, drop unused submodules; a tensor of the model that nothing maps
+    and nothing reads any more (an unread batch counter of a fused row, say) is moved to
+    a ``fxfuse_kept`` submodule rather than lost. Returns the map entries of those."""
+    finalize_graph(gm)
+    mapped = {p for e in wmap.entries for p in e.parts}
+    lost = [k for k in before if k not in _state(gm) and k not in mapped]
+    if not lost:
+        return WeightMap()
+    holder = getattr(gm, KEPT, None) or torch.nn.Module()
+    entries = []
+    for key in lost:
+        name = f"t{len(holder.state_dict())}"
+        value = before[key]
+        if isinstance(value, torch.nn.Parameter):
+            holder.register_parameter(name, value)
+        else:
+            holder.register_buffer(name, value)
+        entries.append(WeightEntry(f"{KEPT}.{name}", (key,), 0, None, "same"))
+    gm.add_submodule(KEPT, holder)
+    return WeightMap(tuple(entries))
 
 
 def _mode_refusal(found: Found, config: FuseConfig) -> RowSite:
@@ -98,16 +143,23 @@ def _mode_refusal(found: Found, config: FuseConfig) -> RowSite:
 
 
 def _choose(gm: fx.GraphModule, fusion: RowsByStructure, found: Found,
-            config: FuseConfig) -> Choice:
+            config: FuseConfig, decisions: Decisions | None) -> Choice:
     if config.lowering != "auto":
         return Choice("vmap")
+    return choose_recorded(gm, found.site, lambda: _timed(gm, fusion, found, config),
+                           fusion.lowerings(found), decisions)
+
+
+def _timed(gm: fx.GraphModule, fusion: RowsByStructure, found: Found,
+           config: FuseConfig) -> Choice:
+    """Time the loop against its vectorised form; a loop that cannot run alone is kept
+    (with the reason), a vectorised form that fails is a bug and raises."""
     try:
         calls = fusion.candidates(gm, found)
         calls["loop"]()
     except (CannotCut, Refused, RuntimeError) as exc:   # the loop alone does not run
         text = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-        return Choice("loop", (), f"kept as a loop: auto could not time it "
-                                  f"({type(exc).__name__}: {text})")
+        return untimed(f"kept as a loop: auto could not time it ({type(exc).__name__}: {text})")
     try:
         for name, call in calls.items():
             call()
@@ -115,17 +167,27 @@ def _choose(gm: fx.GraphModule, fusion: RowsByStructure, found: Found,
         raise RewriteError(f"{found.site.name}: the {name} rewrite of the rows at "
                            f"{found.site.where()} fails to run ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from exc
-    samples = time_interleaved(calls, rounds=config.auto_rounds, round_s=0.01)
-    best = {k: min(v) for k, v in samples.items()}
-    pick = "vmap" if best["vmap"] * MARGIN < best["loop"] else "loop"
-    return Choice(pick, tuple(best.items()))
+    return choose_among(calls, rounds=config.auto_rounds)
+
+
+def _would_fuse(site: RowSite) -> bool:
+    """Found fusable and not yet decided (``fxfuse inspect``)."""
+    return site.fusable and not site.lowering
 
 
 def _merged(kinds: tuple[RowSite, ...], rows: list[RowSite]) -> tuple[RowSite, ...]:
-    """The kinds' sites and the structural ones; a loop both report appears once: the
-    structural record where it fuses every row the kinds refused, else both (the kinds'
-    reason says why the rows left over were left)."""
-    fused_rows = {s.combine: s.rows for s in rows if s.fusable}
-    kept = tuple(s for s in kinds if s.fused or fused_rows.get(s.combine, -1) < s.rows)
-    reported = {s.combine for s in kept}
-    return kept + tuple(s for s in rows if s.fusable or s.combine not in reported)
+    """The kinds' sites and the structural ones, a loop both found reported once: where
+    the structural fusion rewrote it (or, in ``inspect``, would, the kinds refusing), its
+    record, and the kinds' too when their reason explains rows it left; else the kinds'."""
+    by_join = {s.combine: s for s in rows}
+    kept, dropped = [], set()
+    for k in kinds:
+        r = by_join.get(k.combine)
+        if r is None or k.fused:
+            kept.append(k)
+        elif not (r.fused or _would_fuse(r) and not k.fusable):
+            kept.append(k)
+            dropped.add(r.combine)
+        elif r.rows < k.rows:          # rows the structural fusion left: the kinds say why
+            kept.append(k)
+    return tuple(kept) + tuple(s for s in rows if s.combine not in dropped)

@@ -13,7 +13,7 @@ from torch import fx
 
 from ..config import FuseConfig
 from ..match.sites import RowSite
-from ..rewrite.weights import WeightMap
+from ..weightmap import WeightMap
 
 
 @dataclass
@@ -29,11 +29,13 @@ class Found:
 @dataclass(frozen=True)
 class Context:
     """What a fusion's ``find`` may read: the options, the example inputs, the nodes
-    earlier fusions claimed."""
+    earlier fusions claimed, and which inputs carry the batch (a captured graph's
+    lifted weights do not)."""
 
     config: FuseConfig
     inputs: tuple[Any, ...]
     claimed: frozenset[fx.Node] = frozenset()
+    batched: tuple[bool, ...] | None = None  # which inputs carry the batch (None: all)
 
 
 class Fusion(Protocol):

@@ -8,18 +8,20 @@ from typing import Sequence
 from torch import fx
 
 from ..check.auto import Choice, choose_lowering, choose_siblings
+from ..check.decisions import Decisions, choose_recorded
 from ..config import merge_config
 from ..match.siblings import KIND as SIBLINGS
 from ..match.sites import RowSite, twin_of
 from ..rewrite.copies import drop_needless_copies, restore_output_layout
-from ..rewrite.rewriter import LOWERINGS, finalize_graph, rewrite_site
+from ..rewrite.rewriter import LOWERINGS, finalize_graph, lowerings_for, rewrite_site
 from ..rewrite.siblings import rewrite_siblings
 from ..rewrite.simplify import simplify_layout
-from ..rewrite.weights import WeightMap
+from ..weightmap import WeightMap
 
 
 def apply_sites(gm: fx.GraphModule, sites: Sequence[RowSite],
-                lowering: str = "grouped", *, auto_rounds: int = 9
+                lowering: str = "grouped", *, auto_rounds: int = 9,
+                decisions: Decisions | None = None
                 ) -> tuple[tuple[RowSite, ...], WeightMap]:
     """Rewrite every fusable site of ``gm`` in turn (in place).
 
@@ -28,6 +30,7 @@ def apply_sites(gm: fx.GraphModule, sites: Sequence[RowSite],
         sites: from :func:`find_row_sites`.
         lowering: ``"grouped"``, ``"grouped2d"`` or ``"auto"`` (measure per site).
         auto_rounds: timing rounds per site for ``"auto"``.
+        decisions: recorded decisions to reuse under ``"auto"`` (new ones are added).
 
     Returns:
         The sites with ``lowering`` (and, for ``"auto"``, ``timings``) filled in, and the
@@ -45,28 +48,39 @@ def apply_sites(gm: fx.GraphModule, sites: Sequence[RowSite],
         if lowering == "auto" and twin in chosen_for:   # so the fused weights stay shared
             choice = chosen_for[twin]
         elif lowering == "auto":
-            choose = choose_siblings if site.loop_kind == SIBLINGS else choose_lowering
-            choice = choose(gm, site, rounds=auto_rounds)
+            choice = _auto_choice(gm, site, auto_rounds, decisions)
         else:
             choice = Choice(lowering)
         chosen_for[twin] = choice
         timings = tuple((_label(site, k) if k in LOWERINGS else k, v) for k, v in choice.timings)
         notes = site.notes + ((choice.note,) if choice.note else ())
+        decision = choice.to_dict() if lowering == "auto" else None
         if choice.lowering == "loop":
             done.append(dataclasses.replace(site, lowering="loop", timings=timings,
-                                            notes=notes))
+                                            notes=notes, decision=decision))
             continue
         if site.loop_kind == SIBLINGS:         # one Linear, whatever lowering was asked
             wmap = wmap + rewrite_siblings(gm, site, finalize=False)
         else:
             wmap = wmap + rewrite_site(gm, site, choice.lowering, finalize=False)
         done.append(dataclasses.replace(
-            site, lowering=_label(site, choice.lowering), timings=timings, notes=notes))
+            site, lowering=_label(site, choice.lowering), timings=timings, notes=notes,
+            decision=decision))
     simplify_layout(gm)
     drop_needless_copies(gm)
     restore_output_layout(gm)
     finalize_graph(gm)
     return tuple(done), wmap
+
+
+def _auto_choice(gm: fx.GraphModule, site: RowSite, rounds: int,
+                 decisions: Decisions | None) -> Choice:
+    """``auto``'s choice for ``site``: recorded in ``decisions``, or measured."""
+    if site.loop_kind == SIBLINGS:
+        return choose_recorded(gm, site, lambda: choose_siblings(gm, site, rounds=rounds),
+                               (SIBLINGS,), decisions)
+    return choose_recorded(gm, site, lambda: choose_lowering(gm, site, rounds=rounds),
+                           lowerings_for(site, LOWERINGS), decisions)
 
 
 def _label(site: RowSite, lowering: str) -> str:

@@ -30,7 +30,7 @@ from ..match.kinds import Lane, RowOp, row_op
 from ..match.rowdag import row_leaves
 from ..match.ops import SIZE_QUERY, is_index_op
 from ..match.sites import RowSite
-from .weights import WeightMap
+from ..weightmap import WeightMap
 
 LOWERINGS = ("grouped", "grouped2d")
 REPLACES_KEY = "fxfuse_replaces"   # node.meta key: name of the site result this node replaced

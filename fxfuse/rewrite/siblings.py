@@ -11,9 +11,9 @@ from torch import fx, nn
 
 from ..match.siblings import _linear_of
 from ..match.sites import RowSite
-from .emit import free_name
+from ..graphs.build import free_name
 from .rewriter import INSERTED_KEY, REPLACES_KEY, _drop_unused_attrs, node_index
-from .weights import WeightEntry, WeightMap
+from ..weightmap import WeightEntry, WeightMap
 
 
 def rewrite_siblings(gm: fx.GraphModule, site: RowSite, *, finalize: bool = True) -> WeightMap:

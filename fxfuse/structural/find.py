@@ -46,20 +46,21 @@ class Loop:
 
 
 def find_loops(gm: fx.GraphModule, inputs: tuple[Any, ...], claimed: set[fx.Node],
-               min_rows: int) -> list[Loop]:
-    """Every loop of identical rows in ``gm`` not already claimed, planned and traced."""
+               min_rows: int, *, batched: tuple[bool, ...] | None = None) -> list[Loop]:
+    """Every loop of identical rows in ``gm`` not already claimed, planned and traced
+    (``batched``: which inputs carry the batch; ``None``: every tensor input)."""
     deps = dependencies(gm)
     order = list(gm.graph.nodes)
     loops: list[Loop] = []
     taken = set(claimed)
     for join, split, rows in _candidates(gm, order, deps, min_rows):
+        if not rows:
+            i, j = split.carried[0]
+            loops.append(Loop(join, None, f"loop-carried: row {i} reads row {j}'s result "
+                                          f"(`{split.outputs[j].name}`)"))
+            continue
         body_nodes = {n for r in rows for n in split.bodies[r]}
         if body_nodes & taken:
-            continue
-        carried = [(i, j) for i, j in split.carried if i in rows]
-        if carried:
-            i, j = carried[0]
-            loops.append(Loop(join, None, f"loop-carried: row {i} reads row {j}'s result"))
             continue
         try:
             plan = plan_rows(split, rows, gm)
@@ -69,21 +70,33 @@ def find_loops(gm: fx.GraphModule, inputs: tuple[Any, ...], claimed: set[fx.Node
             continue
         taken |= plan.nodes()
         loops.append(Loop(join, plan))
-    _vectorise_all(gm, inputs, [lp for lp in loops if lp.plan is not None])
+    _vectorise_all(gm, inputs, [lp for lp in loops if lp.plan is not None], batched)
     return loops
 
 
 def _candidates(gm: fx.GraphModule, order, deps, min_rows: int):
     """(join, split, rows) for each class of identical rows that run a layer, the
     largest first."""
-    found, writes = [], writers(gm)
+    found, carried, writes = [], [], writers(gm)
     for join in find_joins(gm, min_rows):
         split = split_rows(list(join.tensors), order, deps, writes)
-        for rows in group_rows(split, gm, min_rows):
-            if has_parameters(split.bodies[rows[0]]):
-                found.append((join, split, rows))
+        classes = [r for r in group_rows(split, gm, min_rows) if has_parameters(split.bodies[r[0]])]
+        found += [(join, split, rows) for rows in classes]
+        if not classes and join.kind in ("cat", "stack", "buffer") and \
+                _carried_loop(split, min_rows):
+            carried.append((join, split, []))
     found.sort(key=lambda c: -sum(len(c[1].bodies[r]) for r in c[2]))
-    return found
+    return found + carried
+
+
+def _carried_loop(split, min_rows: int) -> bool:
+    """The joined tensors are a chain of layers, each reading the one before: a
+    recurrence (``h = f_i(h)``), not rows."""
+    feeders = {j for _, j in split.carried
+               if split.outputs[j].op not in ("placeholder", "get_attr")}
+    layered = any(n.op in ("call_module", "get_attr") for b in split.bodies for n in b)
+    rows = len(split.outputs)
+    return rows >= max(3, min_rows) and len(feeders) == rows - 1 and layered
 
 
 def _tensors_of(gm: fx.GraphModule, node: fx.Node) -> dict[int, str]:
@@ -127,32 +140,33 @@ def _check_module(gm: fx.GraphModule, target: str) -> None:
             raise Refused(f"`{where}` has parametrizations, which a fused module would lose")
 
 
-def _vectorise_all(gm: fx.GraphModule, inputs: tuple[Any, ...], loops: list[Loop]) -> None:
+def _vectorise_all(gm: fx.GraphModule, inputs: tuple[Any, ...], loops: list[Loop],
+                   batched: tuple[bool, ...] | None = None) -> None:
     """Record what the rows read (one run per batch size), then trace each body."""
     if not loops:
         return
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    wanted = set(placeholders)
-    for lp in loops:
-        for slot in lp.plan.inputs:
-            for node in slot:
-                wanted.add(node)
-                wanted.update(node.all_input_nodes)
-                for dep in node.all_input_nodes:
-                    wanted.update(dep.all_input_nodes)
-                    wanted.add(dep)
-        wanted.update(n for b in lp.plan.bodies for p in lp.plan.leaks for n in [b[p]])
-        for readers in lp.plan.readers:
-            for node in readers:
-                wanted.add(node)
-                wanted.update(node.all_input_nodes)
-    values = probe(gm, inputs, wanted)
+    values = probe(gm, inputs, set(placeholders).union(*(_wanted(lp.plan) for lp in loops)),
+                   batched=batched)
     for lp in loops:
         try:
             _vectorise(gm, lp, values, placeholders)
         except Refused as exc:
             lp.reason = str(exc)
         log.info("rows at %s: %s", lp.join.node.name, lp.reason or "vectorised")
+
+
+def _wanted(plan: RowPlan) -> set[fx.Node]:
+    """The values a plan needs recorded: what the rows read (and what those read, two
+    steps up, for the probes of the reads), the readers and the leaked values."""
+    wanted: set[fx.Node] = set()
+    for node in [n for slot in plan.inputs for n in slot] + [n for r in plan.readers for n in r]:
+        wanted.add(node)
+        for dep in node.all_input_nodes:
+            wanted.add(dep)
+            wanted.update(dep.all_input_nodes)
+    wanted.update(b[p] for b in plan.bodies for p in plan.leaks)
+    return wanted
 
 
 def _batch_source(values: Probe, placeholders: list[fx.Node]) -> fx.Node | None:
@@ -172,22 +186,9 @@ def _vectorise(gm: fx.GraphModule, lp: Loop, values: Probe, placeholders) -> Non
     runs = [values.first] + ([values.second] if values.second else [])
     examples: list[dict[int, Any]] = [{} for _ in runs]
     for slot, nodes in enumerate(plan.inputs):
-        for k, run in enumerate(runs):
-            if nodes[0] not in run:
-                raise Refused(f"`{nodes[0].name}` did not run on the example inputs")
-        if plan.shared(slot):
-            if isinstance(runs[0][nodes[0]], TensorLike):
-                operands.append(Operand("shared", slot=slot))
-            for k, run in enumerate(runs):
-                examples[k][slot] = run[nodes[0]]
-            continue
-        if not all(isinstance(runs[0][n], TensorLike) for n in nodes):
-            raise Refused(f"rows read different non-tensor values (`{nodes[0].name}`, ...)")
-        read = plan_read(nodes, values.first)
-        lp.reads[slot] = read
-        operands.append(Operand("rows", slot=slot, in_dim=read.in_dim))
-        for k, run in enumerate(runs):
-            examples[k][slot] = example_of(read, run)
+        operand = _slot(lp, slot, nodes, runs, examples)
+        if operand is not None:
+            operands.append(operand)
     lp.batch_source = _batch_source(values, placeholders)
     if len(runs) == 2 and lp.batch_source is None:
         runs, examples = runs[:1], examples[:1]
@@ -200,6 +201,25 @@ def _vectorise(gm: fx.GraphModule, lp: Loop, values: Probe, placeholders) -> Non
     lp.row = row
     lp.values = values.first
     lp.row_ndims = tuple(len(values.first[plan.bodies[0][p]].shape) for p in plan.leaks)
+
+
+def _slot(lp: Loop, slot: int, nodes: tuple[fx.Node, ...], runs: list[dict],
+          examples: list[dict[int, Any]]) -> Operand | None:
+    """Input ``slot``'s operand (``None`` for a shared number, passed as a constant),
+    with its example value at each batch size filled into ``examples``."""
+    if any(nodes[0] not in run for run in runs):
+        raise Refused(f"`{nodes[0].name}` did not run on the example inputs")
+    if lp.plan.shared(slot):
+        for k, run in enumerate(runs):
+            examples[k][slot] = run[nodes[0]]
+        return Operand("shared", slot=slot) if isinstance(runs[0][nodes[0]], TensorLike) else None
+    if not all(isinstance(runs[0][n], TensorLike) for n in nodes):
+        raise Refused(f"rows read different non-tensor values (`{nodes[0].name}`, ...)")
+    read = plan_read(nodes, runs[0])
+    lp.reads[slot] = read
+    for k, run in enumerate(runs):
+        examples[k][slot] = example_of(read, run)
+    return Operand("rows", slot=slot, in_dim=read.in_dim)
 
 
 def _mode_dependent(row: RowFunction, operands, example, weights, body: Body) -> bool:

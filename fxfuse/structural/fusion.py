@@ -8,7 +8,7 @@ from torch import fx
 
 from ..match.sites import RowMatch, RowSite
 from ..passes.fusion import Context, Found
-from ..rewrite.weights import WeightMap
+from ..weightmap import WeightMap
 from .extract import candidates
 from .find import Loop, find_loops
 from .rewrite import rewrite_loop
@@ -56,7 +56,8 @@ class RowsByStructure:
     name = "rows"
 
     def find(self, gm: fx.GraphModule, ctx: Context, first: int = 0) -> list[Found]:
-        loops = find_loops(gm, ctx.inputs, set(ctx.claimed), ctx.config.min_rows)
+        loops = find_loops(gm, ctx.inputs, set(ctx.claimed), ctx.config.min_rows,
+                           batched=ctx.batched)
         found = []
         for k, loop in enumerate(loops):
             nodes = frozenset(loop.plan.nodes()) if loop.plan is not None else frozenset()

@@ -82,13 +82,19 @@ def plan_rows(split: RowSplit, rows: list[int], gm: fx.GraphModule) -> RowPlan:
         raise Refused("rows read different numbers of outside tensors")
     inputs = tuple(zip(*per_row))
     _check_writes(bodies, gm)
-    leak_pos = sorted({b.index(n) for b in bodies for n in leaks(b)})
+    leak_pos = _leak_positions(bodies)
+    outputs = tuple(split.outputs[r] for r in rows)
+    return RowPlan(tuple(rows), outputs, bodies, readers, inputs, leak_pos)
+
+
+def _leak_positions(bodies: tuple[tuple[fx.Node, ...], ...]) -> tuple[int, ...]:
+    """Positions whose values any row uses outside itself; each must be a tensor."""
+    positions = sorted({b.index(n) for b in bodies for n in leaks(b)})
     for body in bodies:
-        for pos in leak_pos:
+        for pos in positions:
             if not is_tensor_node(body[pos]):
                 raise Refused(f"`{body[pos].name}` (a non-tensor value) is used outside its row")
-    outputs = tuple(split.outputs[r] for r in rows)
-    return RowPlan(tuple(rows), outputs, bodies, readers, inputs, tuple(leak_pos))
+    return tuple(positions)
 
 
 def _reader_positions(bodies: list[tuple[fx.Node, ...]]) -> set[int]:

@@ -54,7 +54,7 @@ def _chain(node: fx.Node, values: dict[fx.Node, Any]) -> tuple[fx.Node, list[fx.
             return True
         seen.add(n)
         value = values.get(n, _MISSING)
-        if isinstance(value, TensorLike):
+        if isinstance(value, TensorLike) and n is not node:
             sources.add(n)
             return True
         if value is not _MISSING and n is not node and not _is_container(value):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from ..rewrite.weights import WeightEntry, WeightMap
+from ..weightmap import WeightEntry, WeightMap
 from .find import Loop
 from .joins import restore_joins
 from .splice import attr_name, holder_module, repair_order, splice
@@ -29,8 +29,8 @@ def rewrite_loop(gm: fx.GraphModule, loop: Loop) -> WeightMap:
     outputs = splice(gm, loop.plan, loop.body, loop.row, loop.reads, holder, loop.batch_source)
     for stacked, ndim in zip(outputs, loop.row_ndims):
         restore_joins(gm.graph, stacked, loop.plan.size, ndim)
-    gm.graph.eliminate_dead_code()
     repair_order(gm.graph)
+    gm.graph.eliminate_dead_code()
     entries = tuple(WeightEntry(f"{holder}.{attr_name(s.name)}", s.parts, 0, None, "stack")
                     for s in loop.row.stacked if s.persistent)
     return WeightMap(entries)

@@ -42,7 +42,21 @@ def split_rows(outputs: list[fx.Node], order: list[fx.Node],
         writers: per node, the in-place ops that write into it: they belong to the
             row of the tensor they write.
     """
-    writers = writers or {}
+    mark = _mark(outputs, deps, writers or {})
+    bodies: list[list[fx.Node]] = [[] for _ in outputs]
+    for node in order:
+        row = mark.get(node, SHARED)
+        if row != SHARED and node.op not in ("placeholder", "output"):
+            bodies[row].append(node)
+    carried = tuple((i, j) for j, out in enumerate(outputs) if mark.get(out) == SHARED
+                    for i, other in enumerate(outputs) if i != j and _feeds(out, other, deps))
+    return RowSplit(tuple(outputs), tuple(tuple(b) for b in bodies), carried)
+
+
+def _mark(outputs: list[fx.Node], deps: dict[fx.Node, list[fx.Node]],
+          writers: dict[fx.Node, list[fx.Node]]) -> dict[fx.Node, int]:
+    """Per node behind the outputs, its row, or :data:`SHARED` (a work list: marks only
+    go from unset to a row to shared, so it ends)."""
     mark: dict[fx.Node, int] = {}
     for row, node in enumerate(outputs):
         mark[node] = row if node not in mark else SHARED
@@ -56,14 +70,7 @@ def split_rows(outputs: list[fx.Node], order: list[fx.Node],
             if new != seen:
                 mark[dep] = new
                 work.append(dep)
-    bodies: list[list[fx.Node]] = [[] for _ in outputs]
-    for node in order:
-        row = mark.get(node, SHARED)
-        if row != SHARED and node.op not in ("placeholder", "output"):
-            bodies[row].append(node)
-    carried = tuple((i, j) for j, out in enumerate(outputs) if mark.get(out) == SHARED
-                    for i, other in enumerate(outputs) if i != j and _feeds(out, other, deps))
-    return RowSplit(tuple(outputs), tuple(tuple(b) for b in bodies), carried)
+    return mark
 
 
 def _feeds(source: fx.Node, target: fx.Node, deps: dict[fx.Node, list[fx.Node]]) -> bool:

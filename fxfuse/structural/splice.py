@@ -45,11 +45,13 @@ def splice(gm: fx.GraphModule, plan: RowPlan, body: Body, row: RowFunction,
     order = {n: i for i, n in enumerate(graph.nodes)}
     anchor = max(plan.nodes(), key=order.__getitem__)
     cursor = [anchor]
+    made: list[fx.Node] = []
 
     def emit(op: str, target, args, kwargs=None) -> fx.Node:
         with graph.inserting_after(cursor[0]):
             node = graph.create_node(op, target, args, kwargs or {})
         cursor[0] = node
+        made.append(node)
         return node
 
     env: dict[fx.Node, fx.Node] = {}
@@ -71,9 +73,11 @@ def splice(gm: fx.GraphModule, plan: RowPlan, body: Body, row: RowFunction,
         with graph.inserting_after(cursor[0]):
             new = graph.node_copy(node, lambda n: env[n])
         cursor[0] = new
+        made.append(new)
         env[node] = new
     _redirect(gm, emit, plan, outputs)
     _erase(graph, plan)
+    _place(gm, made)
     return outputs
 
 
@@ -127,6 +131,38 @@ def _erase(graph: fx.Graph, plan: RowPlan) -> None:
     for node in sorted(plan.nodes(), key=order.__getitem__, reverse=True):
         if not node.users:
             graph.erase_node(node)
+
+
+def _place(gm: fx.GraphModule, block: list[fx.Node]) -> None:
+    """Move the new nodes up to just before the first node that uses them, with the
+    (pure) nodes they need that come later: every old node keeps its place, so views and
+    in-place writes stay in their order (autograd cares). When a needed node writes in
+    place, the block stays where it is and :func:`repair_order` moves users down."""
+    graph = gm.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    inside = set(block)
+    users = [u for n in block for u in n.users if u not in inside]
+    if not users:
+        return
+    first = min(users, key=order.__getitem__)
+    needed = _needed_after(block, first, order)
+    if any(mutated_input(n, gm) is not None or n.op in ("placeholder", "output")
+           or n.is_impure() for n in needed):
+        return
+    for node in sorted(needed, key=order.__getitem__) + block:
+        first.prepend(node)
+
+
+def _needed_after(block: list[fx.Node], first: fx.Node, order: dict[fx.Node, int]
+                  ) -> set[fx.Node]:
+    """The old nodes the block needs that come after ``first``."""
+    inside, needed, stack = set(block), set(), list(block)
+    while stack:
+        for dep in stack.pop().all_input_nodes:
+            if dep not in inside and dep not in needed and order[dep] > order[first]:
+                needed.add(dep)
+                stack.append(dep)
+    return needed
 
 
 def repair_order(graph: fx.Graph) -> None:

@@ -94,15 +94,19 @@ def batch_of(inputs: tuple[Any, ...]) -> int | None:
     return None
 
 
-def probe(gm: fx.GraphModule, inputs: tuple[Any, ...], wanted: set[fx.Node]) -> Probe:
-    """Record ``wanted`` at the example batch and at that batch plus two."""
+def probe(gm: fx.GraphModule, inputs: tuple[Any, ...], wanted: set[fx.Node], *,
+          batched: tuple[bool, ...] | None = None) -> Probe:
+    """Record ``wanted`` at the example batch and at that batch plus two (``batched``:
+    which inputs carry the batch; the others are passed as they are)."""
     first = record(gm, inputs, wanted)
-    batch = batch_of(inputs)
+    mask = batched if batched is not None else (True,) * len(inputs)
+    batch = batch_of(tuple(x for x, b in zip(inputs, mask) if b))
     if batch is None:
         return Probe(None, None, first, {})
     other = batch + 2
+    fresh = iter(fresh_inputs(tuple(x for x, b in zip(inputs, mask) if b), other, seed=7))
     try:
-        second = record(gm, fresh_inputs(inputs, other, seed=7), wanted)
+        second = record(gm, tuple(next(fresh) if b else x for x, b in zip(inputs, mask)), wanted)
     except (RuntimeError, ValueError, IndexError, TypeError, AssertionError):
         # the model runs at its example batch only: the vectorised code stays static
         return Probe(batch, None, first, {})

@@ -11,7 +11,7 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from ..compat import BatchDims, export_training_ir, quiet_torch, say_absent
+from ..compat import BatchDims, export_training_ir, say_absent
 from ..errors import TraceError
 
 MODE_KEY = "fxfuse_traced_training"   # gm.meta: the mode a batch-norm export graph fixes
@@ -22,13 +22,12 @@ def export_model(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> fx.
     """``torch.export`` (non-strict) with a dynamic batch when export keeps one, static
     shapes otherwise; returns the unlifted module, dropout as ``nn.Dropout`` modules."""
     dims = batch_dynamic_shapes(model, example_inputs)
-    with quiet_torch():
-        try:
-            program = export_training_ir(model, _batch_of_two(example_inputs),
-                                         dynamic_shapes=dims, strict=False)
-        except Exception:  # noqa: BLE001 - a dynamic batch is a bonus; fall back to static
-            program = export_training_ir(model, example_inputs, strict=False)
-        gm = program.module()
+    try:
+        program = export_training_ir(model, _batch_of_two(example_inputs), dynamic_shapes=dims,
+                                     strict=False)
+    except Exception:  # noqa: BLE001 - a dynamic batch is a bonus; fall back to static shapes
+        program = export_training_ir(model, example_inputs, strict=False)
+    gm = program.module()
     dropout_as_modules(gm)
     follow_mode(gm, model.training)
     return gm

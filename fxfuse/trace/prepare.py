@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.utils import parametrizations
 from torch.nn.utils.weight_norm import WeightNorm
 
-from ..rewrite.weights import WeightEntry, WeightMap
+from ..weightmap import WeightEntry, WeightMap
 
 
 def weight_norm_modules(model: nn.Module) -> list[tuple[str, nn.Module, WeightNorm]]:

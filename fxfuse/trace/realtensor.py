@@ -19,7 +19,7 @@ from torch import fx, nn
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils import _pytree as pytree
 
-from ..rewrite.weights import WeightEntry, WeightMap
+from ..weightmap import WeightEntry, WeightMap
 
 NOTES_KEY = "fxfuse_trace_notes"
 RENAMES_KEY = "fxfuse_renames"   # a WeightMap: renamed state back to its module path

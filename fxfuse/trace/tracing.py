@@ -12,6 +12,7 @@ import contextlib
 import inspect
 import io
 import logging
+import threading
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -19,6 +20,7 @@ from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
 
+from ..running import PIPELINE, torch_warnings_muted
 from ..errors import TraceError
 from .export import export_model
 
@@ -58,8 +60,32 @@ def _explain(exc: BaseException) -> str:
     return text
 
 
+class _OwnThreadTracer(fx.Tracer):
+    """``torch.fx.Tracer`` patches ``nn.Module.__call__`` and ``__getattr__`` for the whole
+    process while it traces; this one lets every other thread's module calls and
+    attribute reads through unchanged (they would otherwise be recorded into our graph,
+    or fail with ``NameError: module is not installed as a submodule``)."""
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        self._owner = threading.get_ident()
+        return super().trace(root, concrete_args)
+
+    def call_module(self, m: torch.nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        if threading.get_ident() != getattr(self, "_owner", None):
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        if threading.get_ident() != getattr(self, "_owner", None):
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+
 def _symbolic(model: torch.nn.Module, concrete_args: dict[str, Any] | None) -> fx.GraphModule:
-    return fx.symbolic_trace(model, concrete_args=concrete_args)
+    """``torch.fx.symbolic_trace``, with a tracer that leaves other threads alone."""
+    tracer = _OwnThreadTracer()
+    graph = tracer.trace(model, concrete_args)
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
 def _bound(model: torch.nn.Module, inputs: tuple[Any, ...]) -> inspect.BoundArguments | None:
@@ -131,7 +157,8 @@ def trace_model(model: torch.nn.Module, example_inputs: Sequence[Any], *,
         notes.append("optional arguments bound to their defaults: "
                      + ", ".join(f"{k}={v!r}" for k, v in defaults.items()))
     concrete = {**defaults, **(concrete_args or {})} or None
-    gm, used = _trace_any(model, example_inputs, concrete, tracer)
+    with PIPELINE, torch_warnings_muted():   # tracing patches torch process-wide
+        gm, used = _trace_any(model, example_inputs, concrete, tracer)
     if used == "export":
         notes.append("traced with torch.export (ATen graph)")
     try:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ...rewrite.emit import fused_module
+from ...graphs.build import fused_module
 from ..ops import BATCH_NORM, get_attr_args
 from ..params import get_tensor
 from .base import Lane, RowKind, RowOp, called_module, register

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ...rewrite.emit import fused_module
+from ...graphs.build import fused_module
 from ..ops import CONV1D, aten, packet
 from ..params import get_tensor
 from ..sites import ConvSpec

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ...rewrite.emit import fused_module, stacked_holder
+from ...graphs.build import fused_module, stacked_holder
 from ..ops import LAYER_NORM, get_attr_args
 from .base import Lane, RowKind, RowOp, called_module, register, roles
 

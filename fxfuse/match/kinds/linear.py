@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from ...rewrite.emit import fused_module, stacked_holder
+from ...graphs.build import fused_module, stacked_holder
 from ..ops import LINEAR, get_attr_args
 from ..params import get_tensor
 from .base import Lane, MatmulKind, RowOp, register, roles

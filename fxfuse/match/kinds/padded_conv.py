@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ...rewrite.emit import free_name
-from ...rewrite.weights import WeightEntry
+from ...graphs.build import free_name
+from ...weightmap import WeightEntry
 from ..kernels import KernelPlan, kernel_plan
 from ..params import get_tensor
 from ..sites import ConvSpec

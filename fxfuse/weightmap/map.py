@@ -1,9 +1,5 @@
 """The map between a looped model's state_dict and the fused model's, both ways, exactly.
 
-Each fused tensor is the concatenation of some original tensors along one dim
-(optionally with a size-1 dim inserted, for the Conv2d lowering). Converting is only
-``cat`` / ``split`` / ``unsqueeze`` / ``squeeze``: a round trip is bit-for-bit.
-
 Example::
 
     wm = result.weight_map
@@ -21,111 +17,8 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import ConfigError
-
-FORMAT = "fxfuse-weight-map/1"
-OPS = ("cat", "stack", "same", "pad")
-MAX_ENTRIES = 1_000_000
-MAX_DIM = 64
-
-
-@dataclass(frozen=True)
-class WeightEntry:
-    """``fused_key`` holds ``parts`` joined along ``dim`` (then ``unsqueeze`` applied).
-
-    ``op`` is ``"cat"`` (concatenated), ``"stack"`` (stacked on a new dim) or
-    ``"same"`` (every part holds the same value, e.g. BatchNorm's batch counter) or
-    ``"pad"`` (concatenated after zero-padding each part's last dim: part ``i`` sits at
-    ``window[i] = (offset, size)`` of the fused last dim, e.g. conv kernels of different
-    sizes padded to the largest; splitting slices the windows back out).
-    """
-
-    fused_key: str
-    parts: tuple[str, ...]
-    dim: int = 0
-    unsqueeze: int | None = None
-    op: str = "cat"
-    window: tuple[tuple[int, int], ...] | None = None
-
-    def join(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """The fused tensor made from the parts' tensors.
-
-        Raises:
-            ConfigError: the parts cannot be joined that way (ranks, shapes, dim).
-        """
-        try:
-            return self._join(tensors)
-        except (RuntimeError, IndexError, ValueError) as exc:
-            raise ConfigError(f"{self.fused_key}: cannot {self.op} its {len(self.parts)} parts "
-                              f"on dim {self.dim} ({str(exc).splitlines()[0][:120]}); the map "
-                              "does not fit this checkpoint") from exc
-
-    def _join(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        if self.op == "same":
-            if any(not torch.equal(t, tensors[0]) for t in tensors[1:]):
-                raise ConfigError(f"{self.fused_key}: {self.parts[0]} and the other parts differ; "
-                                  "they must be equal to share one fused tensor")
-            fused = tensors[0].clone()
-        elif self.op == "stack":
-            fused = torch.stack(tensors, dim=self.dim)
-        elif self.op == "pad":
-            fused = torch.cat(self._padded(tensors), dim=self.dim)
-        else:
-            fused = torch.cat(tensors, dim=self.dim)
-        return fused if self.unsqueeze is None else fused.unsqueeze(self.unsqueeze)
-
-    def split(self, fused: torch.Tensor) -> list[torch.Tensor]:
-        """The parts' tensors recovered from the fused tensor (exact).
-
-        Raises:
-            ConfigError: the fused tensor cannot be split that way.
-        """
-        try:
-            parts = self._split(fused)
-        except (RuntimeError, IndexError, ValueError) as exc:
-            raise ConfigError(f"{self.fused_key} {tuple(fused.shape)} cannot be split on dim "
-                              f"{self.dim} ({str(exc).splitlines()[0][:120]}); the map does "
-                              "not fit this checkpoint") from exc
-        if len(parts) != len(self.parts):
-            raise ConfigError(f"{self.fused_key} splits into {len(parts)} rows on dim "
-                              f"{self.dim}, but the map lists {len(self.parts)} parts; the map "
-                              "does not fit this checkpoint")
-        return parts
-
-    def _split(self, fused: torch.Tensor) -> list[torch.Tensor]:
-        if self.unsqueeze is not None:
-            fused = fused.squeeze(self.unsqueeze)
-        if self.op == "same":
-            return [fused.clone() for _ in self.parts]
-        if self.op == "stack":
-            return [t.clone() for t in torch.unbind(fused, dim=self.dim)]
-        size, rem = divmod(fused.shape[self.dim], len(self.parts))
-        if rem:
-            raise ConfigError(f"{self.fused_key} has {fused.shape[self.dim]} entries on dim "
-                              f"{self.dim}, not a multiple of {len(self.parts)} rows")
-        parts = torch.split(fused, size, dim=self.dim)
-        if self.op == "pad":
-            if fused.shape[-1] != self._width():
-                raise ConfigError(f"{self.fused_key} has {fused.shape[-1]} entries on its last "
-                                  f"dim, the map says {self._width()}")
-            return [t[..., o:o + k].clone() for t, (o, k) in zip(parts, self._windows())]
-        return [t.clone() for t in parts]
-
-    def _windows(self) -> tuple[tuple[int, int], ...]:
-        if not self.window or len(self.window) != len(self.parts):
-            raise ConfigError(f"{self.fused_key}: a 'pad' entry needs one (offset, size) "
-                              "window per part")
-        return self.window
-
-    def _width(self) -> int:
-        return max(o + k for o, k in self._windows())
-
-    def _padded(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        width, out = self._width(), []
-        for t, (o, k) in zip(tensors, self._windows()):
-            if t.shape[-1] != k:
-                raise ValueError(f"a part has {t.shape[-1]} entries on its last dim, not {k}")
-            out.append(torch.nn.functional.pad(t, (o, width - o - k)))
-        return out
+from .binding import check_fused, check_original, make_binding, parse_map
+from .entry import FORMAT, WeightEntry
 
 
 @dataclass(frozen=True)
@@ -145,7 +38,6 @@ class WeightMap:
         each part's shape and dtype, and a hash of the entries; :meth:`check_fused` and
         :meth:`check_original` use it to refuse a checkpoint the map does not belong to.
         """
-        from .weights_binding import make_binding
         return WeightMap(self.entries, make_binding(self, fused_state_dict))
 
     def check_fused(self, state_dict: Mapping[str, Any]) -> str:
@@ -155,12 +47,10 @@ class WeightMap:
             ``"exact"`` when the tensors are the very ones the map was written with,
             ``"layout"`` when only shapes and dtypes match (fine-tuned weights, say).
         """
-        from .weights_binding import check_fused
         return check_fused(self, state_dict)
 
     def check_original(self, state_dict: Mapping[str, Any]) -> None:
         """Refuse (ConfigError) an original-layout checkpoint whose parts do not match."""
-        from .weights_binding import check_original
         check_original(self, state_dict)
 
     def to_fused(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -223,7 +113,6 @@ class WeightMap:
         Raises:
             ConfigError: the text is not such a map (one line naming the entry at fault).
         """
-        from .weights_binding import parse_map
         try:
             data = json.loads(text)
         except RecursionError:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import torch
 
 from ..errors import ConfigError
+from .entry import FORMAT, MAX_DIM, MAX_ENTRIES, OPS, WeightEntry
 
-if TYPE_CHECKING:
-    from .weights import WeightEntry, WeightMap
 
 _FIX = "use the OUT.map.json that 'fxfuse fuse' wrote with this checkpoint"
 
@@ -44,7 +43,6 @@ def _entry_parts(where: str, raw: dict) -> list[str]:
 
 def _entry_layout(where: str, raw: dict) -> tuple[int, int | None, str]:
     """The entry's ``dim``, ``unsqueeze`` and ``op``, each checked against its range."""
-    from .weights import MAX_DIM, OPS
     dim, unsqueeze, op = raw.get("dim", 0), raw.get("unsqueeze"), raw.get("op", "cat")
     if not _is_int(dim) or not -MAX_DIM <= dim < MAX_DIM:
         raise _bad(f"{where}: 'dim' is {dim!r}, not a dimension")
@@ -72,7 +70,6 @@ def _entry_window(where: str, raw: dict, op: str, n_parts: int
 
 def _entry(index: int, raw: Any) -> "WeightEntry":
     """Entry ``index`` of a map's JSON as a :class:`WeightEntry`, validated."""
-    from .weights import WeightEntry
     if not isinstance(raw, dict):
         raise _bad(f"entry {index} is a {type(raw).__name__}, not an object")
     key = raw.get("fused_key")
@@ -93,7 +90,6 @@ def parse_map(data: Any) -> tuple[tuple["WeightEntry", ...], dict[str, Any] | No
     Raises:
         ConfigError: one line naming the entry at fault.
     """
-    from .weights import FORMAT, MAX_ENTRIES
     if not isinstance(data, dict):
         raise _bad(f"the JSON is a {type(data).__name__}, not an object")
     if data.get("format") != FORMAT:
@@ -132,7 +128,7 @@ def _valid_binding(binding: Any) -> bool:
     return True
 
 
-def _entries_hash(wmap: "WeightMap") -> str:
+def _entries_hash(wmap: "Any") -> str:
     text = json.dumps(wmap.entries_json(), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -141,17 +137,17 @@ def _meta(t: torch.Tensor) -> dict[str, Any]:
     return {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
 
 
-def fused_hash(wmap: "WeightMap", state_dict: Mapping[str, Any]) -> str:
+def fused_hash(wmap: "Any", state_dict: Mapping[str, Any]) -> str:
     """sha256 over the fused tensors (key, dtype, shape, bytes), in map order."""
     digest = hashlib.sha256()
     for e in wmap.entries:
         t = state_dict[e.fused_key].detach().cpu().contiguous()
         digest.update(json.dumps([e.fused_key, _meta(t)]).encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
 
-def make_binding(wmap: "WeightMap", fused: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+def make_binding(wmap: "Any", fused: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """The binding of ``wmap`` to the fused state_dict ``fused``."""
     missing = [e.fused_key for e in wmap.entries if e.fused_key not in fused]
     if missing:
@@ -178,14 +174,14 @@ def _check_layout(table: Mapping[str, Any], state_dict: Mapping[str, Any], what:
                               f"for {want['dtype']} {tuple(want['shape'])}; {_FIX}")
 
 
-def _check_entries(wmap: "WeightMap") -> None:
+def _check_entries(wmap: "Any") -> None:
     if wmap.binding["entries_sha256"] != _entries_hash(wmap):
         raise ConfigError("the weight map was edited after 'fxfuse fuse' wrote it (its entries "
                           f"no longer match its binding); {_FIX}")
 
 
-def check_fused(wmap: "WeightMap", state_dict: Mapping[str, Any]) -> str:
-    """See :meth:`WeightMap.check_fused`."""
+def check_fused(wmap: "Any", state_dict: Mapping[str, Any]) -> str:
+    """See :meth:`Any.check_fused`."""
     if wmap.binding is None:
         for e in wmap.entries:
             if e.fused_key not in state_dict:
@@ -198,8 +194,8 @@ def check_fused(wmap: "WeightMap", state_dict: Mapping[str, Any]) -> str:
     return "exact" if same else "layout"
 
 
-def check_original(wmap: "WeightMap", state_dict: Mapping[str, Any]) -> None:
-    """See :meth:`WeightMap.check_original`."""
+def check_original(wmap: "Any", state_dict: Mapping[str, Any]) -> None:
+    """See :meth:`Any.check_original`."""
     if wmap.binding is None:
         return
     _check_entries(wmap)

@@ -1,0 +1,1 @@
+"""Graph-building helpers shared by the matcher's kinds and the rewriters."""
