@@ -23,7 +23,7 @@ HAS_DIM_AUTO = hasattr(torch.export.Dim, "AUTO")
 #: ``torch.export`` to the graph that keeps in-place writes as ``copy_`` (the training IR):
 #: ``torch.export.export`` from torch 2.6 on; on torch 2.5 ``export`` functionalises them
 #: into ``select_scatter``/``slice_scatter`` chains and ``export_for_training`` keeps them
-#: (an alias of ``export`` where both exist later; gone where ``export`` is all there is).
+#: (torch 2.6 has both, alike here; torch 2.13 has ``export`` only).
 export_training_ir = getattr(torch.export, "export_for_training", torch.export.export)
 
 _said: set[str] = set()

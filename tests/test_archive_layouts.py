@@ -1,8 +1,9 @@
 """``.pt2`` archives written by the torch versions fxfuse supports, read by this one.
 
-``tests/data/linear_torch-*.pt2`` were written by torch 2.4.1 and 2.6.0 (the flat layout
-of ``torch.export.save`` up to torch 2.7) and torch 2.13.0 (the pt2-archive layout, one
-root folder); ``tests/data/write_archive.py`` writes them. Each is inspected the same
+``tests/data/linear_torch-*.pt2`` were written by torch 2.4.1, 2.5.1 and 2.6.0 (the flat
+layout of ``torch.export.save`` up to torch 2.7) and torch 2.13.0 (the pt2-archive layout,
+one root folder); ``tests/data/write_archive.py`` writes them. torch reads only archives of
+its own export schema's major version (5 in 2.4, 7 in 2.5, 8 from 2.6 on). Each is inspected the same
 way under every torch; each loads and runs where this torch can read it, and otherwise
 fails in one line that names the torch that wrote it and the one reading it.
 """
@@ -23,6 +24,7 @@ from trust_support import torch_payload
 DATA = Path(__file__).parent / "data"
 # file → (layout, torch version recorded in it, export schema)
 ARCHIVES = {"linear_torch-2.4.1.pt2": ("flat", None, "5.3"),
+            "linear_torch-2.5.1.pt2": ("flat", "2.5.1+cu124", "7.3"),
             "linear_torch-2.6.0.pt2": ("flat", "2.6.0+cu124", "8.2"),
             "linear_torch-2.13.0.pt2": ("pt2", "2.13.0+cpu", "8.20")}
 

@@ -67,8 +67,9 @@ class ArchiveReport:
     Attributes:
         data: the archive's bytes, as inspected (hand these, not the path, to torch).
         runs: one line per part that unpickles or runs code (empty for a plain program).
-        layout: ``"pt2"`` (one root folder, torch 2.8 on) or ``"flat"`` (up to torch 2.7).
-        writer: the torch version that wrote it, where the archive records one (2.6 on).
+        layout: ``"pt2"`` (one root folder, as torch 2.13 writes) or ``"flat"`` (as torch
+            2.4 to 2.6 write; torch's own loader calls it the format of 2.7 and before).
+        writer: the torch version that wrote it, where the archive records one (2.5 on).
         schema: its export schema version (``"8.2"``), where readable.
     """
 

@@ -68,7 +68,7 @@ def keep_input_checks(gm: fx.GraphModule) -> int:
     older leave them out.
 
     ``ExportedProgram.module()`` checks its inputs in a forward pre-hook, which no copy
-    or re-trace keeps; torch 2.7 on also calls the check in the graph (``_guards_fn``),
+    or re-trace keeps; newer torch (2.13) also calls the check in the graph (``_guards_fn``),
     so a fused module refuses the shapes the program refuses. Where that call is missing,
     each input's static dims are asserted in the graph (``torch._assert``), to the same
     effect. Returns how many inputs got an assertion."""

@@ -1,8 +1,8 @@
 """Write ``tests/data/linear_torch-<version>.pt2`` with the torch this runs under.
 
-The committed files were written by torch 2.4.1 and 2.6.0 (``torch.export.save``'s flat
-layout, export schema 5.3 and 8.2) and torch 2.13.0 (the pt2-archive layout, one root
-folder), each in a venv of its own::
+The committed files were written by torch 2.4.1, 2.5.1 and 2.6.0 (``torch.export.save``'s
+flat layout, export schema 5.3, 7.3 and 8.2) and torch 2.13.0 (the pt2-archive layout, one
+root folder), each in a venv of its own::
 
     python tests/data/write_archive.py
 
