@@ -18,6 +18,7 @@ come back as a list of what will run, for the caller to tell the user.
 """
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import re
@@ -43,6 +44,16 @@ _ALLOWED = [re.compile(p) for p in (
     rf"data/sample_inputs/{_NAME}\.pt",
     r"extra/[^/]+",
 )]
+# The flat layout ``torch.export.save`` wrote up to torch 2.7 (no root folder): the program
+# as JSON, weights, constants and sample inputs as ``torch.save`` files (read weights-only
+# here, as torch 2.6+ reads them; older torch unpickles them in full).
+_FLAT_PROGRAM = "serialized_exported_program.json"
+_FLAT_PICKLES = {"serialized_state_dict.pt": "weights", "serialized_constants.pt": "constants",
+                 "serialized_example_inputs.pt": "sample inputs"}
+_FLAT_ALLOWED = [re.compile(p) for p in (
+    r"version", re.escape(_FLAT_PROGRAM), *(re.escape(n) for n in _FLAT_PICKLES),
+    r"extra_files/[^/]+",
+)]
 _WHAT = {"data/aotinductor/": "an AOTInductor build (runs its compiler command)",
          "data/executorch/": "an ExecuTorch program",
          "data/constants/opaque_obj_": "a pickled opaque object",
@@ -56,10 +67,44 @@ class ArchiveReport:
     Attributes:
         data: the archive's bytes, as inspected (hand these, not the path, to torch).
         runs: one line per part that unpickles or runs code (empty for a plain program).
+        layout: ``"pt2"`` (one root folder, as torch 2.13 writes) or ``"flat"`` (as torch
+            2.4 to 2.6 write; torch's own loader calls it the format of 2.7 and before).
+        writer: the torch version that wrote it, where the archive records one (2.5 on).
+        schema: its export schema version (``"8.2"``), where readable.
     """
 
     data: bytes
     runs: list[str] = field(default_factory=list)
+    layout: str = "pt2"
+    writer: str | None = None
+    schema: str | None = None
+
+    def versions(self) -> str:
+        """``written by torch A (export schema a), read by torch B (export schema b)``."""
+        wrote = f"torch {self.writer}" if self.writer else "a torch that does not record its version"
+        wrote += f" (export schema {self.schema})" if self.schema else ""
+        reads = reader_schema()
+        return (f"written by {wrote}, read by torch {torch.__version__}"
+                + (f" (export schema {reads})" if reads else ""))
+
+    def unreadable_here(self) -> str | None:
+        """What of the archive this torch cannot read (its layout or its schema's major
+        version), or None when it should read it."""
+        if self.layout == "pt2" and importlib.util.find_spec("torch.export.pt2_archive") is None:
+            return "the pt2-archive layout (one root folder)"
+        reads = reader_schema()
+        if self.schema and reads and self.schema.split(".")[0] != reads.split(".")[0]:
+            return f"export schema {self.schema}"
+        return None
+
+
+def reader_schema() -> str | None:
+    """The export schema version this torch writes and reads (``"5.3"``), if it says."""
+    try:
+        from torch._export.serde.schema import SCHEMA_VERSION
+    except ImportError:
+        return None
+    return ".".join(map(str, SCHEMA_VERSION))
 
 
 def _refuse(path: Path, entry: str, why: str, allow: bool, runs: list[str]) -> None:
@@ -128,16 +173,16 @@ def _check_payloads(zf: zipfile.ZipFile, path: Path, root: str, allow: bool,
                 _refuse(path, entry, f"{fqn!r}, not a plain tensor file", allow, runs)
 
 
-def _check_sample_inputs(zf: zipfile.ZipFile, path: Path, name: str, allow: bool,
-                         runs: list[str]) -> None:
-    """torch reads sample inputs weights-only, then falls back to full unpickling."""
+def _check_weights_only(zf: zipfile.ZipFile, path: Path, name: str, allow: bool,
+                        runs: list[str], what: str = "sample inputs") -> None:
+    """torch reads these weights-only, then falls back to full unpickling."""
     blob = zf.read(name)
     if not blob:
         return
     try:
         torch.load(io.BytesIO(blob), weights_only=True, map_location="cpu")
     except Exception:  # noqa: BLE001 - anything but a weights-only success needs pickle
-        _refuse(path, name, "sample inputs that need full unpickling", allow, runs)
+        _refuse(path, name, f"{what} that need full unpickling", allow, runs)
 
 
 def _open_zip(path: Path, data: bytes) -> zipfile.ZipFile:
@@ -151,21 +196,40 @@ def _open_zip(path: Path, data: bytes) -> zipfile.ZipFile:
 
 
 def _single_root(path: Path, infos: list[zipfile.ZipInfo]) -> str:
-    """The one root folder (with its trailing slash) every entry lives under."""
+    """The one root folder (with its trailing slash) every entry lives under; ``""`` for
+    the flat layout (``serialized_exported_program.json`` at the top)."""
+    if any(i.filename == _FLAT_PROGRAM for i in infos):
+        return ""
     roots = {i.filename.split("/", 1)[0] + "/" for i in infos}
     if len(roots) != 1 or any("/" not in i.filename for i in infos):
-        raise ConfigError(f"{str(path)!r} is not a torch.export archive (no single root "
-                          "folder); re-export the model with torch.export.save")
+        raise ConfigError(f"{str(path)!r} is not a torch.export archive (neither one root "
+                          f"folder nor {_FLAT_PROGRAM}; read by torch {torch.__version__}); "
+                          "re-export the model with torch.export.save")
     return roots.pop()
+
+
+def _recorded_versions(zf: zipfile.ZipFile, path: Path, root: str) -> tuple[str | None, str | None]:
+    """The torch version and export schema the program JSON records (None where not)."""
+    names = [n for n in zf.namelist() if n == _FLAT_PROGRAM
+             or re.fullmatch(rf"{re.escape(root)}models/{_NAME}\.json", n)]
+    try:
+        data = _read_json(zf, path, names[0]) if names else {}
+    except ConfigError:
+        return None, None
+    writer, schema = data.get("torch_version"), data.get("schema_version")
+    if isinstance(schema, dict) and {"major", "minor"} <= set(schema):
+        schema = f"{schema['major']}.{schema['minor']}"
+    return (str(writer) if writer else None), (schema if isinstance(schema, str) else None)
 
 
 def _check_entries(zf: zipfile.ZipFile, path: Path, root: str,
                    infos: list[zipfile.ZipInfo], allow_pickle: bool, runs: list[str]) -> None:
     """Refuse (or, with ``allow_pickle``, report in ``runs``) every entry that is not part
     of a plain exported program; name the command a compile-flags entry would run."""
+    allowed = _ALLOWED if root else _FLAT_ALLOWED
     for info in infos:
         short = info.filename[len(root):]
-        if info.is_dir() or any(p.fullmatch(short) for p in _ALLOWED):
+        if info.is_dir() or any(p.fullmatch(short) for p in allowed):
             continue
         why = next((w for prefix, w in _WHAT.items() if short.startswith(prefix)),
                    "not part of a plain exported program")
@@ -196,8 +260,13 @@ def inspect_archive(path: Path, allow_pickle: bool = False) -> ArchiveReport:
         root = _single_root(path, infos)
         runs: list[str] = []
         _check_entries(zf, path, root, infos, allow_pickle, runs)
-        _check_payloads(zf, path, root, allow_pickle, runs)
+        if root:
+            _check_payloads(zf, path, root, allow_pickle, runs)
         for info in infos:
-            if info.filename[len(root):].startswith("data/sample_inputs/"):
-                _check_sample_inputs(zf, path, info.filename, allow_pickle, runs)
-    return ArchiveReport(data, runs)
+            if root and info.filename[len(root):].startswith("data/sample_inputs/"):
+                _check_weights_only(zf, path, info.filename, allow_pickle, runs)
+            elif not root and info.filename in _FLAT_PICKLES:
+                _check_weights_only(zf, path, info.filename, allow_pickle, runs,
+                                    _FLAT_PICKLES[info.filename])
+        writer, schema = _recorded_versions(zf, path, root)
+    return ArchiveReport(data, runs, "pt2" if root else "flat", writer, schema)

@@ -17,7 +17,10 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from ..compat import muted_logger
 from ..errors import ConfigError
+from ..running import torch_warnings_muted
+from ..trace.export import keep_input_checks
 
 log = logging.getLogger("fxfuse")
 
@@ -242,15 +245,31 @@ def load_export(path: Path, allow_pickle: bool = False,
         (announce or log.warning)(f"--allow-pickle: loading {str(path)!r} will unpickle or run "
                                   f"code from the file: {'; '.join(report.runs)}")
 
-    def reader() -> nn.Module:
-        return torch.export.load(io.BytesIO(report.data)).module()
     try:
-        return _read(path, "torch.export archive", reader), report.runs
-    except ConfigError:
-        raise
+        with torch_warnings_muted(), muted_logger("torch.export"):  # torch logs its legacy-layout path
+            module = torch.export.load(io.BytesIO(report.data)).module()
     except Exception as exc:  # noqa: BLE001 - deserialisation errors have many types
-        raise ConfigError(f"cannot load torch.export archive {str(path)!r} ({first_line(exc)}); "
-                          f"re-export it with torch {torch.__version__}") from exc
+        raise _load_failure(path, report, exc) from exc
+    keep_input_checks(module)
+    return module, report.runs
+
+
+def _load_failure(path: Path, report: Any, exc: Exception) -> ConfigError:
+    """One line for a ``torch.export.load`` failure, naming the torch that wrote the
+    archive (where it says) and the one reading it."""
+    cause, versions = first_line(exc), report.versions()
+    unreadable = report.unreadable_here()
+    if unreadable:
+        return ConfigError(f"cannot load torch.export archive {str(path)!r}: {versions}, "
+                           f"which cannot read {unreadable}; re-export the model "
+                           f"with torch {torch.__version__}, or load the file with the torch "
+                           "that wrote it")
+    if isinstance(exc, _UNREADABLE):
+        return ConfigError(f"cannot read torch.export archive {str(path)!r} ({cause}; "
+                           f"{versions}); the file looks truncated or corrupt: save or "
+                           "download it again")
+    return ConfigError(f"cannot load torch.export archive {str(path)!r} ({cause}; {versions}); "
+                       f"re-export it with torch {torch.__version__}")
 
 
 def load_pickle(path: Path, allow_pickle: bool) -> nn.Module:

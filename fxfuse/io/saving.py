@@ -25,6 +25,7 @@ from .checkpoints import first_line
 from .transaction import OutputSet
 from .writing import (SAVE_FORMATS, atomic_write, check_directory,  # noqa: F401 - re-exported
                       check_output_path, format_of, write_sidecar)
+from ..compat import BatchDims
 from ..errors import ConfigError, TraceError
 
 log = logging.getLogger("fxfuse")
@@ -49,7 +50,8 @@ class SavedModel:
 
 
 def _batch_dims(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
-    return tuple({0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() > 0
+    batch = BatchDims()
+    return tuple({0: batch(x)} if isinstance(x, torch.Tensor) and x.dim() > 0
                  else None for x in inputs)
 
 

@@ -3,6 +3,7 @@ that follows ``train()``/``eval()``."""
 from __future__ import annotations
 
 import inspect
+import operator
 import types
 from typing import Any
 
@@ -10,9 +11,11 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
+from ..compat import BatchDims, export_training_ir, say_absent
 from ..errors import TraceError
 
 MODE_KEY = "fxfuse_traced_training"   # gm.meta: the mode a batch-norm export graph fixes
+PRESERVED_KEY = "_user_preserved_attributes"  # gm.meta: attributes GraphModule copies keep
 
 
 def export_model(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> fx.GraphModule:
@@ -20,10 +23,10 @@ def export_model(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> fx.
     shapes otherwise; returns the unlifted module, dropout as ``nn.Dropout`` modules."""
     dims = batch_dynamic_shapes(model, example_inputs)
     try:
-        program = torch.export.export(model, _batch_of_two(example_inputs), dynamic_shapes=dims,
-                                      strict=False)
+        program = export_training_ir(model, _batch_of_two(example_inputs), dynamic_shapes=dims,
+                                     strict=False)
     except Exception:  # noqa: BLE001 - a dynamic batch is a bonus; fall back to static shapes
-        program = torch.export.export(model, example_inputs, strict=False)
+        program = export_training_ir(model, example_inputs, strict=False)
     gm = program.module()
     dropout_as_modules(gm)
     follow_mode(gm, model.training)
@@ -46,8 +49,10 @@ def batch_dynamic_shapes(model: torch.nn.Module, example_inputs: tuple[Any, ...]
     """``torch.export`` dynamic shapes with a dynamic dim 0 for every batched tensor,
     shaped like the signature (``*args`` get a tuple, nested tuples nest): a flat spec
     is refused for varargs and export then falls back to one batch size."""
+    batch = BatchDims()
+
     def spec(value: Any) -> Any:
-        return pytree.tree_map(lambda x: {0: torch.export.Dim.AUTO}
+        return pytree.tree_map(lambda x: {0: batch(x)}
                                if isinstance(x, torch.Tensor) and x.dim() > 0 else None, value)
     try:
         bound = inspect.signature(model.forward).bind(*example_inputs)
@@ -56,6 +61,45 @@ def batch_dynamic_shapes(model: torch.nn.Module, example_inputs: tuple[Any, ...]
     if bound is None:
         return tuple(spec(x) for x in example_inputs)
     return {name: spec(value) for name, value in bound.arguments.items()}
+
+
+def keep_input_checks(gm: fx.GraphModule) -> int:
+    """Put the static input dims of an exported module into its graph, where torch 2.6 and
+    older leave them out.
+
+    ``ExportedProgram.module()`` checks its inputs in a forward pre-hook, which no copy
+    or re-trace keeps; newer torch (2.13) also calls the check in the graph (``_guards_fn``),
+    so a fused module refuses the shapes the program refuses. Where that call is missing,
+    each input's static dims are asserted in the graph (``torch._assert``), to the same
+    effect. Returns how many inputs got an assertion."""
+    checked = any(getattr(h, "__name__", "") == "_check_input_constraints_pre_hook"
+                  for h in gm._forward_pre_hooks.values())
+    if not checked or any(n.op == "call_module" and n.target == "_guards_fn"
+                          for n in gm.graph.nodes):
+        return 0
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    count = 0
+    for node in reversed(inputs):
+        val = node.meta.get("val")
+        dims = [(d, int(s)) for d, s in enumerate(getattr(val, "shape", ()))
+                if isinstance(s, int)]
+        if not isinstance(val, torch.Tensor) or not dims:
+            continue
+        with gm.graph.inserting_after(inputs[-1]):
+            for d, size in reversed(dims):
+                n_size = gm.graph.call_method("size", (node, d))
+                with gm.graph.inserting_after(n_size):
+                    n_eq = gm.graph.call_function(operator.eq, (n_size, size))
+                with gm.graph.inserting_after(n_eq):
+                    gm.graph.call_function(torch._assert, (n_eq, (
+                        f"input {node.name!r} must have size {size} in dim {d}, as exported")))
+        count += 1
+    if count:
+        say_absent("input checks inside an exported module's graph",
+                   "the static input dims are asserted in the graph")
+        gm.graph.lint()
+        gm.recompile()
+    return count
 
 
 def dropout_as_modules(gm: fx.GraphModule) -> int:
@@ -128,6 +172,12 @@ def fix_mode(gm: fx.GraphModule, training: bool) -> None:
     register = getattr(gm, "_register_deepcopy_hook", None)
     if register is not None:
         register(_install_fixed_mode)
+        return
+    # No deepcopy hooks (torch 2.6 and older): a deep copy sets again the attributes listed
+    # in this meta entry, and copying a bound method binds it to the copy.
+    say_absent("GraphModule._register_deepcopy_hook",
+               "a fixed train/eval mode reaches deep copies through the GraphModule's meta")
+    gm.meta.setdefault(PRESERVED_KEY, {}).update(train=gm.train, eval=gm.eval)
 
 
 def _has_mode_dependent_ops(gm: fx.GraphModule) -> bool:
