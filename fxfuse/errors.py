@@ -49,6 +49,11 @@ class VerificationError(FxFuseError):
         self.check = check
 
 
+class CannotTime(Exception):
+    """A site's loop cannot be run on its own, so ``auto`` cannot time it (the message
+    says why); the loop is kept. Not an error the user sees: it becomes a site's note."""
+
+
 def one_line(exc: BaseException) -> str:
     """The first line of an exception's message, or its type name when it has none."""
     text = str(exc).strip()

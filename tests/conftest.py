@@ -259,7 +259,6 @@ def _vectorised_rows_timed_on_a_fake_clock(monkeypatch) -> None:
     rewrite still raises) on a fake clock where the loop wins: no test's outcome
     depends on this machine's load. Tests of auto choosing ``vmap`` use
     :func:`helpers.vmap_wins`."""
-    import fxfuse.passes.driver as driver
-    from helpers import FakeAutoClock
-    monkeypatch.setattr(driver, "choose_among",
-                        FakeAutoClock(loop_s=1e-3, rewrite_s=2e-3).choose_among)
+    import fxfuse.passes.step as step
+    from helpers import TimingSwitch
+    monkeypatch.setattr(step, "choose_among", TimingSwitch())

@@ -80,18 +80,45 @@ class FakeAutoClock:
         return choose_among({k: timed(k, c) for k, c in calls.items()}, **kw)
 
 
+class TimingSwitch:
+    """Stands in for the pass's ``choose_among`` (installed by ``conftest``): a loop's
+    timing against its vectorised form (a ``"vmap"`` candidate) goes to ``vmap``, on a
+    fake clock where the loop wins unless a test says otherwise; the kinds' timing goes
+    to ``kinds`` (real unless a test sets a fake)."""
+
+    def __init__(self) -> None:
+        from fxfuse.check.decide import choose_among
+        self.kinds = choose_among
+        self.vmap = FakeAutoClock(loop_s=1e-3, rewrite_s=2e-3).choose_among
+
+    def __call__(self, calls, **kw):
+        return (self.vmap if "vmap" in calls else self.kinds)(calls, **kw)
+
+
+def timing_switch() -> TimingSwitch:
+    """The :class:`TimingSwitch` the pass times with in this test."""
+    import fxfuse.passes.step as step
+    return step.choose_among
+
+
+def time_kinds_with(monkeypatch, fake) -> None:
+    """Time the kinds' candidates with ``fake`` (a ``choose_among``), through the pass
+    and through :func:`fxfuse.check.auto.choose_lowering` alike."""
+    import fxfuse.check.auto as auto
+    monkeypatch.setattr(auto, "choose_among", fake)
+    monkeypatch.setattr(timing_switch(), "kinds", fake)
+
+
 def rewrites_win(monkeypatch) -> FakeAutoClock:
     """Make ``auto`` choose a rewrite deterministically (see :class:`FakeAutoClock`)."""
-    import fxfuse.check.auto as auto
     clock = FakeAutoClock()
-    monkeypatch.setattr(auto, "choose_among", clock.choose_among)
+    time_kinds_with(monkeypatch, clock.choose_among)
     return clock
 
 
 def vmap_wins(monkeypatch) -> FakeAutoClock:
     """Make ``auto`` choose the vectorised form of a loop of identical rows (a rewrite's
     call costs half the loop's on a fake clock)."""
-    import fxfuse.passes.driver as driver
     clock = FakeAutoClock()
-    monkeypatch.setattr(driver, "choose_among", clock.choose_among)
+    monkeypatch.setattr(timing_switch(), "vmap", clock.choose_among)
     return clock

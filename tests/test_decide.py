@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fxfuse.check.decide import MARGIN, Choice, choose_among
+from helpers import time_kinds_with
 
 
 class FakeClock:
@@ -143,7 +144,7 @@ def _fake_auto(monkeypatch, costs):
             timed[name] = lambda call=call, worker=worker: (call(), worker())
         return real(timed, **kw)
 
-    monkeypatch.setattr(auto, "choose_among", fake)
+    time_kinds_with(monkeypatch, fake)
     return clock
 
 
@@ -164,7 +165,7 @@ def test_decisions_are_recorded_and_reused_without_timing(monkeypatch):
 
     def no_timing(*a, **k):
         raise AssertionError("timed although a decision was recorded")
-    monkeypatch.setattr(auto, "choose_among", no_timing)
+    time_kinds_with(monkeypatch, no_timing)
     again = fxfuse.fuse(model, x, verify=False, benchmark=False,
                         decisions=json.loads(text))
     assert again.sites[0].lowering == "grouped" and again.sites[0].decision["reused"]

@@ -201,7 +201,7 @@ class SplitCarried(nn.Module):
 def test_reasons_are_true(factory, shape, words, not_words, monkeypatch):
     """The row-op kinds' reasons (the structural fusion is switched off here: it may
     vectorise some of these loops)."""
-    monkeypatch.setattr(RowsByStructure, "find", lambda self, gm, ctx, first=0: [])
+    monkeypatch.setattr(RowsByStructure, "find", lambda self, gm, ctx: [])
     model = factory().eval()
     x = torch.randn(*shape)
     result = _fuse(model, x, "auto")

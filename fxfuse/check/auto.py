@@ -21,17 +21,13 @@ import torch
 from torch import fx
 
 from .decide import MARGIN, Choice, Clock, choose_among, untimed  # noqa: F401 (re-exported)
-from ..errors import FxFuseError, InternalError, RewriteError, one_line
+from ..errors import CannotTime, FxFuseError, InternalError, RewriteError, one_line
 from ..rewrite.rewriter import LOWERINGS, lowerings_for, node_index, rewrite_site
 from ..rewrite.siblings import rewrite_siblings
 from ..match.sites import RowSite
 from ..trace.tracing import VALUE_KEY
 
 log = logging.getLogger("fxfuse")
-
-
-class CannotTime(Exception):
-    """The site's loop cannot be run on its own (the message says why)."""
 
 
 def _site_nodes(gm: fx.GraphModule, site: RowSite) -> set[fx.Node]:
@@ -186,15 +182,49 @@ def _timed_loop(gm: fx.GraphModule, site: RowSite, extract: Callable
     return loop, inputs
 
 
-def _decided(site: RowSite, fns: dict[str, fx.GraphModule], inputs: tuple[torch.Tensor, ...],
-             rounds: int, clock: Clock | None, budget_s: float | None) -> Choice:
-    """Warm every rewrite up once (a failure names the site), then time and decide."""
+def timing_calls(gm: fx.GraphModule, site: RowSite,
+                 candidates: tuple[str, ...] = LOWERINGS) -> dict[str, Callable[[], Any]]:
+    """The site's loop cut out and each candidate lowering of it, as zero-argument calls
+    on timing inputs, every rewrite run once (what ``auto`` times).
+
+    Raises:
+        CannotTime: the loop cannot be run on its own.
+        RewriteError, InternalError: a candidate rewrite failed (naming the site).
+    """
+    loop, inputs = _timed_loop(gm, site, extract_loop)
+    return _warmed(site, _candidates(loop, site, candidates), inputs)
+
+
+def sibling_timing_calls(gm: fx.GraphModule, site: RowSite) -> dict[str, Callable[[], Any]]:
+    """:func:`timing_calls` for a sibling-Linear site: the separate Linears (``loop``)
+    and the fused one (``siblings``)."""
+    loop, inputs = _timed_loop(gm, site, extract_siblings)
+    fused = copy.deepcopy(loop)
+    _guarded(site, "siblings", lambda: rewrite_siblings(fused, site))
+    return _warmed(site, {"loop": loop, "siblings": fused}, inputs)
+
+
+def _warmed(site: RowSite, fns: dict[str, fx.GraphModule], inputs: tuple[torch.Tensor, ...]
+            ) -> dict[str, Callable[[], Any]]:
+    """Calls of ``fns`` on ``inputs``; each rewrite run once (a failure names the site)."""
     calls = {k: _call(f, inputs) for k, f in fns.items()}
     for name, call in calls.items():
         if name != "loop":
             _guarded(site, name, call)
+    return calls
+
+
+def _measured(site: RowSite, calls: Callable[[], dict[str, Callable[[], Any]]],
+              kept: str, rounds: int, clock: Clock | None, budget_s: float | None) -> Choice:
+    """``choose_among`` on ``calls()``; the loop, with a note, when it cannot be timed."""
+    try:
+        fns = calls()
+    except CannotTime as exc:
+        reason = _failure_text(exc)
+        log.info("%s: cannot time it alone (%s); %s", site.name, reason, kept)
+        return untimed(f"{kept}: auto could not time it ({reason})")
     extra = {} if budget_s is None else {"budget_s": budget_s}
-    choice = choose_among(calls, rounds=rounds, clock=clock, **extra)
+    choice = choose_among(fns, rounds=rounds, clock=clock, **extra)
     log.info("%s: %s", site.name, choice.rule())
     return choice
 
@@ -219,12 +249,8 @@ def choose_lowering(gm: fx.GraphModule, site: RowSite, *, rounds: int = 9,
     Raises:
         RewriteError, InternalError: a candidate rewrite failed (naming the site).
     """
-    cut = _cut_or_note(gm, site, extract_loop, "kept as a loop")
-    if isinstance(cut, Choice):
-        return cut
-    loop, inputs = cut
-    fns = _candidates(loop, site, candidates)
-    return _decided(site, fns, inputs, rounds, clock, budget_s)
+    return _measured(site, lambda: timing_calls(gm, site, candidates), "kept as a loop",
+                     rounds, clock, budget_s)
 
 
 def _failure_text(exc: Exception) -> str:
@@ -265,24 +291,9 @@ def extract_siblings(gm: fx.GraphModule, site: RowSite) -> fx.GraphModule:
     return fx.GraphModule(gm, graph, class_name="Siblings")
 
 
-def _cut_or_note(gm: fx.GraphModule, site: RowSite, extract, kept: str):
-    """The site cut out with its timing inputs, or the untimed choice saying why not."""
-    try:
-        return _timed_loop(gm, site, extract)
-    except CannotTime as exc:
-        reason = _failure_text(exc)
-        log.info("%s: cannot time it alone (%s); %s", site.name, reason, kept)
-        return untimed(f"{kept}: auto could not time it ({reason})")
-
-
 def choose_siblings(gm: fx.GraphModule, site: RowSite, *, rounds: int = 9,
                     clock: Clock | None = None, budget_s: float | None = None) -> Choice:
     """:func:`choose_lowering` for a sibling-Linear site: the separate Linears against
     the fused one, timed side by side; the separate ones are kept unless beaten."""
-    cut = _cut_or_note(gm, site, extract_siblings, "kept separate")
-    if isinstance(cut, Choice):
-        return cut
-    loop, inputs = cut
-    fused = copy.deepcopy(loop)
-    _guarded(site, "siblings", lambda: rewrite_siblings(fused, site))
-    return _decided(site, {"loop": loop, "siblings": fused}, inputs, rounds, clock, budget_s)
+    return _measured(site, lambda: sibling_timing_calls(gm, site), "kept separate",
+                     rounds, clock, budget_s)

@@ -10,7 +10,7 @@ belong to a row loop are left to it. The sites are ordinary :class:`RowSite` rec
 from __future__ import annotations
 
 from collections import Counter
-from typing import Sequence
+from typing import Collection, Sequence
 
 import torch
 from torch import fx, nn
@@ -87,25 +87,28 @@ def _calls(gm: fx.GraphModule) -> Counter:
 
 
 def find_sibling_sites(gm: fx.GraphModule, sites: Sequence[RowSite] = (), *,
-                       min_rows: int = 2) -> list[RowSite]:
+                       min_rows: int = 2, claimed: Collection[fx.Node] = (),
+                       first: int | None = None) -> list[RowSite]:
     """Groups of at least ``min_rows`` fusable Linear layers reading one input.
 
     Linears of one input fuse together when they agree in ``in_features``,
     ``out_features`` (the weight map splits a ``cat`` into equal parts), having a bias,
     dtype, device and ``requires_grad``; their parameters must not be used anywhere else
     (each module called once, each parameter held once in the model, no hooks or
-    parametrizations). Groups that do not qualify are not reported.
+    parametrizations). Groups that do not qualify are not reported. Linears in
+    ``sites`` or in ``claimed`` are not taken; sites are named from ``first`` on (after
+    ``sites`` by default).
     """
     taken = _taken(sites)
     calls = _calls(gm)
     attrs = [n.target for n in gm.graph.nodes if n.op == "get_attr"]
     owners = Counter(id(p) for _, p in gm.named_parameters(remove_duplicate=False))
     found: list[RowSite] = []
-    start = len(sites)
+    start = len(sites) if first is None else first
     for x in gm.graph.nodes:
         buckets: dict[tuple, list[tuple[fx.Node, tuple]]] = {}
         for user in x.users:
-            if user.name in taken:
+            if user.name in taken or user in claimed:
                 continue
             info = _linear_of(gm, user, x)
             if info is None:

@@ -1,13 +1,15 @@
-"""The one driver: find with every fusion, choose a lowering per site, rewrite, clean up.
+"""The one driver: for each fusion in turn, find, choose a lowering per site, rewrite,
+clean up; then the final clean-up (lint, recompile, unused modules, kept tensors).
 
 ``fxfuse.fuse``, ``fxfuse inspect`` / ``fuse`` and the ``torch.compile`` backend all
-run this. The row-op kinds (grouped convolutions, batched matmuls, sibling Linears)
-go first, as the fast special cases; loops they leave are matched by structure and
-vectorised. Under ``lowering="vmap"`` every loop is vectorised.
+run this. The fusions are :data:`fxfuse.passes.registry.REGISTRY`: the row-op kinds
+(grouped convolutions, batched matmuls, sibling Linears) go first, as the fast special
+cases; loops they leave are matched by structure and vectorised. Under
+``lowering="vmap"`` every loop is vectorised. A node an earlier fusion's rewrite
+inserted is claimed: no later fusion takes it.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -15,21 +17,15 @@ from typing import Any
 import torch
 from torch import fx
 
-from ..check.decide import Choice, choose_among, untimed
-from ..check.decisions import Decisions, choose_recorded
+from ..check.decisions import Decisions
 from ..config import FuseConfig
-from ..errors import RewriteError
-from ..match.find import find_row_sites
-from ..match.siblings import with_siblings
 from ..match.sites import RowSite
-from ..rewrite.rewriter import INSERTED_KEY, finalize_graph
+from ..rewrite.rewriter import finalize_graph
 from ..weightmap import WeightEntry, WeightMap
 from ..trace.export import fix_mode
-from ..structural.extract import CannotCut
-from ..structural.fusion import RowsByStructure
-from ..structural.plan import Refused
-from .fusion import Context, Found
-from .kinds import apply_sites
+from .fusion import Context
+from .registry import fusions_for
+from .step import apply_found
 
 log = logging.getLogger("fxfuse")
 
@@ -46,12 +42,15 @@ class PassResult:
 
 def find_sites(gm: fx.GraphModule, inputs: tuple[Any, ...], config: FuseConfig
                ) -> tuple[RowSite, ...]:
-    """Every site every fusion finds, without changing ``gm`` (``fxfuse inspect``)."""
-    kinds = () if config.lowering == "vmap" else \
-        with_siblings(gm, find_row_sites(gm, min_rows=config.min_rows), min_rows=config.min_rows)
-    claimed = frozenset()
-    rows = RowsByStructure().find(gm, Context(config, inputs, claimed), first=len(kinds))
-    return _merged(tuple(kinds), [f.site for f in rows])
+    """Every site every fusion finds, without changing ``gm`` (``fxfuse inspect``): a
+    site an earlier fusion would rewrite claims its nodes."""
+    sites: list[RowSite] = []
+    claimed: frozenset[fx.Node] = frozenset()
+    for fusion in fusions_for(config):
+        found = fusion.find(gm, Context(config, inputs, claimed, first=len(sites)))
+        claimed |= frozenset(n for f in found if f.site.fusable for n in f.nodes)
+        sites.append(tuple(f.site for f in found))
+    return _report(sites)
 
 
 def run_pass(gm: fx.GraphModule, inputs: tuple[Any, ...], config: FuseConfig, *,
@@ -68,33 +67,31 @@ def run_pass(gm: fx.GraphModule, inputs: tuple[Any, ...], config: FuseConfig, *,
         batched: which inputs carry the batch (``None``: every tensor input); a captured
             graph's lifted weights do not.
     """
-    kinds: tuple[RowSite, ...] = ()
     wmap, before = WeightMap(), _state(gm)
-    if config.lowering != "vmap":
-        found = with_siblings(gm, find_row_sites(gm, min_rows=config.min_rows),
-                              min_rows=config.min_rows)
-        kinds, wmap = apply_sites(gm, found, config.lowering, auto_rounds=config.auto_rounds,
-                                  decisions=decisions)
-    fusion = RowsByStructure()
-    claimed = frozenset(n for n in gm.graph.nodes if INSERTED_KEY in n.meta)  # the kinds' own
-    rows = fusion.find(gm, Context(config, inputs, claimed, batched), first=len(kinds)) \
-        if structural else []
-    done, fixed = [], set()
-    for found in rows:
-        site = _mode_refusal(found, config)
-        if site.fusable:
-            choice = _choose(gm, fusion, found, config, decisions)
-            site = dataclasses.replace(site, lowering=choice.lowering, timings=choice.timings,
-                                       notes=site.notes + ((choice.note,) if choice.note else ()))
-            if choice.lowering != "loop":
-                wmap = wmap + fusion.rewrite(gm, found, choice.lowering)
-                fixed.add(found.plan.fixed_mode)
-        done.append(site)
+    sites: list[tuple[RowSite, ...]] = []
+    claimed: frozenset[fx.Node] = frozenset()
+    modes: set[str] = set()
+    for fusion in fusions_for(config, structural=structural):
+        existing = set(gm.graph.nodes)
+        found = fusion.find(gm, Context(config, inputs, claimed, batched,
+                                        first=sum(map(len, sites))))
+        applied = apply_found(gm, fusion, found, config, decisions)
+        claimed = frozenset(n for n in gm.graph.nodes if n in claimed or n not in existing)
+        sites.append(applied.sites)
+        wmap, modes = wmap + applied.weight_map, modes | applied.modes
     wmap = wmap + _finalize_keeping_tensors(gm, before, wmap)
-    for mode in fixed - {""}:
+    for mode in sorted(modes):
         fix_mode(gm, mode == "train")
-    sites = _merged(kinds, done)
-    return PassResult(sites, wmap, any(s.fused for s in sites))
+    merged = _report(sites)
+    return PassResult(merged, wmap, any(s.fused for s in merged))
+
+
+def _report(per_fusion: list[tuple[RowSite, ...]]) -> tuple[RowSite, ...]:
+    """The sites of every fusion, a loop two fusions found reported once."""
+    merged: tuple[RowSite, ...] = ()
+    for sites in per_fusion:
+        merged = _merged(merged, list(sites))
+    return merged
 
 
 KEPT = "fxfuse_kept"
@@ -126,52 +123,6 @@ def _finalize_keeping_tensors(gm: fx.GraphModule, before: dict[str, Any],
         entries.append(WeightEntry(f"{KEPT}.{name}", (key,), 0, None, "same"))
     gm.add_submodule(KEPT, holder)
     return WeightMap(tuple(entries))
-
-
-def _mode_refusal(found: Found, config: FuseConfig) -> RowSite:
-    """Rows that run batch norm or dropout: fused (mode fixed) only when a lowering is
-    forced; ``auto`` leaves them, saying how to fuse them."""
-    site, mode = found.site, getattr(found.plan, "fixed_mode", "")
-    if not mode or not site.fusable:
-        return site
-    if config.lowering == "auto":
-        return dataclasses.replace(site, match=dataclasses.replace(
-            site.match, reason=f"a row runs differently in train and eval mode (batch norm "
-            f"or dropout); lowering='vmap' fuses it with the model fixed to {mode} mode"))
-    return dataclasses.replace(site, notes=site.notes + (
-        f"the rows run batch norm or dropout: the fused model runs in {mode} mode only",))
-
-
-def _choose(gm: fx.GraphModule, fusion: RowsByStructure, found: Found,
-            config: FuseConfig, decisions: Decisions | None) -> Choice:
-    if config.lowering != "auto":
-        return Choice("vmap")
-    return choose_recorded(gm, found.site, lambda: _timed(gm, fusion, found, config),
-                           fusion.lowerings(found), decisions)
-
-
-def _timed(gm: fx.GraphModule, fusion: RowsByStructure, found: Found,
-           config: FuseConfig) -> Choice:
-    """Time the loop against its vectorised form; a loop that cannot run alone is kept
-    (with the reason), a vectorised form that fails is a bug and raises."""
-    name = "vmap"
-    try:
-        calls = fusion.candidates(gm, found)
-    except (CannotCut, Refused) as exc:   # the loop alone cannot run: not timed, kept
-        text = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-        return untimed(f"kept as a loop: auto could not time it ({type(exc).__name__}: {text})")
-    except Exception as exc:  # noqa: BLE001 - re-raised: a rewrite that fails is a bug
-        raise RewriteError(f"{found.site.name}: the vmap rewrite of the rows at "
-                           f"{found.site.where()} fails ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from exc
-    try:
-        for name, call in calls.items():
-            call()
-    except Exception as exc:  # noqa: BLE001 - re-raised: a broken rewrite is a bug
-        raise RewriteError(f"{found.site.name}: the {name} rewrite of the rows at "
-                           f"{found.site.where()} fails to run ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from exc
-    return choose_among(calls, rounds=config.auto_rounds)
 
 
 def _would_fuse(site: RowSite) -> bool:

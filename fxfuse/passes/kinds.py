@@ -1,22 +1,117 @@
-"""The row-op kinds as one fusion step: grouped convolutions, batched matmuls, dense sums,
-folded batches and sibling Linears, each site chosen (``auto``) and rewritten in turn."""
+"""The row-op kinds as two fusions: loops of per-row layers (grouped convolutions,
+batched matmuls, dense sums, folded batches) and sibling Linears (one Linear for several
+reading one input). They are the fast special cases; the structural fusion takes the
+loops they leave."""
 from __future__ import annotations
 
-import dataclasses
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from torch import fx
 
-from ..check.auto import Choice, choose_lowering, choose_siblings
-from ..check.decisions import Decisions, choose_recorded
+from ..check.auto import sibling_timing_calls, timing_calls
+from ..check.decisions import Decisions
 from ..config import merge_config
-from ..match.siblings import KIND as SIBLINGS
+from ..match.find import find_row_sites
+from ..match.siblings import KIND as SIBLINGS, find_sibling_sites
 from ..match.sites import RowSite, twin_of
 from ..rewrite.copies import drop_needless_copies, restore_output_layout
-from ..rewrite.rewriter import LOWERINGS, finalize_graph, lowerings_for, rewrite_site
+from ..rewrite.rewriter import LOWERINGS, finalize_graph, lowerings_for, node_index, rewrite_site
 from ..rewrite.siblings import rewrite_siblings
 from ..rewrite.simplify import simplify_layout
 from ..weightmap import WeightMap
+from .fusion import Context, Found
+from .step import apply_found
+
+
+def site_nodes(gm: fx.GraphModule, site: RowSite) -> frozenset[fx.Node]:
+    """The graph nodes a kinds site names (its layers, per-row ops, reads and join)."""
+    index = node_index(gm.graph)
+    names = (*site.input_nodes, *site.convs, *(n for c in site.chains for n in c),
+             *site.output_nodes, site.combine, site.source)
+    return frozenset(index[n] for n in names if n in index)
+
+
+def _unclaimed(gm: fx.GraphModule, sites: Sequence[RowSite], ctx: Context) -> list[Found]:
+    found = [Found(s, s, site_nodes(gm, s)) for s in sites]
+    return [f for f in found if not (f.nodes - _sources(gm, f.site)) & ctx.claimed]
+
+
+def _sources(gm: fx.GraphModule, site: RowSite) -> frozenset[fx.Node]:
+    index = node_index(gm.graph)
+    return frozenset(index[n] for n in (site.source,) if n in index)
+
+
+class _Kinds:
+    """What the two kinds fusions share: their clean-up and the forced option."""
+
+    kept = "kept as a loop"
+
+    def forced(self, found: Found, lowering: str) -> str:
+        return lowering
+
+    def share_key(self, found: Found) -> tuple:
+        return twin_of(found.site)
+
+    def finish(self, gm: fx.GraphModule) -> None:
+        simplify_layout(gm)
+        drop_needless_copies(gm)
+        restore_output_layout(gm)
+        finalize_graph(gm)
+
+
+class RowLoops(_Kinds):
+    """Loops of per-row layers whose every op is a known kind."""
+
+    name = "row loops"
+
+    def find(self, gm: fx.GraphModule, ctx: Context) -> list[Found]:
+        return _unclaimed(gm, find_row_sites(gm, min_rows=ctx.config.min_rows), ctx)
+
+    def lowerings(self, found: Found) -> tuple[str, ...]:
+        return lowerings_for(found.site, LOWERINGS)
+
+    def candidates(self, gm: fx.GraphModule, found: Found) -> dict[str, Callable[[], Any]]:
+        return timing_calls(gm, found.site, LOWERINGS)
+
+    def rewrite(self, gm: fx.GraphModule, found: Found, lowering: str) -> WeightMap:
+        return rewrite_site(gm, found.site, lowering, finalize=False)
+
+    def label(self, found: Found, lowering: str) -> str:
+        site = found.site
+        if lowering not in LOWERINGS:
+            return lowering
+        if site.shared_module:
+            return "batched"
+        if site.reduce:
+            return "dense"
+        return "bmm" if site.family == "linear" else lowering
+
+
+class SiblingLinears(_Kinds):
+    """Linears reading one input: one Linear, the weights concatenated."""
+
+    name = "siblings"
+    kept = "kept separate"
+
+    def find(self, gm: fx.GraphModule, ctx: Context) -> list[Found]:
+        sites = find_sibling_sites(gm, min_rows=ctx.config.min_rows,
+                                   claimed=ctx.claimed, first=ctx.first)
+        return _unclaimed(gm, sites, ctx)
+
+    def lowerings(self, found: Found) -> tuple[str, ...]:
+        return (SIBLINGS,)
+
+    def forced(self, found: Found, lowering: str) -> str:
+        return SIBLINGS                         # one Linear, whatever lowering was asked
+
+    def candidates(self, gm: fx.GraphModule, found: Found) -> dict[str, Callable[[], Any]]:
+        return sibling_timing_calls(gm, found.site)
+
+    def rewrite(self, gm: fx.GraphModule, found: Found, lowering: str) -> WeightMap:
+        return rewrite_siblings(gm, found.site, finalize=False)
+
+    def label(self, found: Found, lowering: str) -> str:
+        return SIBLINGS
 
 
 def apply_sites(gm: fx.GraphModule, sites: Sequence[RowSite],
@@ -27,7 +122,7 @@ def apply_sites(gm: fx.GraphModule, sites: Sequence[RowSite],
 
     Args:
         gm: the traced module the sites were found in.
-        sites: from :func:`find_row_sites`.
+        sites: from :func:`find_row_sites` (and sibling sites).
         lowering: ``"grouped"``, ``"grouped2d"`` or ``"auto"`` (measure per site).
         auto_rounds: timing rounds per site for ``"auto"``.
         decisions: recorded decisions to reuse under ``"auto"`` (new ones are added).
@@ -37,58 +132,15 @@ def apply_sites(gm: fx.GraphModule, sites: Sequence[RowSite],
         combined weight map. Under ``"auto"`` a site that could not be timed is kept as
         a loop, with the reason in its ``notes``.
     """
-    lowering = merge_config(lowering=lowering, auto_rounds=auto_rounds).lowering
-    done, wmap = [], WeightMap()
-    chosen_for: dict[tuple, Choice] = {}
-    for site in sites:
-        if not site.fusable:
-            done.append(site)
-            continue
-        twin = twin_of(site)                   # a loop module applied again: same choice,
-        if lowering == "auto" and twin in chosen_for:   # so the fused weights stay shared
-            choice = chosen_for[twin]
-        elif lowering == "auto":
-            choice = _auto_choice(gm, site, auto_rounds, decisions)
-        else:
-            choice = Choice(lowering)
-        chosen_for[twin] = choice
-        timings = tuple((_label(site, k) if k in LOWERINGS else k, v) for k, v in choice.timings)
-        notes = site.notes + ((choice.note,) if choice.note else ())
-        decision = choice.to_dict() if lowering == "auto" else None
-        if choice.lowering == "loop":
-            done.append(dataclasses.replace(site, lowering="loop", timings=timings,
-                                            notes=notes, decision=decision))
-            continue
-        if site.loop_kind == SIBLINGS:         # one Linear, whatever lowering was asked
-            wmap = wmap + rewrite_siblings(gm, site, finalize=False)
-        else:
-            wmap = wmap + rewrite_site(gm, site, choice.lowering, finalize=False)
-        done.append(dataclasses.replace(
-            site, lowering=_label(site, choice.lowering), timings=timings, notes=notes,
-            decision=decision))
-    simplify_layout(gm)
-    drop_needless_copies(gm)
-    restore_output_layout(gm)
-    finalize_graph(gm)
-    return tuple(done), wmap
+    config = merge_config(lowering=lowering, auto_rounds=auto_rounds)
+    rows = [s for s in sites if s.loop_kind != SIBLINGS]
+    siblings = [s for s in sites if s.loop_kind == SIBLINGS]
+    done: dict[str, RowSite] = {}
+    wmap = WeightMap()
+    for fusion, part in ((RowLoops(), rows), (SiblingLinears(), siblings)):
+        applied = apply_found(gm, fusion, [Found(s, s, site_nodes(gm, s)) for s in part],
+                              config, decisions)
+        done.update((s.name, s) for s in applied.sites)
+        wmap = wmap + applied.weight_map
+    return tuple(done[s.name] for s in sites), wmap
 
-
-def _auto_choice(gm: fx.GraphModule, site: RowSite, rounds: int,
-                 decisions: Decisions | None) -> Choice:
-    """``auto``'s choice for ``site``: recorded in ``decisions``, or measured."""
-    if site.loop_kind == SIBLINGS:
-        return choose_recorded(gm, site, lambda: choose_siblings(gm, site, rounds=rounds),
-                               (SIBLINGS,), decisions)
-    return choose_recorded(gm, site, lambda: choose_lowering(gm, site, rounds=rounds),
-                           lowerings_for(site, LOWERINGS), decisions)
-
-
-def _label(site: RowSite, lowering: str) -> str:
-    """What the report calls the rewrite of ``site``."""
-    if site.loop_kind == SIBLINGS:
-        return SIBLINGS
-    if site.shared_module:
-        return "batched"
-    if site.reduce:
-        return "dense"
-    return "bmm" if site.family == "linear" else lowering

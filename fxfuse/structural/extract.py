@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from ..errors import CannotTime
 from .find import Loop
 from .plan import RowPlan
 from .reads import RowsRead
@@ -20,7 +21,7 @@ from .rewrite import rewrite_loop
 from .values import TensorLike
 
 
-class CannotCut(Exception):
+class CannotCut(CannotTime):
     """The loop cannot be run on its own (the message says why)."""
 
 
