@@ -21,9 +21,9 @@ from .check.report import format_report, slower_warning
 from .match.sites import RowSite
 from .passes.driver import run_pass
 from .passes.kinds import apply_sites
-from .trace.realtensor import RENAMES_KEY
 from .trace.prepare import copy_model, weight_norm_modules
-from .trace.tracing import NOTES_KEY, TRACER_KEY, alias_note, distinct_inputs, trace_model, trace_general
+from .trace.traced import Traced
+from .trace.tracing import alias_note, distinct_inputs, trace, trace_general
 from .check.fidelity import TraceCheck, check_trace, trace_table
 from .check.verify import VerifyReport, verify_models
 from .weightmap import WeightMap
@@ -222,22 +222,22 @@ def _fuse(model: torch.nn.Module, inputs: tuple[Any, ...], cfg: FuseConfig,
         work, copy_notes, renames = _copy(model, copy_model)
         reference = copy.deepcopy(work) if copy_notes else model   # weight norm folded
         notes += copy_notes
-    gm = trace_model(work, inputs, concrete_args=cfg.concrete_args, tracer=cfg.tracer)
-    notes += getattr(gm, NOTES_KEY, ())
+    traced = trace(work, inputs, concrete_args=cfg.concrete_args, tracer=cfg.tracer)
+    gm, notes = traced.gm, notes + traced.notes
     trace_check = _check_trace(model, gm, inputs, notes, cfg)
     code_before = gm.code
     decisions = Decisions(cfg.decisions)
     result = run_pass(gm, inputs, cfg, decisions=decisions)
-    sites, wmap = result.sites, result.weight_map
-    wmap = renames + getattr(gm, RENAMES_KEY, WeightMap()) + wmap
-    if not any(s.fused for s in sites) and getattr(gm, TRACER_KEY, "symbolic") != "symbolic":
-        gm, more = trace_general(work, gm, inputs, cfg.concrete_args)
-        notes += more
+    sites, wmap = result.sites, renames + traced.renames + result.weight_map
+    if not any(s.fused for s in sites) and traced.tracer != "symbolic":
+        traced, more = trace_general(work, traced, inputs, cfg.concrete_args)
+        gm, notes = traced.gm, notes + more
         trace_check = _check_trace(model, gm, inputs, notes, cfg)
     verification = None
     if cfg.verify and any(s.fused for s in sites):
-        gm, sites, wmap, verification = _verified(reference, work, gm, inputs, cfg,
-                                                  decisions, sites, wmap, renames)
+        traced, sites, wmap, verification = _verified(reference, work, traced, inputs, cfg,
+                                                      decisions, sites, wmap, renames)
+        gm = traced.gm
     # Timing runs the models many times; copies keep their buffers (BatchNorm statistics
     # in train mode) as they were.
     timing = benchmark_models(copy.deepcopy(reference), copy.deepcopy(gm), inputs,
@@ -245,31 +245,31 @@ def _fuse(model: torch.nn.Module, inputs: tuple[Any, ...], cfg: FuseConfig,
     if any(s.fused for s in sites) and slower_warning(timing):
         log.warning("%s", slower_warning(timing))
     return FuseResult(gm, sites, wmap, verification, timing, code_before,
-                      getattr(gm, TRACER_KEY, "symbolic"), trace_check, tuple(notes),
-                      decisions.to_dict())
+                      traced.tracer, trace_check, tuple(notes), decisions.to_dict())
 
 
-def _verified(reference: torch.nn.Module, work: torch.nn.Module, gm: fx.GraphModule,
+def _verified(reference: torch.nn.Module, work: torch.nn.Module, traced: Traced,
               inputs: tuple[Any, ...], cfg: FuseConfig, decisions: Decisions,
               sites: tuple[RowSite, ...], wmap: WeightMap, renames: WeightMap):
     """Verify; when the vectorised loops are what verification refuses, fuse without
     them and verify that (a refusal of the kinds' rewrites raises as before)."""
     try:
-        return gm, sites, wmap, _verify(reference, gm, inputs, wmap, cfg)
+        return traced, sites, wmap, _verify(reference, traced, inputs, wmap, cfg)
     except VerificationError as exc:
         if not any(s.fused and s.loop_kind == "rows" for s in sites):
             raise
-        gm, sites, wmap = _without_vectorised(work, inputs, cfg, decisions, sites, exc)
-    wmap = renames + getattr(gm, RENAMES_KEY, WeightMap()) + wmap
-    verification = _verify(reference, gm, inputs, wmap, cfg) \
+        traced, sites, wmap = _without_vectorised(work, inputs, cfg, decisions, sites, exc)
+    wmap = renames + traced.renames + wmap
+    verification = _verify(reference, traced, inputs, wmap, cfg) \
         if any(s.fused for s in sites) else None
-    return gm, sites, wmap, verification
+    return traced, sites, wmap, verification
 
 
-def _verify(reference: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],
+def _verify(reference: torch.nn.Module, traced: Traced, inputs: tuple[Any, ...],
             wmap: WeightMap, cfg: FuseConfig) -> VerifyReport:
-    return verify_models(reference, gm, inputs, weight_map=wmap, check_grads=cfg.check_grads,
-                         rtol=cfg.rtol, atol=cfg.atol)
+    return verify_models(reference, traced.gm, inputs, weight_map=wmap,
+                         check_grads=cfg.check_grads, rtol=cfg.rtol, atol=cfg.atol,
+                         exported=traced.exported)
 
 
 def _without_vectorised(work: torch.nn.Module, inputs: tuple[Any, ...], cfg: FuseConfig,
@@ -279,8 +279,8 @@ def _without_vectorised(work: torch.nn.Module, inputs: tuple[Any, ...], cfg: Fus
     (a float64 buffer fed by float32 rows, say): the kinds' rewrites are kept, and each
     vectorised loop is reported kept, with the reason."""
     log.warning("verification refused the vectorised loops (%s); fusing without them", exc)
-    gm = trace_model(work, inputs, concrete_args=cfg.concrete_args, tracer=cfg.tracer)
-    result = run_pass(gm, inputs, cfg, decisions=decisions, structural=False)
+    traced = trace(work, inputs, concrete_args=cfg.concrete_args, tracer=cfg.tracer)
+    result = run_pass(traced.gm, inputs, cfg, decisions=decisions, structural=False)
     note = f"vectorised, but verification refused the result ({exc}); kept as a loop"
     reverted = {s.combine: s for s in sites if s.fused and s.loop_kind == "rows"}
     again = tuple(dataclasses.replace(s, notes=s.notes + (note,)) if s.combine in reverted
@@ -288,7 +288,7 @@ def _without_vectorised(work: torch.nn.Module, inputs: tuple[Any, ...], cfg: Fus
     known = {s.combine for s in again}
     kept = tuple(dataclasses.replace(s, lowering="loop", notes=s.notes + (note,))
                  for c, s in reverted.items() if c not in known)
-    return gm, again + kept, result.weight_map
+    return traced, again + kept, result.weight_map
 
 
 def _check_trace(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],

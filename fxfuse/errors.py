@@ -54,6 +54,13 @@ class CannotTime(Exception):
     says why); the loop is kept. Not an error the user sees: it becomes a site's note."""
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message``, shortened to ``limit`` characters."""
+    text = one_line(exc) if str(exc).strip() else ""
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def one_line(exc: BaseException) -> str:
     """The first line of an exception's message, or its type name when it has none."""
     text = str(exc).strip()

@@ -16,7 +16,8 @@ from typing import Any, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
-from ..errors import TraceError, VerificationError
+from ..errors import TraceError, VerificationError, one_line
+from .runs import fresh_inputs, random_nodes, run
 from .verify import Check, compare
 from ..trace.prepare import deepcopy_any
 
@@ -71,7 +72,7 @@ def check_trace(original: torch.nn.Module, traced: torch.nn.Module,
     original, traced = _quiet_copy(original), _quiet_copy(traced)
     checks: list[Check] = []
     skipped: list[str] = []
-    if original.training and _random_ops(traced):
+    if original.training and random_nodes(traced, inserted=True):
         _set_eval(original)
         _set_eval(traced)
         skipped.append("trace compared in eval mode: random ops in train mode draw "
@@ -101,30 +102,30 @@ def _fresh_check(original: torch.nn.Module, traced: torch.nn.Module, inputs: tup
     ref = got = None
     batch_sizes = None
     try:
-        ref = _run(original, fresh, seed)
+        ref = run(original, fresh, seed)
     except Exception as exc:  # noqa: BLE001 - the model itself is batch-specific
         skipped.append(f"trace, {'fresh inputs' if batch is None else f'batch {batch + 1}'}"
-                       f": the original does not run on it ({_line(exc)})")
+                       f": the original does not run on it ({one_line(exc)})")
     else:
         try:
-            got = _run(traced, fresh, seed)
+            got = run(traced, fresh, seed)
         except Exception as exc:  # noqa: BLE001 - a graph fixed to the traced batch
             if batch is None:
                 raise _failed("fresh inputs", exc) from exc
-            log.info("traced graph refuses batch %d: %s", batch + 1, _line(exc))
+            log.info("traced graph refuses batch %d: %s", batch + 1, one_line(exc))
             batch_sizes = (batch,)
             skipped.append(f"trace, batch {batch + 1}: the traced graph accepts batch "
-                           f"{batch} only ({_line(exc)})")
+                           f"{batch} only ({one_line(exc)})")
     if got is None and batch is not None:      # fresh inputs of the traced batch size
         fresh = fresh_inputs(inputs, batch, seed + 1)
         try:
-            ref = _run(original, fresh, seed)
+            ref = run(original, fresh, seed)
         except Exception as exc:  # noqa: BLE001 - the model wants particular values
             skipped.append(f"trace, fresh inputs: the original does not run on random "
-                           f"inputs ({_line(exc)})")
+                           f"inputs ({one_line(exc)})")
         else:
             try:
-                got = _run(traced, fresh, seed)
+                got = run(traced, fresh, seed)
             except Exception as exc:  # noqa: BLE001
                 raise _failed("fresh inputs", exc) from exc
     if got is None:
@@ -149,9 +150,9 @@ def _compare(name: str, original: torch.nn.Module, traced: torch.nn.Module,
              why: str, outputs: tuple[Any, Any] | None = None) -> Check:
     """Compare the two models on ``inputs`` (or their ``outputs`` already computed)."""
     if outputs is None:
-        ref = _run(original, inputs, seed)
+        ref = run(original, inputs, seed)
         try:
-            got = _run(traced, inputs, seed)
+            got = run(traced, inputs, seed)
         except Exception as exc:  # noqa: BLE001
             raise _failed(name, exc) from exc
     else:
@@ -167,7 +168,7 @@ def _compare(name: str, original: torch.nn.Module, traced: torch.nn.Module,
 
 def _failed(name: str, exc: BaseException) -> TraceError:
     return TraceError(f"the traced graph (before any rewrite) fails on {name} where the "
-                      f"model runs: {_line(exc)}; the trace, not the rewrite, is at fault; "
+                      f"model runs: {one_line(exc)}; the trace, not the rewrite, is at fault; "
                       "make the model traceable by torch.fx (tracer='symbolic')")
 
 
@@ -184,22 +185,6 @@ def _quiet_copy(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-_RANDOM_WORDS = ("dropout", "rand", "bernoulli", "normal")
-
-
-def _random_ops(graph_module: torch.nn.Module) -> bool:
-    graph = getattr(graph_module, "graph", None)
-    if graph is None:
-        return False
-    for node in graph.nodes:
-        name = str(node.target) if node.op != "call_module" else ""
-        if node.op in ("call_function", "call_method") and any(w in name for w in _RANDOM_WORDS):
-            return True
-        if node.op == "call_module" and str(node.target).startswith("fxfuse_dropout"):
-            return True
-    return False
-
-
 def _set_eval(model: torch.nn.Module) -> None:
     try:
         model.eval()
@@ -207,49 +192,10 @@ def _set_eval(model: torch.nn.Module) -> None:
         pass
 
 
-def fresh_inputs(inputs: tuple[Any, ...], batch: int | None, seed: int) -> tuple[Any, ...]:
-    """New random tensors shaped like ``inputs`` (dim 0 set to ``batch`` unless None):
-    one distinct tensor per argument and per nested element; integer inputs are
-    rows of the originals; non-tensors are kept."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def fresh(x: Any) -> Any:
-        if not isinstance(x, torch.Tensor):
-            return x
-        shape = tuple(x.shape) if batch is None or x.dim() == 0 else (batch, *x.shape[1:])
-        if x.is_floating_point() or x.is_complex():
-            return torch.randn(shape, generator=gen, dtype=torch.float32).to(x.device, x.dtype)
-        if x.dim() == 0 or x.shape[0] == 0:
-            return x.clone()
-        rows = torch.randint(0, x.shape[0], (shape[0],), generator=gen)
-        return x[rows.to(x.device)].clone()
-
-    return tuple(pytree.tree_map(fresh, inputs))
-
-
 def _batch(inputs: tuple[Any, ...]) -> int | None:
     first = next((x for x in pytree.tree_leaves(inputs)
                   if isinstance(x, torch.Tensor) and x.dim() > 0), None)
     return None if first is None else int(first.shape[0])
-
-
-def _run(model: torch.nn.Module, inputs: tuple[Any, ...], seed: int) -> Any:
-    """``model(*inputs)`` on clones (the same tensor passed twice stays one tensor), so
-    a forward that writes into its input cannot change what the next run sees."""
-    clones: dict[int, torch.Tensor] = {}
-
-    def clone(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            return clones.setdefault(id(v), v.detach().clone())
-        return v
-    inputs = tuple(pytree.tree_map(clone, list(inputs)))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return model(*inputs)
-
-
-def _line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def trace_table(check: TraceCheck | None) -> str:

@@ -13,18 +13,7 @@ from ..errors import VerificationError, one_line
 from ..weightmap import WeightMap
 from .compare import Check, compare, leaves as _leaves
 from .precision import PrecisionMode
-
-
-def clone_inputs(inputs: Sequence[Any]) -> tuple[Any, ...]:
-    """Fresh copies, so a forward that writes into its input changes nobody's tensors."""
-    return tuple(pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v,
-                                 list(inputs)))
-
-
-def run(model: Callable, inputs: Sequence[Any], seed: int) -> Any:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return model(*clone_inputs(inputs))
+from .runs import random_nodes, run
 
 
 def quiet_dropout(model: torch.nn.Module) -> None:
@@ -50,25 +39,6 @@ def draws_hidden_random(model: torch.nn.Module, inputs: Sequence[Any], seed: int
         return False
     return any(a.shape != b.shape or not torch.equal(a, b)
                for a, b in zip(_leaves(first), _leaves(second)))
-
-
-_RANDOM = {"dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d",
-           "rand", "randn", "rand_like", "randn_like", "bernoulli", "native_dropout"}
-
-
-def random_nodes(model: torch.nn.Module) -> list[str]:
-    """Functional random ops in a graph (their draws depend on how rows are batched)."""
-    graph = getattr(model, "graph", None)
-    if graph is None:
-        return []
-    found = []
-    for node in graph.nodes:
-        name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
-        if node.op in ("call_function", "call_method") and name in _RANDOM:
-            training = node.kwargs.get("training", node.kwargs.get("train", True))
-            if training is not False:
-                found.append(node.name)
-    return found
 
 
 def grad_checks(original: torch.nn.Module, fused: torch.nn.Module, inputs: tuple[Any, ...],

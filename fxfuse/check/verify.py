@@ -19,13 +19,14 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..errors import VerificationError
+from ..trace.traced import tracer_of
 from ..weightmap import WeightMap
 from . import precision as _precision
 from .compare import (FLOOR_ROUNDOFFS, MODE_FACTOR, Check, compare, judge_in_mode,
                       leaves as _leaves, tolerances)
 from .precision import PrecisionMode
-from .trainstep import (draws_hidden_random, grad_checks, quiet_dropout, random_nodes,
-                        run as _run)
+from .runs import fresh_inputs, random_nodes, run as _run
+from .trainstep import draws_hidden_random, grad_checks, quiet_dropout
 
 __all__ = ["Check", "VerifyReport", "compare", "permitted_error", "tolerances",
            "verify_models"]
@@ -62,22 +63,6 @@ class VerifyReport:
     @property
     def max_rel(self) -> float:
         return max((c.max_rel for c in self.checks), default=0.0)
-
-
-def _fresh_inputs(inputs: Sequence[Any], batch: int, gen: torch.Generator) -> tuple[Any, ...]:
-    out = []
-    for x in inputs:
-        if isinstance(x, torch.Tensor) and x.dim() > 0:
-            shape = (batch, *x.shape[1:])
-            if x.is_floating_point():
-                out.append(torch.randn(shape, generator=gen, dtype=torch.float32)
-                           .to(device=x.device, dtype=x.dtype))
-            else:
-                rows = torch.randint(0, x.shape[0], (batch,), generator=gen)
-                out.append(x[rows.to(x.device)])
-        else:
-            out.append(x)
-    return tuple(out)
 
 
 def _device(model: torch.nn.Module, inputs: Sequence[Any]) -> torch.device:
@@ -168,7 +153,8 @@ def _other_batches(batch: int) -> list[int]:
 def verify_models(original: torch.nn.Module, fused: torch.nn.Module, example_inputs: Sequence[Any],
                   *, weight_map: WeightMap | None = None, check_grads: bool = True,
                   rtol: float | None = None, atol: float | None = None,
-                  seed: int = 0, precision: PrecisionMode | None = None) -> VerifyReport:
+                  seed: int = 0, precision: PrecisionMode | None = None,
+                  exported: bool | None = None) -> VerifyReport:
     """Compare ``fused`` against ``original``; raise on the first mismatch.
 
     Args:
@@ -181,6 +167,8 @@ def verify_models(original: torch.nn.Module, fused: torch.nn.Module, example_inp
         rtol, atol: override the per-dtype tolerances (and the precision-mode judgement).
         precision: the precision mode to judge by; default what the current torch
             settings allow on the models' device (:func:`detect_precision`).
+        exported: ``fused`` is a torch.export program whose guards fix its batch range
+            (default: what its ``meta`` records).
 
     Returns:
         A :class:`VerifyReport`: worst errors, the precision mode, the batch sizes and
@@ -197,7 +185,7 @@ def verify_models(original: torch.nn.Module, fused: torch.nn.Module, example_inp
     # models must come out of verification as they went in.
     hidden = draws_hidden_random(original, inputs, seed)
     to_eval = fused.training and (bool(random_nodes(fused)) or hidden)
-    exported = _is_exported(fused)
+    exported = _is_exported(fused) if exported is None else exported
     original, fused = _copy_for_checks(original, to_eval), _copy_for_checks(fused, to_eval)
     # The train step starts from the state both models came in with: the forward checks
     # below move train-mode BatchNorm statistics, each model by its own rounding.
@@ -236,8 +224,7 @@ def _batch_check(original: Callable, fused: Callable, exported: bool,
                  inputs: tuple[Any, ...], batch: int,
                  seed: int, judge: _Judge, checks: list[Check], skipped: list[str],
                  batches: list[int], refused: list[int]) -> None:
-    gen = torch.Generator().manual_seed(seed + batch)
-    other = _fresh_inputs(inputs, batch, gen)
+    other = fresh_inputs(inputs, batch, seed + batch)
     try:
         ref = _run(original, other, seed)
     except Exception as exc:  # noqa: BLE001 - the model itself is batch-specific
@@ -269,8 +256,7 @@ def _batch_check(original: Callable, fused: Callable, exported: bool,
 
 def _is_exported(model: torch.nn.Module) -> bool:
     """A torch.export program: shapes and the train/eval mode are fixed by its guards."""
-    from ..trace.tracing import TRACER_KEY
-    return getattr(model, TRACER_KEY, None) == "export"
+    return tracer_of(model) == "export"
 
 
 def _mode_checks(original: torch.nn.Module, fused: torch.nn.Module, inputs: tuple[Any, ...],

@@ -32,8 +32,9 @@ from torch import fx
 
 from ..check.bench import BenchResult, time_interleaved
 from ..check.verify import Check
-from ..errors import ConfigError, TraceError
+from ..errors import ConfigError, TraceError, one_line
 from ..io.writing import atomic_write
+from ..trace.export import batch_dynamic_shapes
 from .onnx_runtime import _bench, _check_in_runtime, _runners  # noqa: F401 - _runners: benchmarks
 
 log = logging.getLogger("fxfuse")
@@ -214,12 +215,6 @@ def _inputs_of(model: torch.nn.Module) -> tuple[torch.Tensor, ...]:
     return tuple(out)
 
 
-def _batch_dims(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
-    batch = torch.export.Dim("batch")
-    return tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
-                 for x in inputs)
-
-
 @contextlib.contextmanager
 def _quiet() -> Any:
     """The exporter prints progress and registry warnings; keep them out of the way."""
@@ -233,15 +228,15 @@ def _program(model: torch.nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, bool
     with _quiet():
         try:
             return torch.onnx.export(model, inputs, dynamo=True, verbose=False,
-                                     dynamic_shapes=_batch_dims(inputs)), True
+                                     dynamic_shapes=batch_dynamic_shapes(model, inputs)), True
         except Exception as exc:  # noqa: BLE001 - a dynamic batch is a bonus; fall back
             log.info("ONNX export with a dynamic batch failed (%s); exporting static shapes",
-                     _first_line(exc))
+                     one_line(exc))
         try:
             return torch.onnx.export(model, inputs, dynamo=True, verbose=False), False
         except Exception as exc:  # noqa: BLE001
             raise TraceError(f"torch.onnx.export could not export the model "
-                             f"({_first_line(exc)}); write .pt2 instead") from exc
+                             f"({one_line(exc)}); write .pt2 instead") from exc
 
 
 def _export(model: torch.nn.Module, inputs: tuple[Any, ...], tmp: Path,
@@ -256,7 +251,7 @@ def _export(model: torch.nn.Module, inputs: tuple[Any, ...], tmp: Path,
     try:
         onnx.checker.check_model(str(tmp), full_check=True)
     except Exception as exc:  # noqa: BLE001 - the checker has several error types
-        raise TraceError(f"the exported ONNX model fails onnx.checker ({_first_line(exc)})") \
+        raise TraceError(f"the exported ONNX model fails onnx.checker ({one_line(exc)})") \
             from exc
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     return dynamic, int(opset)
@@ -271,13 +266,10 @@ def _time_exports(original: torch.nn.Module, fused_path: Path, inputs: tuple[Any
             _export(original, inputs, original_path, None)
         except Exception as exc:  # noqa: BLE001 - timing is a bonus; say why it is missing
             notes.append(f"not timed: the original model could not be exported "
-                         f"({_first_line(exc)})")
+                         f"({one_line(exc)})")
             return None
         samples = time_interleaved(
             _runners({"original": original_path, "fused": fused_path}, inputs), rounds=rounds)
     return _bench(samples["original"], samples["fused"])
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ..compat import muted_logger
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line  # noqa: F401 - first_line: io helpers
 from ..running import torch_warnings_muted
 from ..trace.export import keep_input_checks
 
@@ -29,13 +29,6 @@ MODEL_FORMS = ("give MODEL as package.module:factory, path/to/file.py:factory, a
                "torch.export archive file.pt2, or a pickled file.pt with --allow-pickle")
 _UNREADABLE = (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, OSError,
                ValueError, KeyError, IndexError, SafetensorError)
-
-
-def first_line(exc: BaseException, limit: int = 200) -> str:
-    """``Type: first line of the message``, shortened to ``limit`` characters."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    text = text if len(text) <= limit else text[:limit - 3] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def existing_file(path: str | Path, what: str) -> Path:

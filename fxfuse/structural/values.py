@@ -15,7 +15,7 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from ..check.fidelity import fresh_inputs
+from ..check.runs import fresh_inputs
 
 
 @dataclass(frozen=True)

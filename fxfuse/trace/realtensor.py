@@ -21,17 +21,17 @@ from torch.utils import _pytree as pytree
 
 from ..weightmap import WeightEntry, WeightMap
 
-NOTES_KEY = "fxfuse_trace_notes"
-RENAMES_KEY = "fxfuse_renames"   # a WeightMap: renamed state back to its module path
 
 
-def trace_real(model: nn.Module, example_inputs: tuple[Any, ...]) -> fx.GraphModule:
+def trace_real(model: nn.Module, example_inputs: tuple[Any, ...]
+               ) -> tuple[fx.GraphModule, tuple[str, ...], WeightMap]:
     """Trace ``model`` on fake tensors shaped like ``example_inputs``.
 
     Returns:
         A GraphModule whose parameters and buffers sit at their module paths (a path
         component named like an ``nn.Module`` attribute gets a trailing ``_``), with the
-        shapes of the example inputs fixed.
+        shapes of the example inputs fixed; the notes for the user; the map of renamed
+        state back to the model's paths.
     """
     names, tensors = _unique_state(model)
 
@@ -81,7 +81,8 @@ def _safe_path(name: str) -> str:
 
 
 def _with_state_as_attributes(traced: fx.GraphModule, names: list[str],
-                              tensors: list[torch.Tensor]) -> fx.GraphModule:
+                              tensors: list[torch.Tensor]
+                              ) -> tuple[fx.GraphModule, tuple[str, ...], WeightMap]:
     root = nn.Module()
     graph = traced.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -106,9 +107,7 @@ def _with_state_as_attributes(traced: fx.GraphModule, names: list[str],
     if renamed:
         notes.append("state renamed where a module path shadows an nn.Module attribute: "
                      + ", ".join(renamed))
-    setattr(gm, NOTES_KEY, tuple(notes))
-    setattr(gm, RENAMES_KEY, WeightMap(tuple(entries)))
-    return gm
+    return gm, tuple(notes), WeightMap(tuple(entries))
 
 
 def _install(root: nn.Module, path: str, tensor: torch.Tensor) -> None:

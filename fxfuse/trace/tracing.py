@@ -21,14 +21,14 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
 
 from ..running import PIPELINE, torch_warnings_muted
-from ..errors import TraceError
-from .export import export_model
+from ..errors import TraceError, one_line
+from ..weightmap import WeightMap
+from .export import MODE_KEY, export_model
+from .traced import TRACER_KEY, Traced
 
 log = logging.getLogger("fxfuse")
 
 VALUE_KEY = "fxfuse_value"   # node.meta key: concrete non-tensor value seen at trace time
-TRACER_KEY = "fxfuse_tracer"  # graph-module attribute naming the tracer used
-NOTES_KEY = "fxfuse_trace_notes"  # graph-module attribute: what the trace did, for users
 
 
 class _RecordingShapeProp(ShapeProp):
@@ -123,6 +123,12 @@ def _check_arity(model: torch.nn.Module, inputs: tuple[Any, ...]) -> None:
 def trace_model(model: torch.nn.Module, example_inputs: Sequence[Any], *,
                 concrete_args: dict[str, Any] | None = None,
                 tracer: str = "auto") -> fx.GraphModule:
+    """The GraphModule of :func:`trace` (its notes and renames left out)."""
+    return trace(model, example_inputs, concrete_args=concrete_args, tracer=tracer).gm
+
+
+def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *,
+          concrete_args: dict[str, Any] | None = None, tracer: str = "auto") -> Traced:
     """Trace ``model`` and annotate every node with its shape.
 
     Args:
@@ -136,9 +142,10 @@ def trace_model(model: torch.nn.Module, example_inputs: Sequence[Any], *,
             ``"symbolic"`` or ``"export"``.
 
     Returns:
-        A GraphModule whose nodes carry ``meta["tensor_meta"]`` (and, for small
-        non-tensor values, ``meta["fxfuse_value"]``), with attributes ``fxfuse_tracer``
-        and ``fxfuse_trace_notes`` (what the trace did that a user should know).
+        A :class:`Traced`: the GraphModule, whose nodes carry ``meta["tensor_meta"]``
+        (and, for small non-tensor values, ``meta["fxfuse_value"]``), the tracer used
+        (also in ``gm.meta["fxfuse_tracer"]``), the notes a user should know, the
+        renamed state and the mode the graph fixes.
 
     Raises:
         TraceError: no tracer could handle the model; the message names the construct
@@ -158,7 +165,7 @@ def trace_model(model: torch.nn.Module, example_inputs: Sequence[Any], *,
                      + ", ".join(f"{k}={v!r}" for k, v in defaults.items()))
     concrete = {**defaults, **(concrete_args or {})} or None
     with PIPELINE, torch_warnings_muted():   # tracing patches torch process-wide
-        gm, used = _trace_any(model, example_inputs, concrete, tracer)
+        gm, used, more, renames = _trace_any(model, example_inputs, concrete, tracer)
     if used == "export":
         notes.append("traced with torch.export (ATen graph)")
     try:
@@ -169,18 +176,20 @@ def trace_model(model: torch.nn.Module, example_inputs: Sequence[Any], *,
         raise TraceError(f"the traced {type(model).__name__} failed on the example inputs: "
                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
                          "check the number, shapes and dtypes of the inputs") from exc
-    setattr(gm, TRACER_KEY, used)
-    setattr(gm, NOTES_KEY, tuple(notes) + tuple(getattr(gm, NOTES_KEY, ())))
-    return gm
+    gm.meta[TRACER_KEY] = used
+    mode = gm.meta.get(MODE_KEY)
+    return Traced(gm, used, tuple(notes) + more, renames,
+                  "" if mode is None else ("train" if mode else "eval"))
 
 
 def _trace_any(model: torch.nn.Module, example_inputs: tuple[Any, ...],
-               concrete: dict[str, Any] | None, tracer: str) -> tuple[fx.GraphModule, str]:
-    """The first tracer that takes ``model``, and its name."""
+               concrete: dict[str, Any] | None, tracer: str
+               ) -> tuple[fx.GraphModule, str, tuple[str, ...], WeightMap]:
+    """The first tracer that takes ``model``, its name, its notes and renames."""
     first_error: BaseException | None = None
     if tracer in ("auto", "symbolic"):
         try:
-            return _symbolic(model, concrete), "symbolic"
+            return _symbolic(model, concrete), "symbolic", (), WeightMap()
         except Exception as exc:  # noqa: BLE001 - any tracing failure is reported below
             first_error = exc
             log.info("symbolic_trace failed (%s); trying torch.export", _explain(exc))
@@ -188,7 +197,7 @@ def _trace_any(model: torch.nn.Module, example_inputs: tuple[Any, ...],
                 raise TraceError(f"torch.fx could not trace {type(model).__name__}: "
                                  f"{_explain(exc)}") from exc
     try:
-        return export_model(model, example_inputs), "export"
+        return export_model(model, example_inputs), "export", (), WeightMap()
     except Exception as exc:  # noqa: BLE001
         export_error = exc
     reason = _explain(first_error) if first_error is not None else _explain(export_error)
@@ -196,7 +205,8 @@ def _trace_any(model: torch.nn.Module, example_inputs: tuple[Any, ...],
     if tracer == "auto":
         from .realtensor import trace_real   # noqa: PLC0415 - the last resort
         try:
-            return trace_real(model, example_inputs), "realtensor"
+            gm, notes, renames = trace_real(model, example_inputs)
+            return gm, "realtensor", notes, renames
         except Exception as exc:  # noqa: BLE001
             log.info("real-tensor trace failed: %s", exc)
             also = f"; make_fx also failed: {_explain_fake(exc)}"
@@ -212,19 +222,15 @@ def _explain_export(model: torch.nn.Module, exc: BaseException) -> str:
     if shadowing:
         return (f"the submodule `{shadowing[0]}` is named like an nn.Module method, which "
                 "torch.export cannot get past; rename it")
-    return _first_line(exc)
+    return one_line(exc)
 
 
 def _explain_fake(exc: BaseException) -> str:
-    text = _first_line(exc)
+    text = one_line(exc)
     if "data-dependent" in text:
         return ("forward branches on tensor values, which no tracer can capture; make the "
                 "branch not depend on values, or move it out of forward")
     return text
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def alias_note(aliased: tuple[int, ...]) -> str:
@@ -293,8 +299,8 @@ def tensor_dtype(node: fx.Node) -> torch.dtype | None:
     return getattr(node.meta.get("tensor_meta"), "dtype", None)
 
 
-def trace_general(model: torch.nn.Module, traced: fx.GraphModule, example_inputs: Sequence[Any],
-                  concrete_args: dict[str, Any] | None) -> tuple[fx.GraphModule, tuple[str, ...]]:
+def trace_general(model: torch.nn.Module, traced: Traced, example_inputs: Sequence[Any],
+                  concrete_args: dict[str, Any] | None) -> tuple[Traced, tuple[str, ...]]:
     """What to return when nothing was rewritten in a non-symbolic graph.
 
     The symbolic trace when the model has one (module calls kept, so fast paths such as
@@ -302,13 +308,13 @@ def trace_general(model: torch.nn.Module, traced: fx.GraphModule, example_inputs
     ``traced`` with its limits stated.
     """
     try:
-        return trace_model(model, example_inputs, concrete_args=concrete_args,
-                           tracer="symbolic"), (
+        return trace(model, example_inputs, concrete_args=concrete_args,
+                     tracer="symbolic"), (
             "nothing rewritten: returned the symbolic trace (module calls and their fast "
             "paths kept) rather than the ATen graph",)
     except TraceError:
         pass
-    used = getattr(traced, TRACER_KEY, "export")
+    used = traced.tracer
     return traced, (f"nothing rewritten, and only the {used} route traces this model: the "
                     "returned graph spells modules as ATen ops, so fused module kernels (e.g. "
                     "nn.MultiheadAttention's fast path) are not used; where speed matters, "
