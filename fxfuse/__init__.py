@@ -5,8 +5,9 @@
     result.model          # a torch.fx.GraphModule with one conv per loop
     print(result.report())
 
-The steps are public too: :func:`trace` (a :class:`Traced`), :func:`find_row_sites`,
-:func:`rewrite_site`, :func:`verify_models`, :func:`benchmark_models`.
+The steps are public too: :func:`traced` (a :class:`Traced`), :func:`trace_model`,
+:func:`find_row_sites`, :func:`rewrite_site`, :func:`verify_models`,
+:func:`benchmark_models`.
 
 Deploying: :func:`export_onnx` (needs ``pip install "fxfuse[onnx]"``) and
 :func:`backend`, the ``torch.compile`` backend (``backend="fxfuse"``).
@@ -28,7 +29,7 @@ if TYPE_CHECKING:  # for type checkers; at run time each name loads on first use
     from .rewrite.rewriter import rewrite_site
     from .weightmap import WeightEntry, WeightMap
     from .trace.traced import Traced
-    from .trace.tracing import trace, trace_model
+    from .trace.tracing import trace_model, traced
 
 from .errors import (ConfigError, FxFuseError, InternalError, ResourceError, RewriteError,
                      TraceError, VerificationError)
@@ -37,7 +38,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "fuse", "FuseResult", "FuseConfig", "apply_sites",
-    "trace", "Traced", "trace_model", "find_row_sites", "rewrite_site", "choose_lowering", "extract_loop",
+    "traced", "Traced", "trace_model", "find_row_sites", "rewrite_site", "choose_lowering",
+    "extract_loop",
     "verify_models", "VerifyReport", "benchmark_models", "time_interleaved", "BenchResult",
     "Timing", "WeightMap", "WeightEntry", "RowSite", "ConvSpec", "InputPlan", "OutputPlan",
     "FxFuseError", "ConfigError", "TraceError", "RewriteError", "VerificationError",
@@ -54,7 +56,7 @@ _LAZY = {
     **dict.fromkeys(("choose_lowering", "extract_loop"), "fxfuse.check.auto"),
     "rewrite_site": "fxfuse.rewrite.rewriter",
     **dict.fromkeys(("ConvSpec", "InputPlan", "OutputPlan", "RowSite"), "fxfuse.match.sites"),
-    **dict.fromkeys(("trace", "trace_model"), "fxfuse.trace.tracing"),
+    **dict.fromkeys(("traced", "trace_model"), "fxfuse.trace.tracing"),
     "Traced": "fxfuse.trace.traced",
     **dict.fromkeys(("VerifyReport", "verify_models"), "fxfuse.check.verify"),
     **dict.fromkeys(("WeightEntry", "WeightMap"), "fxfuse.weightmap"),

@@ -82,17 +82,22 @@ class FakeAutoClock:
 
 class TimingSwitch:
     """Stands in for the pass's ``choose_among`` (installed by ``conftest``): a loop's
-    timing against its vectorised form (a ``"vmap"`` candidate) goes to ``vmap``, on a
-    fake clock where the loop wins unless a test says otherwise; the kinds' timing goes
-    to ``kinds`` (real unless a test sets a fake)."""
+    timing against its vectorised form alone goes to ``vmap``, on a fake clock where the
+    loop wins unless a test says otherwise; the kinds' timing goes to ``kinds`` (real
+    unless a test sets a fake), without the ``vmap`` candidate unless ``kinds_vmap``."""
 
     def __init__(self) -> None:
         from fxfuse.check.decide import choose_among
         self.kinds = choose_among
         self.vmap = FakeAutoClock(loop_s=1e-3, rewrite_s=2e-3).choose_among
+        self.kinds_vmap = False
 
     def __call__(self, calls, **kw):
-        return (self.vmap if "vmap" in calls else self.kinds)(calls, **kw)
+        if set(calls) <= {"loop", "vmap"}:
+            return self.vmap(calls, **kw)
+        if not self.kinds_vmap:
+            calls = {k: v for k, v in calls.items() if k != "vmap"}
+        return self.kinds(calls, **kw)
 
 
 def timing_switch() -> TimingSwitch:

@@ -299,6 +299,9 @@ def tensor_dtype(node: fx.Node) -> torch.dtype | None:
     return getattr(node.meta.get("tensor_meta"), "dtype", None)
 
 
+traced = trace   # the public name (``fxfuse.trace`` is this package)
+
+
 def trace_general(model: torch.nn.Module, traced: Traced, example_inputs: Sequence[Any],
                   concrete_args: dict[str, Any] | None) -> tuple[Traced, tuple[str, ...]]:
     """What to return when nothing was rewritten in a non-symbolic graph.
