@@ -169,3 +169,31 @@ def test_without_the_structural_fusion_no_vmap_is_timed(monkeypatch):
     result = run_pass(gm, (x,), FuseConfig(), structural=False)
     assert seen and all("vmap" not in s for s in seen)
     assert result.sites[0].lowering != "vmap"
+
+
+class PassThrough(nn.Module):
+    """Three Linear rows and a column passed through, in one stack: the kinds refuse
+    the join; the structural fusion takes the three rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.ModuleList(nn.Linear(5, 5) for _ in range(3))
+
+    def forward(self, x):                                   # (B, 4, 5)
+        return torch.stack([f(x[:, i]) for i, f in enumerate(self.fc)] + [x[:, 3]], 1)
+
+
+@pytest.mark.parametrize("vmap_faster", [False, True])
+def test_a_loop_the_kinds_refuse_is_reported_with_the_later_fusions_decision(
+        monkeypatch, vmap_faster):
+    from helpers import vmap_wins
+    if vmap_faster:
+        vmap_wins(monkeypatch)
+    model, x = PassThrough().eval(), torch.randn(2, 4, 5)
+    result = fxfuse.fuse(model, x, benchmark=False)
+    (site,) = result.sites
+    assert site.rows == 3 and site.lowering == ("vmap" if vmap_faster else "loop")
+    assert dict(site.timings).keys() == {"loop", "vmap"}, site
+    other = torch.randn(5, 4, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(other), model(other))

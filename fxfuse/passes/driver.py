@@ -125,24 +125,21 @@ def _finalize_keeping_tensors(gm: fx.GraphModule, before: dict[str, Any],
     return WeightMap(tuple(entries))
 
 
-def _would_fuse(site: RowSite) -> bool:
-    """Found fusable and not yet decided (``fxfuse inspect``)."""
-    return site.fusable and not site.lowering
-
-
 def _merged(kinds: tuple[RowSite, ...], rows: list[RowSite]) -> tuple[RowSite, ...]:
-    """The kinds' sites and the structural ones, a loop both found reported once: where
-    the structural fusion rewrote it (or, in ``inspect``, would, the kinds refusing), its
-    record, and the kinds' too when their reason explains rows it left; else the kinds'."""
+    """Two fusions' sites, a loop both found reported once: where the later fusion
+    rewrote it, its record (and the earlier's too when that explains rows it left);
+    where the earlier refused it and the later could fuse it, the later's (timed, or in
+    ``inspect`` would fuse); else the earlier's."""
     by_join = {s.combine: s for s in rows}
     kept, dropped = [], set()
     for k in kinds:
         r = by_join.get(k.combine)
         if r is None or k.fused:
             kept.append(k)
-        elif not (r.fused or _would_fuse(r) and not k.fusable):
+        elif r.fused:
+            if r.rows < k.rows:        # rows the later fusion left: the earlier says why
+                kept.append(k)
+        elif not r.fusable or k.fusable:
             kept.append(k)
             dropped.add(r.combine)
-        elif r.rows < k.rows:          # rows the structural fusion left: the kinds say why
-            kept.append(k)
     return tuple(kept) + tuple(s for s in rows if s.combine not in dropped)
