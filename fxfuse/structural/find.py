@@ -18,6 +18,7 @@ from torch.utils import _pytree as pytree
 
 from .body import RowFunction, row_function
 from .graphfacts import dependencies, writers
+from .padding import check_padding
 from .plan import Refused, RowPlan, group_rows, has_parameters, plan_rows
 from .reads import RowsRead, example_of, plan_read
 from .rows import split_rows
@@ -43,6 +44,7 @@ class Loop:
     row_ndims: tuple[int, ...] = ()
     values: dict[fx.Node, Any] = field(default_factory=dict)
     fixed_mode: str = ""     # "train"/"eval": the rows depend on the mode; the body fixes it
+    cuts: tuple = ()         # padded rows: per row, per leak, the (dim, size) narrows
 
 
 def find_loops(gm: fx.GraphModule, inputs: tuple[Any, ...], claimed: set[fx.Node],
@@ -146,8 +148,9 @@ def _vectorise_all(gm: fx.GraphModule, inputs: tuple[Any, ...], loops: list[Loop
     if not loops:
         return
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    keep = frozenset(n for lp in loops if lp.plan.padded for s in lp.plan.inputs for n in s)
     values = probe(gm, inputs, set(placeholders).union(*(_wanted(lp.plan) for lp in loops)),
-                   batched=batched)
+                   batched=batched, keep=keep)
     for lp in loops:
         try:
             _vectorise(gm, lp, values, placeholders)
@@ -195,6 +198,10 @@ def _vectorise(gm: fx.GraphModule, lp: Loop, values: Probe, placeholders) -> Non
     weights = {path: _lookup(gm, path) for path in row.shared.values()}
     batches = [values.batch1, values.batch2][:len(runs)]
     lp.body = trace_body(row, tuple(operands), examples, batches, weights)
+    if plan.padded:
+        args = [[values.kept.get(n, values.first.get(n)) for n in (s[r] for s in plan.inputs)]
+                for r in range(plan.size)]
+        lp.cuts = check_padding(row, plan, args, weights)
     if _mode_dependent(row, tuple(operands), examples[0], weights, lp.body):
         lp.fixed_mode = "train" if any(m.training for m in row.module.modules()
                                        if m is not row.module) else "eval"

@@ -38,9 +38,11 @@ def holder_module(row: RowFunction) -> nn.Module:
 
 
 def splice(gm: fx.GraphModule, plan: RowPlan, body: Body, row: RowFunction,
-           reads: dict[int, RowsRead], holder: str, batch_source: fx.Node | None
-           ) -> list[fx.Node]:
-    """Insert ``body`` for ``plan``'s rows; returns the new stacked results, one per leak."""
+           reads: dict[int, RowsRead], holder: str, batch_source: fx.Node | None,
+           cuts: tuple = ()) -> list[fx.Node]:
+    """Insert ``body`` for ``plan``'s rows; returns the new stacked results, one per leak
+    (``cuts``: padded rows, per row, per leak, the ``(dim, size)`` narrows that give the
+    row's own result back)."""
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     anchor = max(plan.nodes(), key=order.__getitem__)
@@ -75,7 +77,7 @@ def splice(gm: fx.GraphModule, plan: RowPlan, body: Body, row: RowFunction,
         cursor[0] = new
         made.append(new)
         env[node] = new
-    _redirect(gm, emit, plan, outputs)
+    _redirect(gm, emit, plan, outputs, cuts)
     _erase(graph, plan)
     _place(gm, made)
     return outputs
@@ -112,15 +114,18 @@ def _constant(gm: fx.GraphModule, emit, traced: fx.GraphModule, node: fx.Node,
     return emit("get_attr", f"{holder}.{name}", ())
 
 
-def _redirect(gm: fx.GraphModule, emit, plan: RowPlan, outputs: list[fx.Node]) -> None:
+def _redirect(gm: fx.GraphModule, emit, plan: RowPlan, outputs: list[fx.Node],
+              cuts: tuple = ()) -> None:
     inside = plan.nodes()
     for r, body in enumerate(plan.bodies):
-        for p, stacked in zip(plan.leaks, outputs):
+        for k, (p, stacked) in enumerate(zip(plan.leaks, outputs)):
             value = body[p]
             users = [u for u in value.users if u not in inside]
             if not users:
                 continue
             row = emit("call_function", torch.select, (stacked, 0, r))
+            for dim, size in cuts[r][k] if cuts else ():
+                row = emit("call_method", "narrow", (row, dim, 0, size))
             if any(u.op == "output" or mutated_input(u, gm) is value for u in users):
                 row = emit("call_method", "clone", (row,))   # a tensor of its own, as before
             value.replace_all_uses_with(row, delete_user_cb=lambda u: u not in inside)
