@@ -17,6 +17,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from .body import RowFunction, row_function
+from .bounds import find_bounds
 from .graphfacts import dependencies, writers
 from .padding import check_padding
 from .plan import Refused, RowPlan, group_rows, has_parameters, plan_rows
@@ -45,6 +46,7 @@ class Loop:
     values: dict[fx.Node, Any] = field(default_factory=dict)
     fixed_mode: str = ""     # "train"/"eval": the rows depend on the mode; the body fixes it
     cuts: tuple = ()         # padded rows: per row, per leak, the (dim, size) narrows
+    bounds: tuple = ()       # padded rows: the index inputs guarded to each row's bound
 
 
 def find_loops(gm: fx.GraphModule, inputs: tuple[Any, ...], claimed: set[fx.Node],
@@ -202,6 +204,7 @@ def _vectorise(gm: fx.GraphModule, lp: Loop, values: Probe, placeholders) -> Non
         args = [[values.kept.get(n, values.first.get(n)) for n in (s[r] for s in plan.inputs)]
                 for r in range(plan.size)]
         lp.cuts = check_padding(row, plan, args, weights)
+        lp.bounds = find_bounds(row, args, weights)
     if _mode_dependent(row, tuple(operands), examples[0], weights, lp.body):
         lp.fixed_mode = "train" if any(m.training for m in row.module.modules()
                                        if m is not row.module) else "eval"

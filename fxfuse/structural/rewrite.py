@@ -28,7 +28,7 @@ def rewrite_loop(gm: fx.GraphModule, loop: Loop) -> WeightMap:
     holder = free_name(gm, "fused_rows")
     gm.add_submodule(holder, holder_module(loop.row))
     outputs = splice(gm, loop.plan, loop.body, loop.row, loop.reads, holder, loop.batch_source,
-                     loop.cuts)
+                     loop.cuts, loop.bounds)
     for stacked, ndim in zip(outputs, loop.row_ndims):
         restore_joins(gm.graph, stacked, loop.plan.size, ndim)
     repair_order(gm.graph)

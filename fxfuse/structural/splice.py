@@ -13,10 +13,11 @@ import torch
 from torch import fx, nn
 
 from .body import RowFunction
+from .bounds import Bound
 from .graphfacts import mutated_input
 from .plan import RowPlan
 from .reads import RowsRead
-from .vectorise import Body
+from .vectorise import Body, Operand
 
 
 def attr_name(name: str) -> str:
@@ -39,10 +40,10 @@ def holder_module(row: RowFunction) -> nn.Module:
 
 def splice(gm: fx.GraphModule, plan: RowPlan, body: Body, row: RowFunction,
            reads: dict[int, RowsRead], holder: str, batch_source: fx.Node | None,
-           cuts: tuple = ()) -> list[fx.Node]:
+           cuts: tuple = (), bounds: tuple = ()) -> list[fx.Node]:
     """Insert ``body`` for ``plan``'s rows; returns the new stacked results, one per leak
     (``cuts``: padded rows, per row, per leak, the ``(dim, size)`` narrows that give the
-    row's own result back)."""
+    row's own result back; ``bounds``: the index inputs to guard, :mod:`bounds`)."""
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     anchor = max(plan.nodes(), key=order.__getitem__)
@@ -60,6 +61,9 @@ def splice(gm: fx.GraphModule, plan: RowPlan, body: Body, row: RowFunction,
     placeholders = [n for n in body.graph_module.graph.nodes if n.op == "placeholder"]
     for operand, ph in zip(body.operands, placeholders):
         env[ph] = _operand_node(emit, operand, plan, reads, holder)
+        bound = next((b for b in bounds if b.slot == operand.slot), None)
+        if bound is not None and operand.kind in ("rows", "shared"):
+            env[ph] = _guard(gm, emit, env[ph], ph, operand, bound, holder)
     if body.batched:
         env[placeholders[-1]] = emit("call_method", "size", (batch_source, 0))
     outputs: list[fx.Node] = []
@@ -100,6 +104,26 @@ def _operand_node(emit, operand, plan: RowPlan, reads: dict[int, RowsRead],
     if read.width is not None:
         return emit("call_method", "unflatten", (read.source, read.in_dim, (rows, read.width)))
     return read.source
+
+
+def _guard(gm: fx.GraphModule, emit, index: fx.Node, ph: fx.Node, operand: Operand,
+           bound: Bound, holder: str) -> fx.Node:
+    """``index`` with every entry outside its row's ``[0, limit)`` replaced by one past
+    every table (so the fused lookup raises, as the row's own lookup did)."""
+    like = ph.meta["val"]
+    if operand.kind == "rows":
+        shape = [1] * like.dim()
+        shape[operand.in_dim] = len(bound.limits)
+        limits = torch.tensor(bound.limits, dtype=like.dtype).reshape(shape)
+    else:
+        limits = torch.tensor(min(bound.limits), dtype=like.dtype)
+    name = attr_name(f"bound_in{operand.slot}")
+    gm.get_submodule(holder).register_buffer(name, limits, persistent=False)
+    limit = emit("get_attr", f"{holder}.{name}", ())
+    low = emit("call_function", torch.ge, (index, 0))
+    high = emit("call_function", torch.lt, (index, limit))
+    inside = emit("call_function", torch.logical_and, (low, high))
+    return emit("call_function", torch.where, (inside, index, bound.outside(like.dtype)))
 
 
 def _constant(gm: fx.GraphModule, emit, traced: fx.GraphModule, node: fx.Node,
