@@ -22,8 +22,9 @@ from .graphfacts import dependencies, writers
 from .padding import check_padding
 from .plan import Refused, RowPlan, group_rows, has_parameters, plan_rows
 from .reads import RowsRead, example_of, plan_read
-from .rows import split_rows
+from .rows import RowSplit, split_rows
 from .seeds import Join, find_joins
+from .signature import row_signature
 from .values import Probe, TensorLike, probe
 from .vectorise import Body, Operand, trace_body
 
@@ -57,25 +58,51 @@ def find_loops(gm: fx.GraphModule, inputs: tuple[Any, ...], claimed: set[fx.Node
     order = list(gm.graph.nodes)
     loops: list[Loop] = []
     taken = set(claimed)
+    splits: dict[int, RowSplit] = {}
     for join, split, rows in _candidates(gm, order, deps, min_rows):
         if not rows:
             i, j = split.carried[0]
             loops.append(Loop(join, None, f"loop-carried: row {i} reads row {j}'s result "
                                           f"(`{split.outputs[j].name}`)"))
             continue
-        body_nodes = {n for r in rows for n in split.bodies[r]}
-        if body_nodes & taken:
+        if {n for r in rows for n in split.bodies[r]} & taken:
             continue
-        try:
-            plan = plan_rows(split, rows, gm)
-            _check_untied(plan, gm, body_nodes)
-        except Refused as exc:
-            loops.append(Loop(join, None, str(exc)))
-            continue
-        taken |= plan.nodes()
-        loops.append(Loop(join, plan))
+        loop = _planned(gm, join, split, rows)
+        if loop.plan is not None:
+            taken |= loop.plan.nodes()
+            splits[id(loop)] = split
+        loops.append(loop)
     _vectorise_all(gm, inputs, [lp for lp in loops if lp.plan is not None], batched)
-    return loops
+    return _unpadded(gm, inputs, loops, splits, min_rows, batched)
+
+
+def _planned(gm: fx.GraphModule, join: Join, split: RowSplit, rows: list[int]) -> Loop:
+    try:
+        plan = plan_rows(split, rows, gm)
+        _check_untied(plan, gm, {n for r in rows for n in split.bodies[r]})
+    except Refused as exc:
+        return Loop(join, None, str(exc))
+    return Loop(join, plan)
+
+
+def _unpadded(gm: fx.GraphModule, inputs: tuple[Any, ...], loops: list[Loop],
+              splits: dict[int, RowSplit], min_rows: int, batched) -> list[Loop]:
+    """Padded rows that cannot be one loop keep the reason, and their rows of equal
+    sizes are loops of their own, as without padding."""
+    out, again = [], []
+    for lp in loops:
+        if lp.plan is None or not lp.plan.padded or not lp.reason:
+            out.append(lp)
+            continue
+        out.append(Loop(lp.join, None, lp.reason))
+        split = splits[id(lp)]
+        classes: dict[tuple, list[int]] = {}
+        for r in lp.plan.rows:
+            classes.setdefault(row_signature(split.bodies[r], gm), []).append(r)
+        for rows in (c for c in classes.values() if len(c) >= min_rows):
+            again.append(_planned(gm, lp.join, split, rows))
+    _vectorise_all(gm, inputs, [lp for lp in again if lp.plan is not None], batched)
+    return out + again
 
 
 def _candidates(gm: fx.GraphModule, order, deps, min_rows: int):
