@@ -226,12 +226,12 @@ def _vectorise(gm: fx.GraphModule, lp: Loop, values: Probe, placeholders) -> Non
         runs, examples = runs[:1], examples[:1]
     weights = {path: _lookup(gm, path) for path in row.shared.values()}
     batches = [values.batch1, values.batch2][:len(runs)]
-    lp.body = trace_body(row, tuple(operands), examples, batches, weights)
     if plan.padded:
         args = [[values.kept.get(n, values.first.get(n)) for n in (s[r] for s in plan.inputs)]
                 for r in range(plan.size)]
         lp.cuts = check_padding(row, plan, args, weights)
         lp.bounds = find_bounds(row, args, weights)
+    lp.body = trace_body(row, tuple(operands), examples, batches, weights)
     if _mode_dependent(row, tuple(operands), examples[0], weights, lp.body):
         lp.fixed_mode = "train" if any(m.training for m in row.module.modules()
                                        if m is not row.module) else "eval"

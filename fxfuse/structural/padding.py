@@ -29,8 +29,10 @@ class _Recorder(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm)
         self.seen: dict[fx.Node, Any] = {}
+        self.current: fx.Node | None = None
 
     def run_node(self, n: fx.Node) -> Any:
+        self.current = n
         out = super().run_node(n)
         if n.op in ("call_module", "call_function", "call_method", "output"):
             self.seen[n] = out
@@ -38,15 +40,20 @@ class _Recorder(fx.Interpreter):
 
 
 class _Runner(nn.Module):
-    """Runs the row function and returns every op's value (for ``functional_call``)."""
+    """Runs the row function and returns every op's value (for ``functional_call``);
+    ``current`` is the last op it ran (the one that raised, if one did)."""
 
     def __init__(self, inner: fx.GraphModule) -> None:
         super().__init__()
         self.inner = inner
+        self.current: fx.Node | None = None
 
     def forward(self, *args: Any) -> dict[fx.Node, Any]:
         recorder = _Recorder(self.inner)
-        recorder.run(*args)
+        try:
+            recorder.run(*args)
+        finally:
+            self.current = recorder.current
         return recorder.seen
 
 
@@ -133,6 +140,18 @@ _WHY = {"values": "reduces over the padded axis", "size": "reads the padded size
         "shape": "changes the shape so that its result cannot be sliced back"}
 
 
+def _run(runner: _Runner, row: RowFunction, tensors: dict[str, torch.Tensor],
+         args: list[Any]) -> dict[fx.Node, Any]:
+    try:
+        with torch.no_grad():
+            return functional_call(runner, tensors, tuple(args))
+    except (RuntimeError, IndexError, ValueError, TypeError) as exc:
+        op = _op(row, runner.current) if runner.current is not None else "the row"
+        text = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+        raise Refused(f"{_PREFIX}: `{op}` fails on the padded tensors "
+                      f"({type(exc).__name__}: {text})") from exc
+
+
 def check_padding(row: RowFunction, plan: RowPlan, args: list[list[Any]],
                   weights: dict[str, torch.Tensor]) -> tuple[tuple[Cut, ...], ...]:
     """Per row, per leaked value, the cut that gives the row's own result back.
@@ -148,9 +167,8 @@ def check_padding(row: RowFunction, plan: RowPlan, args: list[list[Any]],
     """
     runner, cuts = _Runner(row.module), []
     for r in range(plan.size):
-        with torch.no_grad():
-            runs = [functional_call(runner, _tensors(row, r, weights, how), tuple(args[r]))
-                    for how in ("own", "zeros", "garbage")]
+        runs = [_run(runner, row, _tensors(row, r, weights, how), args[r])
+                for how in ("own", "zeros", "garbage")]
         for node in row.module.graph.nodes:
             if node not in runs[0]:
                 continue
