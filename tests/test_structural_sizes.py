@@ -62,6 +62,18 @@ def layernorm_tail(k):
     return (nn.LayerNorm(k),)
 
 
+class CentredHeads(Heads):
+    """Each head's outputs minus their sum: exact on zero padding (the padded outputs are
+    zeros), but the sum's gradient reaches the padding, so training would fill it."""
+
+    def forward(self, x):
+        outs = []
+        for i, h in enumerate(self.heads):
+            y = h(x[:, i])
+            outs.append(y - y.sum(-1, keepdim=True))
+        return torch.cat(outs, -1)
+
+
 def _fused(result):
     return [s for s in result.sites if s.fused]
 
@@ -182,8 +194,9 @@ def test_heads_of_different_widths_are_one_loop(tail, mode):
 
 @pytest.mark.parametrize("make,why", [
     (SoftmaxHeads, "`softmax` reduces over the padded axis"),
+    (CentredHeads, "`sum` reduces over the padded axis"),
     (lambda: Heads(tail=layernorm_tail), "`LayerNorm` fails on the padded tensors")],
-    ids=["softmax", "layernorm"])
+    ids=["softmax", "sum", "layernorm"])
 def test_a_reduction_over_the_padded_axis_is_refused(make, why):
     model = make().eval()
     x = torch.randn(6, 4, 16)
@@ -228,6 +241,27 @@ def test_conv_kernels_of_different_sizes_are_not_padded_by_the_rows():
     assert [s.rows for s in _fused(result)] == [2]
     with torch.no_grad():
         torch.testing.assert_close(result.model(x), model(x))
+
+
+def test_padded_rows_save_as_pt2_with_their_map(tmp_path):
+    """The fused model saves and reloads as ``.pt2`` (dynamic batch) with its map; the
+    reloaded program is exact at another batch and still raises on a bad index."""
+    model = TabColumns().eval()
+    result = fxfuse.fuse(model, tab_inputs(6), lowering="vmap", benchmark=False)
+    path = tmp_path / "tab.pt2"
+    saved = result.save(str(path))
+    assert saved.dynamic_batch
+    program = torch.export.load(str(path)).module()
+    other = tab_inputs(9, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(program(*other), model(*other))
+    cat, cont = other
+    cat[0, 0] = 4
+    with pytest.raises((IndexError, RuntimeError)):
+        program(cat, cont)
+    wm = WeightMap.load(str(path) + ".map.json")
+    back = wm.to_original(result.model.state_dict())
+    assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
 
 
 def test_a_padded_stack_entry_needs_its_pad_dim():
