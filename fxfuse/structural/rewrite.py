@@ -30,7 +30,7 @@ def rewrite_loop(gm: fx.GraphModule, loop: Loop) -> WeightMap:
     outputs = splice(gm, loop.plan, loop.body, loop.row, loop.reads, holder, loop.batch_source,
                      loop.cuts, loop.bounds)
     for stacked, ndim in zip(outputs, loop.row_ndims):
-        restore_joins(gm.graph, stacked, loop.plan.size, ndim)
+        restore_joins(gm.graph, stacked, loop.plan.size, ndim, gm.get_submodule(holder), holder)
     repair_order(gm.graph)
     gm.graph.eliminate_dead_code()
     entries = tuple(_entry(f"{holder}.{attr_name(s.name)}", s)
