@@ -117,13 +117,20 @@ def _stack(gm: fx.GraphModule, slots) -> tuple[list[StackedTensor], dict[str, st
             if len({id(v) for v in values}) != len(values):
                 raise Refused(f"rows share the tensor `{paths[0]}`, which a stacked copy "
                               "would untie")
-            axis = varying_axis([tuple(v.shape) for v in values])
-            with torch.no_grad():
-                value = torch.stack([_padded(v.detach(), axis, values) for v in values])
-            sizes = tuple(v.shape[axis] for v in values) if axis is not None else ()
+            value, axis, sizes = _stacked(values)
             stacked.append(StackedTensor(inner, paths, value, is_param, persistent,
                                          values[0].requires_grad, axis, sizes))
     return stacked, shared
+
+
+def _stacked(values: list[torch.Tensor]
+             ) -> tuple[torch.Tensor, int | None, tuple[int, ...]]:
+    """The rows' tensors stacked (padded to the largest along the axis they differ on),
+    that axis and each row's size along it."""
+    axis = varying_axis([tuple(v.shape) for v in values])
+    with torch.no_grad():
+        value = torch.stack([_padded(v.detach(), axis, values) for v in values])
+    return value, axis, tuple(v.shape[axis] for v in values) if axis is not None else ()
 
 
 def _padded(value: torch.Tensor, axis: int | None, values: list[torch.Tensor]) -> torch.Tensor:

@@ -226,11 +226,7 @@ def _vectorise(gm: fx.GraphModule, lp: Loop, values: Probe, placeholders) -> Non
         runs, examples = runs[:1], examples[:1]
     weights = {path: _lookup(gm, path) for path in row.shared.values()}
     batches = [values.batch1, values.batch2][:len(runs)]
-    if plan.padded:
-        args = [[values.kept.get(n, values.first.get(n)) for n in (s[r] for s in plan.inputs)]
-                for r in range(plan.size)]
-        lp.cuts = check_padding(row, plan, args, weights)
-        lp.bounds = find_bounds(row, args, weights)
+    _check_padded(lp, row, values, weights)
     lp.body = trace_body(row, tuple(operands), examples, batches, weights)
     if _mode_dependent(row, tuple(operands), examples[0], weights, lp.body):
         lp.fixed_mode = "train" if any(m.training for m in row.module.modules()
@@ -238,6 +234,18 @@ def _vectorise(gm: fx.GraphModule, lp: Loop, values: Probe, placeholders) -> Non
     lp.row = row
     lp.values = values.first
     lp.row_ndims = tuple(len(values.first[plan.bodies[0][p]].shape) for p in plan.leaks)
+
+
+def _check_padded(lp: Loop, row: RowFunction, values: Probe, weights) -> None:
+    """Padded rows: padding must be exact (the cuts that slice each row back), and the
+    index inputs that must keep each row's bound (run on the values the rows read)."""
+    plan = lp.plan
+    if not plan.padded:
+        return
+    args = [[values.kept.get(n, values.first.get(n)) for n in (s[r] for s in plan.inputs)]
+            for r in range(plan.size)]
+    lp.cuts = check_padding(row, plan, args, weights)
+    lp.bounds = find_bounds(row, args, weights)
 
 
 def _slot(lp: Loop, slot: int, nodes: tuple[fx.Node, ...], runs: list[dict],

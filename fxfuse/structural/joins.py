@@ -58,9 +58,7 @@ def restore_joins(graph: fx.Graph, stacked: fx.Node, rows: int, row_ndim: int,
                   holder: torch.nn.Module | None = None, holder_path: str = "") -> None:
     """Rewrite the joins of ``stacked``'s rows (see the module docstring; ``holder`` at
     ``holder_path`` keeps the index of a padded rows' ``cat``)."""
-    users = {u for s in stacked.users if _row_of(s, stacked) is not None for u in s.users}
-    users |= {v for u in users if u.op == "call_method" and u.target == "narrow"
-              for v in u.users}
+    users = _row_users(stacked)
     for user in list(users):
         if user.op != "call_function" or user.graph is not graph:
             continue
@@ -72,6 +70,13 @@ def restore_joins(graph: fx.Graph, stacked: fx.Node, rows: int, row_ndim: int,
     for user in list(users):
         if user.op == "call_function" and user.target in _ADDS and user.graph is graph:
             _sum(graph, user, stacked, rows)
+
+
+def _row_users(stacked: fx.Node) -> set[fx.Node]:
+    """The users of the rows ``stacked[r]`` (and of their narrowed, padded, forms)."""
+    users = {u for s in stacked.users if _row_of(s, stacked) is not None for u in s.users}
+    return users | {v for u in users if u.op == "call_method" and u.target == "narrow"
+                    for v in u.users}
 
 
 def _cat(graph: fx.Graph, node: fx.Node, stacked: fx.Node, rows: int, ndim: int) -> None:
@@ -107,8 +112,7 @@ def _padded_cat(graph: fx.Graph, node: fx.Node, stacked: fx.Node, rows: int, ndi
     width = int(meta.shape[d + 1])
     for start in range(len(tensors) - rows + 1):
         run = found[start:start + rows]
-        if None in run or [f[0] for f in run] != list(range(rows)) or \
-                any(f[1] not in (-1, d) for f in run):
+        if not _padded_run(run, rows, d):
             continue
         kept = torch.cat([torch.arange(r * width, r * width + (width if size < 0 else size))
                           for r, _, size in run])
@@ -127,6 +131,12 @@ def _padded_cat(graph: fx.Graph, node: fx.Node, stacked: fx.Node, rows: int, ndi
             node.args = (rest, dim)
             node.kwargs = {}
         return
+
+
+def _padded_run(run: list, rows: int, dim: int) -> bool:
+    """``run`` is every row in order, each whole or narrowed on ``dim`` alone."""
+    return None not in run and [f[0] for f in run] == list(range(rows)) and \
+        all(f[1] in (-1, dim) for f in run)
 
 
 def _stack(graph: fx.Graph, node: fx.Node, stacked: fx.Node, rows: int, ndim: int) -> None:

@@ -60,16 +60,20 @@ def _config_follows(modules: list[torch.nn.Module], sizes: list[set[int]]) -> bo
     for subs in zip(*(dict(m.named_modules()).values() for m in modules)):
         for key, first in vars(subs[0]).items():
             values = [vars(s).get(key) for s in subs]
-            if key.startswith("_") or all(v == first for v in values):
-                continue
-            if not all(is_size(v) for v in values) or len({len(_flat(v)) for v in values}) > 1:
+            if not key.startswith("_") and any(v != first for v in values) and \
+                    not _records_sizes(values, sizes):
                 return False
-            flat = [_flat(v) for v in values]
-            for j in range(len(flat[0])):
-                if len({f[j] for f in flat}) > 1 and \
-                        not all(f[j] in s for f, s in zip(flat, sizes)):
-                    return False
     return True
+
+
+def _records_sizes(values: list[Any], sizes: list[set[int]]) -> bool:
+    """Per row, one attribute's value: sizes of one length, each entry that differs
+    between rows one of that row's varying tensor sizes."""
+    if not all(is_size(v) for v in values) or len({len(_flat(v)) for v in values}) > 1:
+        return False
+    flat = [_flat(v) for v in values]
+    return all(len({f[j] for f in flat}) == 1 or all(f[j] in s for f, s in zip(flat, sizes))
+               for j in range(len(flat[0])))
 
 
 def pads(bodies: tuple[tuple[fx.Node, ...], ...], rows: list[int], gm: fx.GraphModule) -> bool:

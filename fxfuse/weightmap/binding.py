@@ -62,11 +62,15 @@ def _entry_window(where: str, raw: dict, op: str, n_parts: int
         if window is not None:
             raise _bad(f"{where}: 'window' belongs only to 'pad' and 'stack' entries")
         return None
-    if (not isinstance(window, list) or len(window) != n_parts
-            or not all(isinstance(w, list) and len(w) == 2 and all(_is_int(v) for v in w)
-                       and w[0] >= 0 and w[1] > 0 for w in window)):
+    if not _valid_windows(window, n_parts):
         raise _bad(f"{where}: a 'pad' entry needs 'window', one [offset, size] per part")
     return tuple(tuple(w) for w in window)
+
+
+def _valid_windows(window: Any, n_parts: int) -> bool:
+    return isinstance(window, list) and len(window) == n_parts and \
+        all(isinstance(w, list) and len(w) == 2 and all(_is_int(v) for v in w)
+            and w[0] >= 0 and w[1] > 0 for w in window)
 
 
 def _entry(index: int, raw: Any) -> "WeightEntry":
