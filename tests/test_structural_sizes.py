@@ -223,6 +223,31 @@ def test_refused_padding_still_fuses_the_rows_of_equal_size():
         torch.testing.assert_close(result.model(other), model(other))
 
 
+@pytest.mark.parametrize("make,inputs", [
+    (TabColumns, lambda b: tab_inputs(b, seed=b)),
+    (Heads, lambda b: (torch.randn(b, 4, 16),)),
+    (SoftmaxHeads, lambda b: (torch.randn(b, 4, 16),))], ids=["embeddings", "heads", "softmax"])
+def test_the_export_route_pads_alike(make, inputs):
+    """Under ``torch.export`` the rows are ATen ops on the tables themselves: the same
+    loop, the same bound kept, the same refusal."""
+    torch.manual_seed(0)
+    model = make().eval()
+    result = fxfuse.fuse(model, inputs(6), lowering="vmap", benchmark=False, tracer="export")
+    if make is SoftmaxHeads:
+        assert any("`softmax` reduces over the padded axis" in s.reason for s in result.sites)
+        return
+    assert [s.rows for s in _fused(result)] == [len(model.heads if make is Heads else CARDS)]
+    other = inputs(9)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(*other), model(*other))
+    _round_trip(model, result)
+    if make is TabColumns:
+        cat, cont = inputs(4)
+        cat[0, 0] = 5
+        with pytest.raises(IndexError):
+            result.model(cat, cont)
+
+
 class KernelScales(nn.Module):
     """'same' convs of kernel sizes (3, 5, 3): a kernel padded at its end shifts the taps."""
 

@@ -133,7 +133,8 @@ def _agree(own: Any, zeros: Any, garbage: Any) -> str | list[Cut]:
 def _op(row: RowFunction, node: fx.Node) -> str:
     if node.op == "call_module":
         return type(row.module.get_submodule(str(node.target))).__name__
-    return getattr(node.target, "__name__", str(node.target))
+    target = getattr(node.target, "overloadpacket", node.target)   # aten.softmax.int: softmax
+    return getattr(target, "__name__", str(target))
 
 
 _WHY = {"values": "reduces over the padded axis", "size": "reads the padded size",
