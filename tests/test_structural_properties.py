@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import fxfuse
-from zoo.rowgen import JOINS, POOLS, READS, RowModel
+from zoo.rowgen import JOINS, POOLS, READS, SIZED_FAMILIES, WIDTH_JOINS, RowModel
 
 LAYERS = {"vec": ["linear", "linear_nobias", "glu", "gate", "layernorm", "rmsnorm",
                   "residual_mlp", "scale_shift", "sequential", "batchnorm1d"],
@@ -33,6 +33,20 @@ def row_models(draw):
     torch.manual_seed(draw(st.integers(0, 2**16)))
     model = RowModel(family, [first, *rest], rows, read, join).train(train)
     return model
+
+
+@st.composite
+def sized_row_models(draw):
+    """A generated model whose rows differ in one size: each row's embedding table
+    (``idx``) or last Linear's width (``vec``, ``tok``)."""
+    family = draw(st.sampled_from(SIZED_FAMILIES))
+    first = draw(st.sampled_from(LAYERS[family]))
+    rows = draw(st.integers(2, 4))
+    sizes = tuple(draw(st.lists(st.integers(2, 12), min_size=rows, max_size=rows)))
+    read = draw(st.sampled_from(READS))
+    join = draw(st.sampled_from(JOINS if family == "idx" else WIDTH_JOINS))
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    return RowModel(family, [first], rows, read, join, sizes).train(draw(st.booleans()))
 
 
 def _outputs(out):
@@ -63,6 +77,24 @@ def test_generated_rows_fuse_under_vmap(model):
     with torch.no_grad():
         want = _outputs(copy.deepcopy(reference)(other))
         got = _outputs(copy.deepcopy(result.model)(other))   # train mode moves statistics
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    _round_trip(result, reference)
+
+
+@settings(max_examples=15, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(sized_row_models())
+def test_generated_rows_of_different_sizes_fuse_as_one_loop(model):
+    x = model.example()
+    reference = copy.deepcopy(model)
+    result = fxfuse.fuse(model, (x,), lowering="vmap", benchmark=False)
+    assert [s.rows for s in result.sites if s.fused] == [model.n], \
+        [s.reason for s in result.sites]
+    other = model.example(batch=x.shape[0] + 3)
+    with torch.no_grad():
+        want = _outputs(copy.deepcopy(reference)(other))
+        got = _outputs(copy.deepcopy(result.model)(other))
     for w, g in zip(want, got):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
     _round_trip(result, reference)

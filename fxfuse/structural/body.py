@@ -14,11 +14,14 @@ import torch
 from torch import fx, nn
 
 from .plan import RowPlan, Refused
+from .sizes import varying_axis
 
 
 @dataclass(frozen=True)
 class StackedTensor:
-    """A fused parameter or buffer: ``parts`` (original names, one per row) stacked."""
+    """A fused parameter or buffer: ``parts`` (original names, one per row) stacked;
+    when the parts differ in size along their dim ``pad_dim``, each is zero-padded to
+    the largest first (``sizes``: each part's size along it)."""
 
     name: str
     parts: tuple[str, ...]
@@ -26,6 +29,14 @@ class StackedTensor:
     parameter: bool
     persistent: bool
     requires_grad: bool = False
+    pad_dim: int | None = None
+    sizes: tuple[int, ...] = ()
+
+    def part(self, row: int) -> torch.Tensor:
+        """Row ``row``'s own tensor (its padding sliced off), a view of ``value``."""
+        if self.pad_dim is None:
+            return self.value[row]
+        return self.value[row].narrow(self.pad_dim, 0, self.sizes[row])
 
 
 @dataclass(frozen=True)
@@ -106,8 +117,28 @@ def _stack(gm: fx.GraphModule, slots) -> tuple[list[StackedTensor], dict[str, st
             if len({id(v) for v in values}) != len(values):
                 raise Refused(f"rows share the tensor `{paths[0]}`, which a stacked copy "
                               "would untie")
-            with torch.no_grad():
-                value = torch.stack([v.detach() for v in values])
+            value, axis, sizes = _stacked(values)
             stacked.append(StackedTensor(inner, paths, value, is_param, persistent,
-                                         values[0].requires_grad))
+                                         values[0].requires_grad, axis, sizes))
     return stacked, shared
+
+
+def _stacked(values: list[torch.Tensor]
+             ) -> tuple[torch.Tensor, int | None, tuple[int, ...]]:
+    """The rows' tensors stacked (padded to the largest along the axis they differ on),
+    that axis and each row's size along it."""
+    axis = varying_axis([tuple(v.shape) for v in values])
+    with torch.no_grad():
+        value = torch.stack([_padded(v.detach(), axis, values) for v in values])
+    return value, axis, tuple(v.shape[axis] for v in values) if axis is not None else ()
+
+
+def _padded(value: torch.Tensor, axis: int | None, values: list[torch.Tensor]) -> torch.Tensor:
+    """``value`` zero-padded at the end of ``axis`` to the largest of ``values``."""
+    if axis is None:
+        return value
+    if axis < 0:
+        raise Refused("a row's tensors differ in more than one size")
+    shape = list(value.shape)
+    shape[axis] = max(v.shape[axis] for v in values) - shape[axis]
+    return torch.cat([value, value.new_zeros(shape)], axis)

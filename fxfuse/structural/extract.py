@@ -78,7 +78,8 @@ def _moved(loop: Loop, env: dict[fx.Node, fx.Node]) -> Loop:
     moved = RowPlan(plan.rows, tuple(env.get(n, n) for n in plan.outputs),
                     tuple(tuple(env[n] for n in b) for b in plan.bodies),
                     tuple(tuple(env[n] for n in r) for r in plan.readers),
-                    tuple(tuple(env[n] for n in s) for s in plan.inputs), plan.leaks)
+                    tuple(tuple(env[n] for n in s) for s in plan.inputs), plan.leaks,
+                    plan.padded)
     reads = {k: RowsRead(r.how, tuple(env[n] for n in r.nodes),
                          env.get(r.source) if r.source is not None else None,
                          r.in_dim, r.width, r.narrow) for k, r in loop.reads.items()}

@@ -17,11 +17,14 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from .body import RowFunction, row_function
+from .bounds import find_bounds
 from .graphfacts import dependencies, writers
+from .padding import check_padding
 from .plan import Refused, RowPlan, group_rows, has_parameters, plan_rows
 from .reads import RowsRead, example_of, plan_read
-from .rows import split_rows
+from .rows import RowSplit, split_rows
 from .seeds import Join, find_joins
+from .signature import row_signature
 from .values import Probe, TensorLike, probe
 from .vectorise import Body, Operand, trace_body
 
@@ -43,6 +46,8 @@ class Loop:
     row_ndims: tuple[int, ...] = ()
     values: dict[fx.Node, Any] = field(default_factory=dict)
     fixed_mode: str = ""     # "train"/"eval": the rows depend on the mode; the body fixes it
+    cuts: tuple = ()         # padded rows: per row, per leak, the (dim, size) narrows
+    bounds: tuple = ()       # padded rows: the index inputs guarded to each row's bound
 
 
 def find_loops(gm: fx.GraphModule, inputs: tuple[Any, ...], claimed: set[fx.Node],
@@ -53,25 +58,51 @@ def find_loops(gm: fx.GraphModule, inputs: tuple[Any, ...], claimed: set[fx.Node
     order = list(gm.graph.nodes)
     loops: list[Loop] = []
     taken = set(claimed)
+    splits: dict[int, RowSplit] = {}
     for join, split, rows in _candidates(gm, order, deps, min_rows):
         if not rows:
             i, j = split.carried[0]
             loops.append(Loop(join, None, f"loop-carried: row {i} reads row {j}'s result "
                                           f"(`{split.outputs[j].name}`)"))
             continue
-        body_nodes = {n for r in rows for n in split.bodies[r]}
-        if body_nodes & taken:
+        if {n for r in rows for n in split.bodies[r]} & taken:
             continue
-        try:
-            plan = plan_rows(split, rows, gm)
-            _check_untied(plan, gm, body_nodes)
-        except Refused as exc:
-            loops.append(Loop(join, None, str(exc)))
-            continue
-        taken |= plan.nodes()
-        loops.append(Loop(join, plan))
+        loop = _planned(gm, join, split, rows)
+        if loop.plan is not None:
+            taken |= loop.plan.nodes()
+            splits[id(loop)] = split
+        loops.append(loop)
     _vectorise_all(gm, inputs, [lp for lp in loops if lp.plan is not None], batched)
-    return loops
+    return _unpadded(gm, inputs, loops, splits, min_rows, batched)
+
+
+def _planned(gm: fx.GraphModule, join: Join, split: RowSplit, rows: list[int]) -> Loop:
+    try:
+        plan = plan_rows(split, rows, gm)
+        _check_untied(plan, gm, {n for r in rows for n in split.bodies[r]})
+    except Refused as exc:
+        return Loop(join, None, str(exc))
+    return Loop(join, plan)
+
+
+def _unpadded(gm: fx.GraphModule, inputs: tuple[Any, ...], loops: list[Loop],
+              splits: dict[int, RowSplit], min_rows: int, batched) -> list[Loop]:
+    """Padded rows that cannot be one loop keep the reason, and their rows of equal
+    sizes are loops of their own, as without padding."""
+    out, again = [], []
+    for lp in loops:
+        if lp.plan is None or not lp.plan.padded or not lp.reason:
+            out.append(lp)
+            continue
+        out.append(Loop(lp.join, None, lp.reason))
+        split = splits[id(lp)]
+        classes: dict[tuple, list[int]] = {}
+        for r in lp.plan.rows:
+            classes.setdefault(row_signature(split.bodies[r], gm), []).append(r)
+        for rows in (c for c in classes.values() if len(c) >= min_rows):
+            again.append(_planned(gm, lp.join, split, rows))
+    _vectorise_all(gm, inputs, [lp for lp in again if lp.plan is not None], batched)
+    return out + again
 
 
 def _candidates(gm: fx.GraphModule, order, deps, min_rows: int):
@@ -146,8 +177,9 @@ def _vectorise_all(gm: fx.GraphModule, inputs: tuple[Any, ...], loops: list[Loop
     if not loops:
         return
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    keep = frozenset(n for lp in loops if lp.plan.padded for s in lp.plan.inputs for n in s)
     values = probe(gm, inputs, set(placeholders).union(*(_wanted(lp.plan) for lp in loops)),
-                   batched=batched)
+                   batched=batched, keep=keep)
     for lp in loops:
         try:
             _vectorise(gm, lp, values, placeholders)
@@ -194,6 +226,7 @@ def _vectorise(gm: fx.GraphModule, lp: Loop, values: Probe, placeholders) -> Non
         runs, examples = runs[:1], examples[:1]
     weights = {path: _lookup(gm, path) for path in row.shared.values()}
     batches = [values.batch1, values.batch2][:len(runs)]
+    _check_padded(lp, row, values, weights)
     lp.body = trace_body(row, tuple(operands), examples, batches, weights)
     if _mode_dependent(row, tuple(operands), examples[0], weights, lp.body):
         lp.fixed_mode = "train" if any(m.training for m in row.module.modules()
@@ -201,6 +234,18 @@ def _vectorise(gm: fx.GraphModule, lp: Loop, values: Probe, placeholders) -> Non
     lp.row = row
     lp.values = values.first
     lp.row_ndims = tuple(len(values.first[plan.bodies[0][p]].shape) for p in plan.leaks)
+
+
+def _check_padded(lp: Loop, row: RowFunction, values: Probe, weights) -> None:
+    """Padded rows: padding must be exact (the cuts that slice each row back), and the
+    index inputs that must keep each row's bound (run on the values the rows read)."""
+    plan = lp.plan
+    if not plan.padded:
+        return
+    args = [[values.kept.get(n, values.first.get(n)) for n in (s[r] for s in plan.inputs)]
+            for r in range(plan.size)]
+    lp.cuts = check_padding(row, plan, args, weights)
+    lp.bounds = find_bounds(row, args, weights)
 
 
 def _slot(lp: Loop, slot: int, nodes: tuple[fx.Node, ...], runs: list[dict],

@@ -5,6 +5,10 @@
 - ``stack([...all of them...], d)`` is ``stacked.movedim(0, d)``;
 - a sum of all of them (``a + b + ...``, Python's ``sum``) is ``stacked.sum(0)``.
 
+Rows padded to one size read ``stacked[r].narrow(d, 0, size_r)``; a ``cat`` of all of
+them on ``d`` is ``stacked.movedim(0, d).flatten(d, d + 1).index_select(d, kept)``, with
+``kept`` the positions that are no padding (a buffer of ``holder``).
+
 Each result is made contiguous, as the join it replaces was. Other joins keep reading
 ``stacked[r]``, which is correct, only not as fast.
 """
@@ -27,6 +31,17 @@ def _row_of(node: fx.Node, stacked: fx.Node) -> int | None:
     return None
 
 
+def _cut_row_of(node: fx.Node, stacked: fx.Node) -> tuple[int, int, int] | None:
+    """``(row, dim, size)`` of ``stacked[row].narrow(dim, 0, size)`` (``size`` -1: the
+    whole row, no narrow)."""
+    if node.op == "call_method" and node.target == "narrow" and len(node.args) == 4 \
+            and node.args[2] == 0 and isinstance(node.args[0], fx.Node):
+        row = _row_of(node.args[0], stacked)
+        return None if row is None else (row, int(node.args[1]), int(node.args[3]))
+    row = _row_of(node, stacked)
+    return None if row is None else (row, -1, -1)
+
+
 def _join_args(node: fx.Node) -> tuple[list, int]:
     tensors = node.args[0] if node.args else node.kwargs.get("tensors")
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
@@ -39,19 +54,29 @@ def _ndim(node: fx.Node) -> int | None:
     return None if shape is None else len(shape)
 
 
-def restore_joins(graph: fx.Graph, stacked: fx.Node, rows: int, row_ndim: int) -> None:
-    """Rewrite the joins of ``stacked``'s rows (see the module docstring)."""
-    users = {u for s in stacked.users if _row_of(s, stacked) is not None for u in s.users}
+def restore_joins(graph: fx.Graph, stacked: fx.Node, rows: int, row_ndim: int,
+                  holder: torch.nn.Module | None = None, holder_path: str = "") -> None:
+    """Rewrite the joins of ``stacked``'s rows (see the module docstring; ``holder`` at
+    ``holder_path`` keeps the index of a padded rows' ``cat``)."""
+    users = _row_users(stacked)
     for user in list(users):
         if user.op != "call_function" or user.graph is not graph:
             continue
-        if user.target in _CATS:
-            _cat(graph, user, stacked, rows, row_ndim)
+        if user.target in _CATS and not _cat(graph, user, stacked, rows, row_ndim) \
+                and holder is not None:
+            _padded_cat(graph, user, stacked, rows, row_ndim, holder, holder_path)
         elif user.target in _STACKS:
             _stack(graph, user, stacked, rows, row_ndim)
     for user in list(users):
         if user.op == "call_function" and user.target in _ADDS and user.graph is graph:
             _sum(graph, user, stacked, rows)
+
+
+def _row_users(stacked: fx.Node) -> set[fx.Node]:
+    """The users of the rows ``stacked[r]`` (and of their narrowed, padded, forms)."""
+    users = {u for s in stacked.users if _row_of(s, stacked) is not None for u in s.users}
+    return users | {v for u in users if u.op == "call_method" and u.target == "narrow"
+                    for v in u.users}
 
 
 def _cat(graph: fx.Graph, node: fx.Node, stacked: fx.Node, rows: int, ndim: int) -> None:
@@ -72,7 +97,46 @@ def _cat(graph: fx.Graph, node: fx.Node, stacked: fx.Node, rows: int, ndim: int)
             else:
                 node.args = (rest, dim)
                 node.kwargs = {}
-            return
+            return True
+    return False
+
+
+def _padded_cat(graph: fx.Graph, node: fx.Node, stacked: fx.Node, rows: int, ndim: int,
+                holder: torch.nn.Module, path: str) -> None:
+    tensors, dim = _join_args(node)
+    d = dim % ndim
+    found = [_cut_row_of(t, stacked) if isinstance(t, fx.Node) else None for t in tensors]
+    meta = stacked.meta.get("val")
+    if meta is None:
+        return
+    width = int(meta.shape[d + 1])
+    for start in range(len(tensors) - rows + 1):
+        run = found[start:start + rows]
+        if not _padded_run(run, rows, d):
+            continue
+        kept = torch.cat([torch.arange(r * width, r * width + (width if size < 0 else size))
+                          for r, _, size in run])
+        name = f"cat_index_{len([k for k in holder._buffers if k.startswith('cat_index')])}"
+        holder.register_buffer(name, kept.to(meta.device), persistent=False)
+        with graph.inserting_before(node):
+            index = graph.get_attr(f"{path}.{name}")
+            moved = graph.call_method("movedim", (stacked, 0, d))
+            flat = graph.call_method("flatten", (moved, d, d + 1))
+            picked = graph.call_method("index_select", (flat, d, index))
+        rest = tensors[:start] + [picked] + tensors[start + rows:]
+        if len(rest) == 1:
+            node.replace_all_uses_with(picked)
+            graph.erase_node(node)
+        else:
+            node.args = (rest, dim)
+            node.kwargs = {}
+        return
+
+
+def _padded_run(run: list, rows: int, dim: int) -> bool:
+    """``run`` is every row in order, each whole or narrowed on ``dim`` alone."""
+    return None not in run and [f[0] for f in run] == list(range(rows)) and \
+        all(f[1] in (-1, dim) for f in run)
 
 
 def _stack(graph: fx.Graph, node: fx.Node, stacked: fx.Node, rows: int, ndim: int) -> None:

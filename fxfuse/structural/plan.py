@@ -13,6 +13,7 @@ from torch import fx
 from .graphfacts import is_tensor_node, mutated_input
 from .rows import RowSplit, externals, leaks
 from .signature import reader_constants, readers, row_signature
+from .sizes import pads
 
 
 class Refused(Exception):
@@ -31,6 +32,7 @@ class RowPlan:
         inputs: per input slot, per row, the node the body reads (a shared tensor is the
             same node in every row).
         leaks: body positions whose values are used outside the row.
+        padded: the rows differ in sizes; their tensors are padded to the largest.
     """
 
     rows: tuple[int, ...]
@@ -39,6 +41,7 @@ class RowPlan:
     readers: tuple[tuple[fx.Node, ...], ...]
     inputs: tuple[tuple[fx.Node, ...], ...]
     leaks: tuple[int, ...]
+    padded: bool = False
 
     @property
     def size(self) -> int:
@@ -54,12 +57,25 @@ class RowPlan:
 
 
 def group_rows(split: RowSplit, gm: fx.GraphModule, min_rows: int) -> list[list[int]]:
-    """Rows with equal signatures, in join order (classes of at least ``min_rows``)."""
+    """Rows with equal signatures, in join order (classes of at least ``min_rows``);
+    rows whose signatures differ only in sizes that padding covers (:mod:`sizes`) are
+    one class."""
     classes: dict[tuple, list[int]] = {}
+    sizeless: dict[tuple, list[tuple]] = {}
     for row, body in enumerate(split.bodies):
         if body:
-            classes.setdefault(row_signature(body, gm), []).append(row)
-    return [rows for rows in classes.values() if len(rows) >= min_rows]
+            key = row_signature(body, gm)
+            if key not in classes:
+                sizeless.setdefault(row_signature(body, gm, sized=False), []).append(key)
+            classes.setdefault(key, []).append(row)
+    found = []
+    for keys in sizeless.values():
+        rows = sorted(r for k in keys for r in classes[k])
+        if len(keys) > 1 and len(rows) >= min_rows and pads(split.bodies, rows, gm):
+            found.append(rows)
+        else:
+            found += [classes[k] for k in keys if len(classes[k]) >= min_rows]
+    return found
 
 
 def has_parameters(body: tuple[fx.Node, ...]) -> bool:
@@ -84,7 +100,8 @@ def plan_rows(split: RowSplit, rows: list[int], gm: fx.GraphModule) -> RowPlan:
     _check_writes(bodies, gm)
     leak_pos = _leak_positions(bodies)
     outputs = tuple(split.outputs[r] for r in rows)
-    return RowPlan(tuple(rows), outputs, bodies, readers, inputs, leak_pos)
+    padded = len({row_signature(split.bodies[r], gm) for r in rows}) > 1
+    return RowPlan(tuple(rows), outputs, bodies, readers, inputs, leak_pos, padded)
 
 
 def _leak_positions(bodies: tuple[tuple[fx.Node, ...], ...]) -> tuple[int, ...]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import fx
 
 from ..weightmap import WeightEntry, WeightMap
+from .body import StackedTensor
 from .find import Loop
 from .joins import restore_joins
 from .splice import attr_name, holder_module, repair_order, splice
@@ -26,11 +27,20 @@ def rewrite_loop(gm: fx.GraphModule, loop: Loop) -> WeightMap:
     """
     holder = free_name(gm, "fused_rows")
     gm.add_submodule(holder, holder_module(loop.row))
-    outputs = splice(gm, loop.plan, loop.body, loop.row, loop.reads, holder, loop.batch_source)
+    outputs = splice(gm, loop.plan, loop.body, loop.row, loop.reads, holder, loop.batch_source,
+                     loop.cuts, loop.bounds)
     for stacked, ndim in zip(outputs, loop.row_ndims):
-        restore_joins(gm.graph, stacked, loop.plan.size, ndim)
+        restore_joins(gm.graph, stacked, loop.plan.size, ndim, gm.get_submodule(holder), holder)
     repair_order(gm.graph)
     gm.graph.eliminate_dead_code()
-    entries = tuple(WeightEntry(f"{holder}.{attr_name(s.name)}", s.parts, 0, None, "stack")
+    entries = tuple(_entry(f"{holder}.{attr_name(s.name)}", s)
                     for s in loop.row.stacked if s.persistent)
     return WeightMap(entries)
+
+
+def _entry(key: str, s: StackedTensor) -> WeightEntry:
+    """A ``stack`` entry; padded parts carry their windows (offset 0, own size)."""
+    if s.pad_dim is None:
+        return WeightEntry(key, s.parts, 0, None, "stack")
+    return WeightEntry(key, s.parts, 0, None, "stack", tuple((0, n) for n in s.sizes),
+                       s.pad_dim)

@@ -34,34 +34,46 @@ def constant_key(value: Any) -> Any:
     return ("object", type(value).__qualname__, id(value))
 
 
-def tensor_key(t: torch.Tensor) -> tuple:
-    """Shape, dtype, device and whether it is a trainable parameter."""
-    return (tuple(t.shape), t.dtype, str(t.device), t.requires_grad,
+def tensor_key(t: torch.Tensor, sized: bool = True) -> tuple:
+    """Shape (its rank alone unless ``sized``), dtype, device and whether it is a
+    trainable parameter."""
+    return (tuple(t.shape) if sized else t.dim(), t.dtype, str(t.device), t.requires_grad,
             isinstance(t, torch.nn.Parameter))
 
 
-def module_key(module: torch.nn.Module) -> tuple:
+def is_size(value: Any) -> bool:
+    """An int, or a tuple or list of ints: what a size in a module's configuration is."""
+    if isinstance(value, (tuple, list)):
+        return bool(value) and all(is_size(v) for v in value)
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def module_key(module: torch.nn.Module, sized: bool = True) -> tuple:
     """Class and configuration of a module: its plain attributes, the shapes of its
-    parameters and buffers, its submodules' keys, and whether it carries hooks."""
-    config = tuple(sorted((k, constant_key(v)) for k, v in vars(module).items()
+    parameters and buffers, its submodules' keys, and whether it carries hooks. Unless
+    ``sized``, sizes are left out (shapes reduced to ranks, sizes in the configuration
+    masked): rows that differ only in sizes then share a key."""
+    config = tuple(sorted((k, MASK if not sized and is_size(v) else constant_key(v))
+                          for k, v in vars(module).items()
                           if not k.startswith("_") and isinstance(v, (*_SIMPLE, tuple, list))))
-    tensors = tuple((name, tensor_key(t)) for name, t in
+    tensors = tuple((name, tensor_key(t, sized)) for name, t in
                     [*module._parameters.items(), *module._buffers.items()] if t is not None)
     nones = tuple(name for name, t in [*module._parameters.items(), *module._buffers.items()]
                   if t is None)
-    children = tuple((name, module_key(child)) for name, child in module.named_children())
+    children = tuple((name, module_key(child, sized)) for name, child in module.named_children())
     hooks = bool(module._forward_hooks or module._forward_pre_hooks
                  or getattr(module, "parametrizations", None))
     return (type(module), config, tensors, nones, children, hooks)
 
 
-def target_key(node: fx.Node, gm: fx.GraphModule) -> Any:
-    """What a node runs, with its parameters reduced to their shapes."""
+def target_key(node: fx.Node, gm: fx.GraphModule, sized: bool = True) -> Any:
+    """What a node runs, with its parameters reduced to their shapes (ranks unless
+    ``sized``)."""
     if node.op == "call_module":
-        return ("module", module_key(gm.get_submodule(str(node.target))))
+        return ("module", module_key(gm.get_submodule(str(node.target)), sized))
     if node.op == "get_attr":
         value = _attr(gm, str(node.target))
-        return ("attr", tensor_key(value) if isinstance(value, torch.Tensor)
+        return ("attr", tensor_key(value, sized) if isinstance(value, torch.Tensor)
                 else constant_key(value))
     return (node.op, node.target)
 
@@ -83,9 +95,9 @@ def readers(body: tuple[fx.Node, ...]) -> set[fx.Node]:
     return found
 
 
-def row_signature(body: tuple[fx.Node, ...], gm: fx.GraphModule) -> tuple:
+def row_signature(body: tuple[fx.Node, ...], gm: fx.GraphModule, sized: bool = True) -> tuple:
     """The structure of one row, readers' constants masked; externals numbered by
-    first use, own nodes by position."""
+    first use, own nodes by position (its parameters' sizes left out unless ``sized``)."""
     pre = readers(body)
     local = {n: i for i, n in enumerate(body)}
     ext: dict[fx.Node, int] = {}
@@ -107,7 +119,7 @@ def row_signature(body: tuple[fx.Node, ...], gm: fx.GraphModule) -> tuple:
     sig = []
     for node in body:
         masked = node in pre
-        sig.append((node.op, target_key(node, gm), arg(tuple(node.args), masked),
+        sig.append((node.op, target_key(node, gm, sized), arg(tuple(node.args), masked),
                     arg(dict(node.kwargs), masked), len(node.users) > 0))
     return tuple(sig)
 

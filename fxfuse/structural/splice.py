@@ -13,10 +13,11 @@ import torch
 from torch import fx, nn
 
 from .body import RowFunction
+from .bounds import Bound
 from .graphfacts import mutated_input
 from .plan import RowPlan
 from .reads import RowsRead
-from .vectorise import Body
+from .vectorise import Body, Operand
 
 
 def attr_name(name: str) -> str:
@@ -38,9 +39,11 @@ def holder_module(row: RowFunction) -> nn.Module:
 
 
 def splice(gm: fx.GraphModule, plan: RowPlan, body: Body, row: RowFunction,
-           reads: dict[int, RowsRead], holder: str, batch_source: fx.Node | None
-           ) -> list[fx.Node]:
-    """Insert ``body`` for ``plan``'s rows; returns the new stacked results, one per leak."""
+           reads: dict[int, RowsRead], holder: str, batch_source: fx.Node | None,
+           cuts: tuple = (), bounds: tuple = ()) -> list[fx.Node]:
+    """Insert ``body`` for ``plan``'s rows; returns the new stacked results, one per leak
+    (``cuts``: padded rows, per row, per leak, the ``(dim, size)`` narrows that give the
+    row's own result back; ``bounds``: the index inputs to guard, :mod:`bounds`)."""
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     anchor = max(plan.nodes(), key=order.__getitem__)
@@ -58,6 +61,9 @@ def splice(gm: fx.GraphModule, plan: RowPlan, body: Body, row: RowFunction,
     placeholders = [n for n in body.graph_module.graph.nodes if n.op == "placeholder"]
     for operand, ph in zip(body.operands, placeholders):
         env[ph] = _operand_node(emit, operand, plan, reads, holder)
+        bound = next((b for b in bounds if b.slot == operand.slot), None)
+        if bound is not None and operand.kind in ("rows", "shared"):
+            env[ph] = _guard(gm, emit, env[ph], ph, operand, bound, holder)
     if body.batched:
         env[placeholders[-1]] = emit("call_method", "size", (batch_source, 0))
     outputs: list[fx.Node] = []
@@ -75,7 +81,7 @@ def splice(gm: fx.GraphModule, plan: RowPlan, body: Body, row: RowFunction,
         cursor[0] = new
         made.append(new)
         env[node] = new
-    _redirect(gm, emit, plan, outputs)
+    _redirect(gm, emit, plan, outputs, cuts)
     _erase(graph, plan)
     _place(gm, made)
     return outputs
@@ -100,6 +106,26 @@ def _operand_node(emit, operand, plan: RowPlan, reads: dict[int, RowsRead],
     return read.source
 
 
+def _guard(gm: fx.GraphModule, emit, index: fx.Node, ph: fx.Node, operand: Operand,
+           bound: Bound, holder: str) -> fx.Node:
+    """``index`` with every entry outside its row's ``[0, limit)`` replaced by one past
+    every table (so the fused lookup raises, as the row's own lookup did)."""
+    like = ph.meta["val"]
+    if operand.kind == "rows":
+        shape = [1] * like.dim()
+        shape[operand.in_dim] = len(bound.limits)
+        limits = torch.tensor(bound.limits, dtype=like.dtype).reshape(shape)
+    else:
+        limits = torch.tensor(min(bound.limits), dtype=like.dtype)
+    name = attr_name(f"bound_in{operand.slot}")
+    gm.get_submodule(holder).register_buffer(name, limits, persistent=False)
+    limit = emit("get_attr", f"{holder}.{name}", ())
+    low = emit("call_function", torch.ge, (index, 0))
+    high = emit("call_function", torch.lt, (index, limit))
+    inside = emit("call_function", torch.logical_and, (low, high))
+    return emit("call_function", torch.where, (inside, index, bound.outside(like.dtype)))
+
+
 def _constant(gm: fx.GraphModule, emit, traced: fx.GraphModule, node: fx.Node,
               holder: str) -> fx.Node:
     value = getattr(traced, str(node.target))
@@ -112,15 +138,18 @@ def _constant(gm: fx.GraphModule, emit, traced: fx.GraphModule, node: fx.Node,
     return emit("get_attr", f"{holder}.{name}", ())
 
 
-def _redirect(gm: fx.GraphModule, emit, plan: RowPlan, outputs: list[fx.Node]) -> None:
+def _redirect(gm: fx.GraphModule, emit, plan: RowPlan, outputs: list[fx.Node],
+              cuts: tuple = ()) -> None:
     inside = plan.nodes()
     for r, body in enumerate(plan.bodies):
-        for p, stacked in zip(plan.leaks, outputs):
+        for k, (p, stacked) in enumerate(zip(plan.leaks, outputs)):
             value = body[p]
             users = [u for u in value.users if u not in inside]
             if not users:
                 continue
             row = emit("call_function", torch.select, (stacked, 0, r))
+            for dim, size in cuts[r][k] if cuts else ():
+                row = emit("call_method", "narrow", (row, dim, 0, size))
             if any(u.op == "output" or mutated_input(u, gm) is value for u in users):
                 row = emit("call_method", "clone", (row,))   # a tensor of its own, as before
             value.replace_all_uses_with(row, delete_user_cb=lambda u: u not in inside)

@@ -8,7 +8,7 @@ values). Two batch sizes tell which numbers in the vectorised code are the batch
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
@@ -21,12 +21,14 @@ from ..check.runs import fresh_inputs
 @dataclass(frozen=True)
 class Probe:
     """The recorded values: ``first`` at the example batch, ``second`` at ``batch2``
-    (empty when the model does not run at another batch)."""
+    (empty when the model does not run at another batch); ``kept``: the values
+    themselves at the example batch, for the nodes asked to keep."""
 
     batch1: int | None
     batch2: int | None
     first: dict[fx.Node, Any]
     second: dict[fx.Node, Any]
+    kept: dict[fx.Node, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -52,15 +54,20 @@ def _like(value: Any) -> Any:
 
 
 class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, wanted: set[fx.Node]) -> None:
+    def __init__(self, gm: fx.GraphModule, wanted: set[fx.Node],
+                 keep: frozenset[fx.Node] = frozenset()) -> None:
         super().__init__(gm, garbage_collect_values=True)
-        self.wanted = wanted
+        self.wanted, self.keep = wanted, keep
         self.seen: dict[fx.Node, Any] = {}
+        self.kept: dict[fx.Node, Any] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
         if n in self.wanted:
             self.seen[n] = pytree.tree_map(_like, result)
+        if n in self.keep:
+            self.kept[n] = pytree.tree_map(
+                lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, result)
         return result
 
 
@@ -78,12 +85,17 @@ def _state_kept(module: torch.nn.Module) -> Iterator[None]:
                     buffer.copy_(saved[key])
 
 
-def record(gm: fx.GraphModule, inputs: tuple[Any, ...], wanted: set[fx.Node]) -> dict:
-    """The values of ``wanted`` when ``gm`` runs on ``inputs`` (state left as it was)."""
-    recorder = _Recorder(gm, wanted)
+def _recorded(gm: fx.GraphModule, inputs: tuple[Any, ...], wanted: set[fx.Node],
+              keep: frozenset[fx.Node] = frozenset()) -> _Recorder:
+    recorder = _Recorder(gm, wanted, keep)
     with _state_kept(gm), torch.no_grad():
         recorder.run(*inputs)
-    return recorder.seen
+    return recorder
+
+
+def record(gm: fx.GraphModule, inputs: tuple[Any, ...], wanted: set[fx.Node]) -> dict:
+    """The values of ``wanted`` when ``gm`` runs on ``inputs`` (state left as it was)."""
+    return _recorded(gm, inputs, wanted).seen
 
 
 def batch_of(inputs: tuple[Any, ...]) -> int | None:
@@ -95,19 +107,22 @@ def batch_of(inputs: tuple[Any, ...]) -> int | None:
 
 
 def probe(gm: fx.GraphModule, inputs: tuple[Any, ...], wanted: set[fx.Node], *,
-          batched: tuple[bool, ...] | None = None) -> Probe:
+          batched: tuple[bool, ...] | None = None,
+          keep: frozenset[fx.Node] = frozenset()) -> Probe:
     """Record ``wanted`` at the example batch and at that batch plus two (``batched``:
-    which inputs carry the batch; the others are passed as they are)."""
-    first = record(gm, inputs, wanted)
+    which inputs carry the batch; the others are passed as they are); the values of
+    ``keep`` at the example batch are kept as they are."""
+    recorder = _recorded(gm, inputs, wanted, keep)
+    first, kept = recorder.seen, recorder.kept
     mask = batched if batched is not None else (True,) * len(inputs)
     batch = batch_of(tuple(x for x, b in zip(inputs, mask) if b))
     if batch is None:
-        return Probe(None, None, first, {})
+        return Probe(None, None, first, {}, kept)
     other = batch + 2
     fresh = iter(fresh_inputs(tuple(x for x, b in zip(inputs, mask) if b), other, seed=7))
     try:
         second = record(gm, tuple(next(fresh) if b else x for x, b in zip(inputs, mask)), wanted)
     except (RuntimeError, ValueError, IndexError, TypeError, AssertionError):
         # the model runs at its example batch only: the vectorised code stays static
-        return Probe(batch, None, first, {})
-    return Probe(batch, other, first, second)
+        return Probe(batch, None, first, {}, kept)
+    return Probe(batch, other, first, second, kept)

@@ -55,17 +55,22 @@ def _entry_layout(where: str, raw: dict) -> tuple[int, int | None, str]:
 
 def _entry_window(where: str, raw: dict, op: str, n_parts: int
                   ) -> tuple[tuple[int, int], ...] | None:
-    """A ``pad`` entry's ``window``: one ``[offset, size]`` per part (no other op has one)."""
+    """A ``pad`` entry's ``window``: one ``[offset, size]`` per part (a ``stack`` entry
+    may have one too, with its ``pad_dim``; no other op has one)."""
     window = raw.get("window")
-    if op != "pad":
+    if op not in ("pad", "stack") or op == "stack" and window is None:
         if window is not None:
-            raise _bad(f"{where}: 'window' belongs only to 'pad' entries")
+            raise _bad(f"{where}: 'window' belongs only to 'pad' and 'stack' entries")
         return None
-    if (not isinstance(window, list) or len(window) != n_parts
-            or not all(isinstance(w, list) and len(w) == 2 and all(_is_int(v) for v in w)
-                       and w[0] >= 0 and w[1] > 0 for w in window)):
+    if not _valid_windows(window, n_parts):
         raise _bad(f"{where}: a 'pad' entry needs 'window', one [offset, size] per part")
     return tuple(tuple(w) for w in window)
+
+
+def _valid_windows(window: Any, n_parts: int) -> bool:
+    return isinstance(window, list) and len(window) == n_parts and \
+        all(isinstance(w, list) and len(w) == 2 and all(_is_int(v) for v in w)
+            and w[0] >= 0 and w[1] > 0 for w in window)
 
 
 def _entry(index: int, raw: Any) -> "WeightEntry":
@@ -79,9 +84,22 @@ def _entry(index: int, raw: Any) -> "WeightEntry":
     parts = _entry_parts(where, raw)
     dim, unsqueeze, op = _entry_layout(where, raw)
     window = _entry_window(where, raw, op, len(parts))
+    pad_dim = _entry_pad_dim(where, raw, op, window)
     if window is not None:
-        return WeightEntry(key, tuple(parts), dim, unsqueeze, op, window)
+        return WeightEntry(key, tuple(parts), dim, unsqueeze, op, window, pad_dim)
     return WeightEntry(key, tuple(parts), dim, unsqueeze, op)
+
+
+def _entry_pad_dim(where: str, raw: dict, op: str, window) -> int | None:
+    """A padded ``stack`` entry's ``pad_dim``: the parts' dim that is padded."""
+    pad_dim = raw.get("pad_dim")
+    if op == "stack" and window is not None:
+        if not _is_int(pad_dim) or not -MAX_DIM <= pad_dim < MAX_DIM:
+            raise _bad(f"{where}: a padded 'stack' entry needs 'pad_dim', a dimension")
+        return pad_dim
+    if pad_dim is not None:
+        raise _bad(f"{where}: 'pad_dim' belongs only to padded 'stack' entries")
+    return None
 
 
 def parse_map(data: Any) -> tuple[tuple["WeightEntry", ...], dict[str, Any] | None]:

@@ -36,7 +36,10 @@ class WeightEntry:
     ``"same"`` (every part holds the same value, e.g. BatchNorm's batch counter) or
     ``"pad"`` (concatenated after zero-padding each part's last dim: part ``i`` sits at
     ``window[i] = (offset, size)`` of the fused last dim, e.g. conv kernels of different
-    sizes padded to the largest; splitting slices the windows back out).
+    sizes padded to the largest; splitting slices the windows back out). A ``"stack"``
+    entry with a ``window`` stacks parts that differ in size along their dim
+    ``pad_dim``, each zero-padded there to the largest (rows of different sizes fused
+    into one loop); splitting slices each part's window back out.
     """
 
     fused_key: str
@@ -45,6 +48,7 @@ class WeightEntry:
     unsqueeze: int | None = None
     op: str = "cat"
     window: tuple[tuple[int, int], ...] | None = None
+    pad_dim: int | None = None
 
     def join(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """The fused tensor made from the parts' tensors.
@@ -66,9 +70,10 @@ class WeightEntry:
                                   "they must be equal to share one fused tensor")
             fused = tensors[0].clone()
         elif self.op == "stack":
-            fused = torch.stack(tensors, dim=self.dim)
+            padded = self._padded(tensors, self.pad_dim) if self.window else tensors
+            fused = torch.stack(padded, dim=self.dim)
         elif self.op == "pad":
-            fused = torch.cat(self._padded(tensors), dim=self.dim)
+            fused = torch.cat(self._padded(tensors, -1), dim=self.dim)
         else:
             fused = torch.cat(tensors, dim=self.dim)
         return fused if self.unsqueeze is None else fused.unsqueeze(self.unsqueeze)
@@ -97,18 +102,25 @@ class WeightEntry:
         if self.op == "same":
             return [fused.clone() for _ in self.parts]
         if self.op == "stack":
-            return [t.clone() for t in torch.unbind(fused, dim=self.dim)]
+            rows = torch.unbind(fused, dim=self.dim)
+            if self.window:
+                return self._windowed(rows, self.pad_dim)
+            return [t.clone() for t in rows]
         size, rem = divmod(fused.shape[self.dim], len(self.parts))
         if rem:
             raise ConfigError(f"{self.fused_key} has {fused.shape[self.dim]} entries on dim "
                               f"{self.dim}, not a multiple of {len(self.parts)} rows")
         parts = torch.split(fused, size, dim=self.dim)
         if self.op == "pad":
-            if fused.shape[-1] != self._width():
-                raise ConfigError(f"{self.fused_key} has {fused.shape[-1]} entries on its last "
-                                  f"dim, the map says {self._width()}")
-            return [t[..., o:o + k].clone() for t, (o, k) in zip(parts, self._windows())]
+            return self._windowed(parts, -1)
         return [t.clone() for t in parts]
+
+    def _windowed(self, parts, dim: int) -> list[torch.Tensor]:
+        """Each part's window along ``dim`` (the padding sliced off)."""
+        if parts and parts[0].shape[dim] != self._width():
+            raise ConfigError(f"{self.fused_key} has {parts[0].shape[dim]} entries on its "
+                              f"padded dim, the map says {self._width()}")
+        return [t.narrow(dim, o, k).clone() for t, (o, k) in zip(parts, self._windows())]
 
     def _windows(self) -> tuple[tuple[int, int], ...]:
         if not self.window or len(self.window) != len(self.parts):
@@ -119,10 +131,14 @@ class WeightEntry:
     def _width(self) -> int:
         return max(o + k for o, k in self._windows())
 
-    def _padded(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _padded(self, tensors: list[torch.Tensor], dim: int) -> list[torch.Tensor]:
+        """Each part zero-padded along ``dim`` to sit at its window."""
         width, out = self._width(), []
         for t, (o, k) in zip(tensors, self._windows()):
-            if t.shape[-1] != k:
-                raise ValueError(f"a part has {t.shape[-1]} entries on its last dim, not {k}")
-            out.append(torch.nn.functional.pad(t, (o, width - o - k)))
+            if t.shape[dim] != k:
+                raise ValueError(f"a part has {t.shape[dim]} entries on its padded dim, not {k}")
+            before = list(t.shape)
+            after = list(t.shape)
+            before[dim], after[dim] = o, width - o - k
+            out.append(torch.cat([t.new_zeros(before), t, t.new_zeros(after)], dim))
         return out

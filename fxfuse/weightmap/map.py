@@ -92,6 +92,8 @@ class WeightMap:
         out = []
         for e in self.entries:
             raw = dict(asdict(e), parts=list(e.parts))
+            if e.pad_dim is None:
+                del raw["pad_dim"]
             if e.window is None:
                 del raw["window"]
             else:

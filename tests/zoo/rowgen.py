@@ -165,12 +165,15 @@ POOLS = {"vec": _vec_pool(), "seq": _seq_pool(), "img": _img_pool(), "tok": _tok
 
 
 class Row(nn.Module):
-    """One row: an embedding first for ``idx`` rows, then the chain."""
+    """One row: an embedding first for ``idx`` rows (``size`` rows in its table when
+    given), then the chain; with ``size`` on other rows, a last ``Linear(D, size)``."""
 
-    def __init__(self, family: str, chain: list[str]) -> None:
+    def __init__(self, family: str, chain: list[str], size: int | None = None) -> None:
         super().__init__()
-        self.embed = nn.Embedding(VOCAB, D) if family == "idx" else None
+        self.embed = nn.Embedding(size or VOCAB, D) if family == "idx" else None
         self.steps = nn.ModuleList(POOLS[family][name]() for name in chain)
+        if size is not None and family != "idx":
+            self.steps.append(nn.Linear(D, size))
 
     def forward(self, x):
         if self.embed is not None:
@@ -188,21 +191,29 @@ def row_shape(family: str) -> tuple[int, ...]:
 
 READS = ("index", "unbind", "select", "narrow_blocks", "split", "chunk")
 JOINS = ("cat", "stack", "sum", "buffer", "dict", "stack_mean", "list")
+SIZED_FAMILIES = ("vec", "tok", "idx")     # ``sizes``: table rows (idx) or head widths
+WIDTH_JOINS = ("cat", "dict", "list")      # joins of rows whose widths differ
 
 
 class RowModel(nn.Module):
-    """``n`` rows of ``chain`` reading ``x`` by ``read`` and joined by ``join``."""
+    """``n`` rows of ``chain`` reading ``x`` by ``read`` and joined by ``join``; with
+    ``sizes`` (one per row), rows that differ in one size (see :class:`Row`)."""
 
-    def __init__(self, family: str, chain: list[str], n: int, read: str, join: str) -> None:
+    def __init__(self, family: str, chain: list[str], n: int, read: str, join: str,
+                 sizes: tuple[int, ...] | None = None) -> None:
         super().__init__()
-        self.family, self.n, self.read, self.join = family, n, read, join
-        self.rows = nn.ModuleList(Row(family, chain) for _ in range(n))
+        self.family, self.n, self.read, self.join, self.sizes = family, n, read, join, sizes
+        self.rows = nn.ModuleList(Row(family, chain, sizes[i] if sizes else None)
+                                  for i in range(n))
 
     def extra_repr(self) -> str:
-        return f"family={self.family}, rows={self.n}, read={self.read}, join={self.join}"
+        return (f"family={self.family}, rows={self.n}, read={self.read}, join={self.join}, "
+                f"sizes={self.sizes}")
 
     def example(self, batch: int = 5) -> torch.Tensor:
         if self.family == "idx":
+            if self.sizes:
+                return torch.stack([torch.randint(0, k, (batch,)) for k in self.sizes], 1)
             return torch.randint(0, VOCAB, (batch, self.n))
         shape = row_shape(self.family)
         if self.read in ("narrow_blocks", "split", "chunk"):
