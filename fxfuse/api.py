@@ -20,6 +20,7 @@ from .check.decisions import Decisions
 from .check.report import format_report, slower_warning
 from .match.sites import RowSite
 from .passes.driver import run_pass
+from .progress import stage, timed_call
 from .passes.kinds import apply_sites
 from .trace.realtensor import RENAMES_KEY
 from .trace.prepare import copy_model, weight_norm_modules
@@ -169,7 +170,7 @@ def fuse(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs, alias_notes = _example_inputs(example_inputs)
-    with running(model) as shared_notes:   # warnings muted, locks shared, OOM named
+    with running(model) as shared_notes, timed_call():   # warnings muted, locks shared, OOM named
         if cfg.inplace:
             saved = _snapshot(model)
             try:
@@ -222,6 +223,7 @@ def _fuse(model: torch.nn.Module, inputs: tuple[Any, ...], cfg: FuseConfig,
         work, copy_notes, renames = _copy(model, copy_model)
         reference = copy.deepcopy(work) if copy_notes else model   # weight norm folded
         notes += copy_notes
+    stage("tracing")
     gm = trace_model(work, inputs, concrete_args=cfg.concrete_args, tracer=cfg.tracer)
     notes += getattr(gm, NOTES_KEY, ())
     trace_check = _check_trace(model, gm, inputs, notes, cfg)
@@ -240,6 +242,8 @@ def _fuse(model: torch.nn.Module, inputs: tuple[Any, ...], cfg: FuseConfig,
                                                   decisions, sites, wmap, renames)
     # Timing runs the models many times; copies keep their buffers (BatchNorm statistics
     # in train mode) as they were.
+    if cfg.benchmark:
+        stage("timing the original and the fused model")
     timing = benchmark_models(copy.deepcopy(reference), copy.deepcopy(gm), inputs,
                               rounds=cfg.bench_rounds) if cfg.benchmark else None
     if any(s.fused for s in sites) and slower_warning(timing):
@@ -268,6 +272,7 @@ def _verified(reference: torch.nn.Module, work: torch.nn.Module, gm: fx.GraphMod
 
 def _verify(reference: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],
             wmap: WeightMap, cfg: FuseConfig) -> VerifyReport:
+    stage("verifying the rewrite")
     return verify_models(reference, gm, inputs, weight_map=wmap, check_grads=cfg.check_grads,
                          rtol=cfg.rtol, atol=cfg.atol)
 
@@ -296,6 +301,7 @@ def _check_trace(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any, 
     """Part one of verification: the unrewritten trace against the original."""
     if not cfg.verify:
         return None
+    stage("checking the trace against the model")
     return check_trace(model, gm, inputs, notes=notes, rtol=cfg.rtol, atol=cfg.atol)
 
 

@@ -61,6 +61,7 @@ def inspect(args: argparse.Namespace) -> int:
     progress("tracing")
     with user_code("tracing the model"):
         gm = trace_model(loaded.model, inputs, tracer=args.tracer)
+        progress("matching loops")
         sites = find_sites(gm, inputs, FuseConfig(min_rows=args.min_rows,
                                                   lowering=getattr(args, "lowering", "auto")))
     if args.json:
@@ -115,7 +116,7 @@ def _run_fuse(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple, o
               report_json: Path | None, outputs: OutputSet) -> int:
     if is_onnx_path(out):
         return _run_fuse_onnx(args, model, inputs, out, report_json, outputs)
-    progress("tracing, matching, rewriting and verifying")
+    progress("fusing")
     with user_code("fusing the model"):
         result = fuse(model, inputs, lowering=args.lowering, benchmark=not args.no_bench,
                       min_rows=args.min_rows, tracer=args.tracer,
@@ -126,7 +127,7 @@ def _run_fuse(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple, o
         warn(warning)
     if not result.changed:
         print("no loop was rewritten; writing the traced model unchanged")
-    progress(f"writing {out}")
+    progress(f"writing {shown(out)}")
     with user_code("saving the model"):
         saved, checked, pending = write_outputs(result, model, inputs, out, report_json,
                                                 outputs)

@@ -3,7 +3,8 @@
 Exit codes: 0 success; 1 verification refused the rewrite; 2 bad input or usage;
 3 an unexpected internal error (141 when stdout is closed early, as in ``| head``).
 Errors are one line on stderr (``--debug`` shows the traceback; torch's own warnings and
-log lines show only with ``-v``); progress goes to stderr only when it is a terminal.
+log lines show only with ``-v``); one progress line per stage goes to stderr, terminal or
+pipe, unless ``-q``.
 Outputs are written atomically, never over an input, and none is left after a failure.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Iterator, Sequence
 from ..errors import ConfigError, FxFuseError, InternalError, VerificationError
 from .console import (EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_OK, EXIT_REFUSED,  # noqa: F401
                       EXIT_USAGE, MAP_NAME, MAP_SUFFIX, SHOWN, SIGNALLED, dump_json, progress,
-                      shown, start_clock, user_code, using_data_out, warn)
+                      printing_progress, shown, start_clock, user_code, using_data_out, warn)
 
 log = logging.getLogger("fxfuse")
 
@@ -240,7 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                "demo": commands.demo, "weights": weights_cmd.convert_weights}[args.command]
     try:
         with _signals_interrupt(), _human_output(args), \
-                _quiet(not (args.debug or args.verbose)):
+                _quiet(not (args.debug or args.verbose)), \
+                printing_progress(not (args.quiet or args.verbose)):
             _absolute_paths(args)
             return handler(args)
     except VerificationError as exc:

@@ -20,6 +20,7 @@ from ..check.decisions import Decisions, choose_recorded
 from ..config import FuseConfig
 from ..errors import RewriteError
 from ..match.find import find_row_sites
+from ..progress import stage
 from ..match.siblings import with_siblings
 from ..match.sites import RowSite
 from ..rewrite.rewriter import INSERTED_KEY, finalize_graph
@@ -68,6 +69,7 @@ def run_pass(gm: fx.GraphModule, inputs: tuple[Any, ...], config: FuseConfig, *,
         batched: which inputs carry the batch (``None``: every tensor input); a captured
             graph's lifted weights do not.
     """
+    stage("matching loops")
     kinds: tuple[RowSite, ...] = ()
     wmap, before = WeightMap(), _state(gm)
     if config.lowering != "vmap":
@@ -87,6 +89,7 @@ def run_pass(gm: fx.GraphModule, inputs: tuple[Any, ...], config: FuseConfig, *,
             site = dataclasses.replace(site, lowering=choice.lowering, timings=choice.timings,
                                        notes=site.notes + ((choice.note,) if choice.note else ()))
             if choice.lowering != "loop":
+                stage(f"rewriting {site.name} ({choice.lowering})")
                 wmap = wmap + fusion.rewrite(gm, found, choice.lowering)
                 fixed.add(found.plan.fixed_mode)
         done.append(site)

@@ -12,6 +12,7 @@ from ..check.decisions import Decisions, choose_recorded
 from ..config import merge_config
 from ..match.siblings import KIND as SIBLINGS
 from ..match.sites import RowSite, twin_of
+from ..progress import stage
 from ..rewrite.copies import drop_needless_copies, restore_output_layout
 from ..rewrite.rewriter import LOWERINGS, finalize_graph, lowerings_for, rewrite_site
 from ..rewrite.siblings import rewrite_siblings
@@ -59,6 +60,7 @@ def apply_sites(gm: fx.GraphModule, sites: Sequence[RowSite],
             done.append(dataclasses.replace(site, lowering="loop", timings=timings,
                                             notes=notes, decision=decision))
             continue
+        stage(f"rewriting {site.name} ({_label(site, choice.lowering)})")
         if site.loop_kind == SIBLINGS:         # one Linear, whatever lowering was asked
             wmap = wmap + rewrite_siblings(gm, site, finalize=False)
         else:
