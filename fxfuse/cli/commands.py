@@ -16,6 +16,8 @@ from ..errors import ConfigError, VerificationError
 from ..config import FuseConfig
 from ..passes.driver import find_sites
 from ..io.loading import LoadedModel, load_model, parse_input_shapes, parse_model_kwargs
+from ..io.inputs import parse_dtype
+from ..io.programs import fixed_dims_warning, program_inputs
 from ..examples import SEED_SHAPE, seed_model
 from ..check.report import site_table
 from ..deploy.onnx import is_onnx_path
@@ -30,14 +32,24 @@ from ..trace.tracing import trace_model
 
 def _load(args: argparse.Namespace) -> tuple[LoadedModel, tuple[torch.Tensor, ...]]:
     progress(f"loading {args.model}")
-    inputs = parse_input_shapes(args.input_shape, args.dtype, args.device)
+    given = args.input_shape or []
+    inputs = parse_input_shapes(given, args.dtype, args.device) if given else None
+    if inputs is None and not str(args.model).lower().endswith(".pt2"):
+        program_inputs(shown(args.model), None, None, torch.device("cpu"))   # the error
     kwargs = parse_model_kwargs(getattr(args, "model_kwargs", None))
     with user_code("loading the model"):
         loaded = load_model(args.model, weights=args.weights, allow_pickle=args.allow_pickle,
                             device=args.device, dtype=args.dtype, announce=warn,
                             model_kwargs=kwargs)
+    if inputs is None:
+        inputs = program_inputs(shown(args.model), loaded.shapes,
+                                parse_dtype(args.dtype) if args.dtype else None,
+                                torch.device(args.device))
+        given = [",".join(map(str, x.shape)) for x in inputs]
+    if loaded.shapes is not None and fixed_dims_warning(shown(args.model), loaded.shapes, inputs):
+        warn(fixed_dims_warning(shown(args.model), loaded.shapes, inputs))
     with user_code("running forward() once"):
-        _check_runs(loaded.model, inputs, args.input_shape)
+        _check_runs(loaded.model, inputs, given)
     return loaded, inputs
 
 

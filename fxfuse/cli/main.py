@@ -137,8 +137,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL",
                    help="package.module:factory, path/file.py:factory, file.pt2, or a pickled "
                         "file.pt (with --allow-pickle)")
-    p.add_argument("--input-shape", action="append", required=True, metavar="SHAPE",
-                   help="shape of one model input, e.g. 32,15,10,100 (repeat per input)")
+    p.add_argument("--input-shape", action="append", metavar="SHAPE",
+                   help="shape of one model input, e.g. 32,15,10,100 (repeat per input; "
+                        "default for a .pt2: the example inputs it was exported with)")
     p.add_argument("--dtype", default=None,
                    help="float32, float16 or bfloat16, for the model and its inputs (default: "
                         "the model's own dtype, float32 inputs)")

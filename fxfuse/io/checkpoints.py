@@ -215,15 +215,16 @@ def apply_weights(model: nn.Module, path: Path, allow_pickle: bool) -> None:
 
 
 def load_export(path: Path, allow_pickle: bool = False,
-                announce: Callable[[str], None] | None = None) -> tuple[nn.Module, list[str]]:
+                announce: Callable[[str], None] | None = None
+                ) -> tuple[nn.Module, list[str], Any]:
     """The module of the ``torch.export`` archive ``path`` (``ExportedProgram.module()``).
 
     The archive is inspected first (:func:`~fxfuse.io.archive.inspect_archive`) and torch
     is handed the very bytes inspected, never the path.
 
     Returns:
-        The module, and one line per part that unpickled or ran code (only with
-        ``allow_pickle``; empty for a plain program).
+        The module, one line per part that unpickled or ran code (only with
+        ``allow_pickle``; empty for a plain program), and the ``ExportedProgram``.
 
     Raises:
         announce: called with one line before torch unpickles or runs anything (with
@@ -247,11 +248,12 @@ def load_export(path: Path, allow_pickle: bool = False,
 
     try:
         with torch_warnings_muted(), muted_logger("torch.export"):  # torch logs its legacy-layout path
-            module = torch.export.load(io.BytesIO(report.data)).module()
+            program = torch.export.load(io.BytesIO(report.data))
+            module = program.module()
     except Exception as exc:  # noqa: BLE001 - deserialisation errors have many types
         raise _load_failure(path, report, exc) from exc
     keep_input_checks(module)
-    return module, report.runs
+    return module, report.runs, program
 
 
 def _load_failure(path: Path, report: Any, exc: Exception) -> ConfigError:
