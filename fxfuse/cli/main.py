@@ -148,7 +148,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="keyword arguments for the factory, as a JSON object, e.g. "
                         "'{\"rows\": 8}' (default: none)")
     p.add_argument("--weights", default=None, metavar="FILE",
-                   help="state_dict for a factory model (.pt/.pth loaded weights-only, .safetensors)")
+                   help="state_dict for a factory model (.pt/.pth/.bin loaded weights-only, "
+                        ".safetensors, a Lightning .ckpt, or a save_pretrained directory)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow unpickling a whole-module .pt (runs code from the file: trusted files only)")
     p.add_argument("--min-rows", type=_positive_int, default=2,

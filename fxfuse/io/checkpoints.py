@@ -21,6 +21,8 @@ from ..compat import muted_logger
 from ..errors import ConfigError
 from ..running import torch_warnings_muted
 from ..trace.export import keep_input_checks
+from .pretrained import read_pretrained
+from .torchscript import refuse_torchscript
 
 log = logging.getLogger("fxfuse")
 
@@ -87,13 +89,17 @@ def _is_raw_pickle(path: Path) -> bool:
 
 
 def read_weights(path: Path, allow_pickle: bool) -> Mapping[str, Any]:
-    """The state_dict stored in ``path`` (``.safetensors`` or a torch.save pickle)."""
+    """The state_dict stored in ``path`` (``.safetensors`` or a torch.save pickle, or a
+    ``save_pretrained`` directory of them)."""
+    if path.is_dir():
+        return read_pretrained(path, lambda p: read_weights(p, allow_pickle))
     if path.suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
         return _read(path, "weights", lambda: load_file(str(path), device="cpu"))
     if path.suffix.lower() not in PICKLE_SUFFIXES:
         raise ConfigError(f"weights {str(path)!r}: unknown suffix; use .pt, .pth, .bin, "
                           ".ckpt or .safetensors")
+    refuse_torchscript(path, "weights")
     try:
         obj = _read(path, "weights", lambda: torch.load(
             path, weights_only=not allow_pickle, map_location="cpu"))
@@ -281,6 +287,7 @@ def load_pickle(path: Path, allow_pickle: bool) -> nn.Module:
         ConfigError: unpickling not allowed, the file is a state_dict (with the hint to use
             a factory and ``--weights``), a TorchScript archive, truncated or corrupt.
     """
+    refuse_torchscript(path, "MODEL")
     hint = (f"{str(path)!r} is a state_dict; give the model as pkg.module:factory and this "
             "file as --weights")
     if path.suffix.lower() == ".safetensors":

@@ -213,7 +213,8 @@ def load_model(spec: str, *, weights: str | Path | None = None, allow_pickle: bo
                           f"{str(spec)!r}; leave it out")
     model, kind, paths, runs, shapes = _open_model(str(spec), allow_pickle, announce, model_kwargs)
     if weights is not None:
-        wpath = existing_file(weights, "weights")
+        wpath = Path(weights).expanduser().resolve() if Path(weights).expanduser().is_dir() \
+            else existing_file(weights, "weights")
         apply_weights(model, wpath, allow_pickle)
         paths.append(wpath)
     try:
