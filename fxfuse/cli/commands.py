@@ -17,7 +17,8 @@ from ..config import FuseConfig
 from ..passes.driver import find_sites
 from ..io.loading import LoadedModel, load_model, parse_input_shapes, parse_model_kwargs
 from ..io.inputs import parse_dtype
-from ..io.programs import fixed_dims_warning, program_inputs
+from ..io.programs import program_inputs
+from .dims import confirm_kept_dims, dims_text, warn_fixed_dims
 from ..examples import SEED_SHAPE, seed_model
 from ..check.report import site_table
 from ..deploy.onnx import is_onnx_path
@@ -46,8 +47,7 @@ def _load(args: argparse.Namespace) -> tuple[LoadedModel, tuple[torch.Tensor, ..
                                 parse_dtype(args.dtype) if args.dtype else None,
                                 torch.device(args.device))
         given = [",".join(map(str, x.shape)) for x in inputs]
-    if loaded.shapes is not None and fixed_dims_warning(shown(args.model), loaded.shapes, inputs):
-        warn(fixed_dims_warning(shown(args.model), loaded.shapes, inputs))
+    args.program_shapes = loaded.shapes      # a .pt2's dynamic dims, kept where they can be
     with user_code("running forward() once"):
         _check_runs(loaded.model, inputs, given)
     return loaded, inputs
@@ -141,8 +141,11 @@ def _run_fuse(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple, o
         print("no loop was rewritten; writing the traced model unchanged")
     progress(f"writing {shown(out)}")
     with user_code("saving the model"):
+        shapes = getattr(args, "program_shapes", None)
         saved, checked, pending = write_outputs(result, model, inputs, out, report_json,
-                                                outputs)
+                                                outputs, shapes.dynamic if shapes else ())
+        dims = confirm_kept_dims(model, saved, inputs)
+    warn_fixed_dims(shown(args.model), shapes, out, saved, inputs)
     decided = getattr(args, "decisions_out", None)
     if decided is not None:
         outputs.write(decided, dump_json(result.decisions).encode("utf-8"))
@@ -154,7 +157,7 @@ def _run_fuse(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple, o
         also += f", the decisions {shown(decided)}"
     elif getattr(args, "decisions_in", None) is not None:
         print(f"\nreused the decisions recorded in {shown(args.decisions)} (not timed again)")
-    print(f"\nwrote {shown(out)} ({describe_saved(saved, checked)}), its weight map "
+    print(f"\nwrote {shown(out)} ({describe_saved(saved, checked)}{dims_text(dims)}), its weight map "
           f"{shown(weight_map_path(out))}{also}")
     if signals:
         warn(f"interrupted while the outputs were being moved into place; the move was "

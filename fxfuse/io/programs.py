@@ -68,20 +68,6 @@ def program_shapes(program: Any) -> ProgramShapes:
     return ProgramShapes(_example_inputs(program), _dims(program))
 
 
-def fixed_dims_warning(source: str, shapes: ProgramShapes,
-                       inputs: tuple[torch.Tensor, ...]) -> str | None:
-    """One line naming every dynamic dim of the program other than the batch (dim 0),
-    which the fused program keeps at the size of ``inputs``; ``None`` when there is none."""
-    fixed = [d for d in shapes.dynamic if d.dim != 0]
-    if not fixed:
-        return None
-    sizes = ", ".join(
-        f"{d.describe()} fixed at {inputs[d.index].shape[d.dim]}" if d.index < len(inputs)
-        and d.dim < inputs[d.index].dim() else d.describe() for d in fixed)
-    return (f"{source} accepts more than one size in {sizes}; the fused program accepts "
-            "only that size there (fxfuse keeps the batch dim dynamic, no other)")
-
-
 def program_inputs(source: str, shapes: ProgramShapes | None, dtype: torch.dtype | None,
                    device: torch.device) -> tuple[torch.Tensor, ...]:
     """The example inputs a ``.pt2`` carries, cast to ``dtype`` (floating ones) and moved
