@@ -242,15 +242,22 @@ def _fuse(model: torch.nn.Module, inputs: tuple[Any, ...], cfg: FuseConfig,
                                                   decisions, sites, wmap, renames)
     # Timing runs the models many times; copies keep their buffers (BatchNorm statistics
     # in train mode) as they were.
-    if cfg.benchmark:
-        stage("timing the original and the fused model")
-    timing = benchmark_models(copy.deepcopy(reference), copy.deepcopy(gm), inputs,
-                              rounds=cfg.bench_rounds) if cfg.benchmark else None
+    timing = _benchmark(reference, gm, inputs, cfg)
     if any(s.fused for s in sites) and slower_warning(timing):
         log.warning("%s", slower_warning(timing))
     return FuseResult(gm, sites, wmap, verification, timing, code_before,
                       getattr(gm, TRACER_KEY, "symbolic"), trace_check, tuple(notes),
                       decisions.to_dict())
+
+
+def _benchmark(reference: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],
+               cfg: FuseConfig) -> BenchResult | None:
+    """Time the original against the rewritten model (on copies), when asked."""
+    if not cfg.benchmark:
+        return None
+    stage("timing the original and the fused model")
+    return benchmark_models(copy.deepcopy(reference), copy.deepcopy(gm), inputs,
+                            rounds=cfg.bench_rounds)
 
 
 def _verified(reference: torch.nn.Module, work: torch.nn.Module, gm: fx.GraphModule,

@@ -1,13 +1,14 @@
 """What a loaded ``torch.export`` program says about its own inputs: the example inputs
 it was exported with, and which input dims it accepts at more than one size (with their
-ranges), so a ``.pt2`` needs no ``--input-shape`` and a dim that the fused program fixes
-is named."""
+ranges), so a ``.pt2`` needs no ``--input-shape`` and its dynamic dims can be kept."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,6 @@ def program_inputs(source: str, shapes: ProgramShapes | None, dtype: torch.dtype
     Raises:
         ConfigError: the model is not a ``.pt2`` or carries no positional tensor inputs.
     """
-    from ..errors import ConfigError
     if shapes is None or shapes.example_inputs is None:
         what = "the .pt2 carries no example inputs" if shapes is not None else \
             "only a .pt2 carries its own example inputs"
