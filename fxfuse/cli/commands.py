@@ -157,8 +157,8 @@ def _run_fuse(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple, o
         also += f", the decisions {shown(decided)}"
     elif getattr(args, "decisions_in", None) is not None:
         print(f"\nreused the decisions recorded in {shown(args.decisions)} (not timed again)")
-    print(f"\nwrote {shown(out)} ({describe_saved(saved, checked)}{dims_text(dims)}), its weight map "
-          f"{shown(weight_map_path(out))}{also}")
+    print(f"\nwrote {shown(out)} ({describe_saved(saved, checked)}{dims_text(dims)}), its "
+          f"weight map {shown(weight_map_path(out))}{also}")
     if signals:
         warn(f"interrupted while the outputs were being moved into place; the move was "
              f"finished: {shown(out)} and its weight map{also} are all the new files")
@@ -181,6 +181,7 @@ def _run_fuse_onnx(args: argparse.Namespace, model: torch.nn.Module, inputs: tup
         outputs.write(out, staged.read_bytes())
     print(result.report())
     print(onnx_report.summary().replace(str(staged), str(out)))
+    warn_fixed_dims(shown(args.model), getattr(args, "program_shapes", None), out, None, inputs)
     pending = None
     if report_json is not None:
         data = dict(result.to_dict(), output=str(out), fused=fused, onnx=onnx_report.to_dict())
