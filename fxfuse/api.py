@@ -20,6 +20,7 @@ from .check.decisions import Decisions
 from .check.report import format_report, slower_warning
 from .match.sites import RowSite
 from .passes.driver import run_pass
+from .progress import stage, timed_call
 from .passes.kinds import apply_sites
 from .trace.prepare import copy_model, weight_norm_modules
 from .trace.traced import Traced
@@ -169,7 +170,7 @@ def fuse(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs, alias_notes = _example_inputs(example_inputs)
-    with running(model) as shared_notes:   # warnings muted, locks shared, OOM named
+    with running(model) as shared_notes, timed_call():   # warnings muted, locks shared, OOM named
         if cfg.inplace:
             saved = _snapshot(model)
             try:
@@ -222,6 +223,7 @@ def _fuse(model: torch.nn.Module, inputs: tuple[Any, ...], cfg: FuseConfig,
         work, copy_notes, renames = _copy(model, copy_model)
         reference = copy.deepcopy(work) if copy_notes else model   # weight norm folded
         notes += copy_notes
+    stage("tracing")
     traced = trace(work, inputs, concrete_args=cfg.concrete_args, tracer=cfg.tracer)
     gm, notes = traced.gm, notes + traced.notes
     trace_check = _check_trace(model, gm, inputs, notes, cfg)
@@ -240,12 +242,21 @@ def _fuse(model: torch.nn.Module, inputs: tuple[Any, ...], cfg: FuseConfig,
         gm = traced.gm
     # Timing runs the models many times; copies keep their buffers (BatchNorm statistics
     # in train mode) as they were.
-    timing = benchmark_models(copy.deepcopy(reference), copy.deepcopy(gm), inputs,
-                              rounds=cfg.bench_rounds) if cfg.benchmark else None
+    timing = _benchmark(reference, gm, inputs, cfg)
     if any(s.fused for s in sites) and slower_warning(timing):
         log.warning("%s", slower_warning(timing))
     return FuseResult(gm, sites, wmap, verification, timing, code_before,
                       traced.tracer, trace_check, tuple(notes), decisions.to_dict())
+
+
+def _benchmark(reference: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],
+               cfg: FuseConfig) -> BenchResult | None:
+    """Time the original against the rewritten model (on copies), when asked."""
+    if not cfg.benchmark:
+        return None
+    stage("timing the original and the fused model")
+    return benchmark_models(copy.deepcopy(reference), copy.deepcopy(gm), inputs,
+                            rounds=cfg.bench_rounds)
 
 
 def _verified(reference: torch.nn.Module, work: torch.nn.Module, traced: Traced,
@@ -267,6 +278,7 @@ def _verified(reference: torch.nn.Module, work: torch.nn.Module, traced: Traced,
 
 def _verify(reference: torch.nn.Module, traced: Traced, inputs: tuple[Any, ...],
             wmap: WeightMap, cfg: FuseConfig) -> VerifyReport:
+    stage("verifying the rewrite")
     return verify_models(reference, traced.gm, inputs, weight_map=wmap,
                          check_grads=cfg.check_grads, rtol=cfg.rtol, atol=cfg.atol,
                          exported=traced.exported)
@@ -296,6 +308,7 @@ def _check_trace(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any, 
     """Part one of verification: the unrewritten trace against the original."""
     if not cfg.verify:
         return None
+    stage("checking the trace against the model")
     return check_trace(model, gm, inputs, notes=notes, rtol=cfg.rtol, atol=cfg.atol)
 
 

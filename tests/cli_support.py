@@ -9,6 +9,7 @@ subprocess with the copy as its working directory.
 from __future__ import annotations
 
 import importlib
+import re
 import shutil
 import subprocess
 import sys
@@ -134,14 +135,24 @@ def files(root: Path) -> list[str]:
                   if "__pycache__" not in p.parts)
 
 
+PROGRESS = re.compile(r"^fxfuse: \[\d+\.\ds\] \S")   # ``fxfuse: [1.2s] tracing``
+
+
+def without_progress(stderr: str) -> str:
+    """``stderr`` less its progress lines (one per stage, printed unless ``-q``)."""
+    return "".join(line for line in stderr.splitlines(keepends=True)
+                   if not PROGRESS.match(line))
+
+
 def assert_ok(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
-    assert result.stderr == "", result.stderr  # progress goes to a terminal only
+    assert without_progress(result.stderr) == "", result.stderr  # nothing but progress
 
 
 def assert_error(result: subprocess.CompletedProcess, code: int, *phrases: str) -> str:
-    """Exit ``code`` and exactly one ``fxfuse: error:`` line on stderr holding ``phrases``."""
-    lines = result.stderr.splitlines()
+    """Exit ``code`` and exactly one ``fxfuse: error:`` line on stderr holding ``phrases``
+    (besides the progress lines before it)."""
+    lines = without_progress(result.stderr).splitlines()
     assert result.returncode == code, f"exit {result.returncode}, stderr:\n{result.stderr}"
     assert len(lines) == 1 and lines[0].startswith("fxfuse: error: "), result.stderr
     for phrase in phrases:

@@ -146,7 +146,7 @@ def test_report_json_in_a_missing_directory(project):
 
 
 @pytest.mark.parametrize("args,phrases", [
-    (("fuse", MODEL, "-o", "fused.pt2"), ("--input-shape", "required")),
+    (("fuse", MODEL, "-o", "fused.pt2"), ("give --input-shape", "mypkg.model:build")),
     (("fuse", MODEL, "--input-shape", "4,x,5,16", "-o", "fused.pt2"), ("bad --input-shape",)),
     (("fuse", MODEL, "--input-shape", SHAPE, "-o", "f.pt2", "--min-rows", "0"), ("--min-rows",)),
     (("fuse", MODEL, "--input-shape", SHAPE, "-o", "f.pt2", "--dtype", "int8"), ("dtype",)),

@@ -83,6 +83,6 @@ def test_verbose_logs_each_stage_with_elapsed_time(project):
     r = run_cli(project, "fuse", "mypkg.model:build", "--input-shape", SHAPE, "-o", "out.pt2",
                 *FAST, "-v")
     assert r.returncode == 0
-    for stage in ("loading", "tracing, matching", "writing"):
+    for stage in ("loading", "tracing", "matching loops", "verifying", "writing"):
         assert any(stage in line and line.rstrip().endswith("s)")
                    for line in r.stderr.splitlines()), (stage, r.stderr)

@@ -25,6 +25,7 @@ from torch import fx
 
 from ..errors import ConfigError
 from ..match.sites import RowSite
+from ..progress import stage
 from .decide import LOOP, Choice, reused
 
 log = logging.getLogger("fxfuse")
@@ -156,13 +157,16 @@ def choose_recorded(gm: fx.GraphModule, site: RowSite, choose: Callable[[], Choi
                     allowed: tuple[str, ...], cache: Decisions | None) -> Choice:
     """The recorded decision for ``site`` when ``cache`` holds one, else ``choose()``
     (recorded into ``cache``)."""
+    timing = f"timing {site.name}: {site.rows} rows at {site.where()}"
     if cache is None:
+        stage(timing)
         return choose()
     key = site_key(gm, site)
     found = cache.lookup(key, allowed)
     if found is not None:
         log.info("%s: %s (recorded decision %s)", site.name, found.lowering, key_digest(key))
         return found
+    stage(timing)
     choice = choose()
     cache.record(key, choice, site.where())
     return choice

@@ -16,6 +16,9 @@ from ..errors import ConfigError, VerificationError
 from ..config import FuseConfig
 from ..passes.driver import find_sites
 from ..io.loading import LoadedModel, load_model, parse_input_shapes, parse_model_kwargs
+from ..io.inputs import parse_dtype
+from ..io.programs import program_inputs
+from .dims import confirm_kept_dims, dims_text, warn_fixed_dims
 from ..examples import SEED_SHAPE, seed_model
 from ..check.report import site_table
 from ..deploy.onnx import is_onnx_path
@@ -30,14 +33,23 @@ from ..trace.tracing import trace_model
 
 def _load(args: argparse.Namespace) -> tuple[LoadedModel, tuple[torch.Tensor, ...]]:
     progress(f"loading {args.model}")
-    inputs = parse_input_shapes(args.input_shape, args.dtype, args.device)
+    given = args.input_shape or []
+    inputs = parse_input_shapes(given, args.dtype, args.device) if given else None
+    if inputs is None and not str(args.model).lower().endswith(".pt2"):
+        program_inputs(shown(args.model), None, None, torch.device("cpu"))   # the error
     kwargs = parse_model_kwargs(getattr(args, "model_kwargs", None))
     with user_code("loading the model"):
         loaded = load_model(args.model, weights=args.weights, allow_pickle=args.allow_pickle,
                             device=args.device, dtype=args.dtype, announce=warn,
                             model_kwargs=kwargs)
+    if inputs is None:
+        inputs = program_inputs(shown(args.model), loaded.shapes,
+                                parse_dtype(args.dtype) if args.dtype else None,
+                                torch.device(args.device))
+        given = [",".join(map(str, x.shape)) for x in inputs]
+    args.program_shapes = loaded.shapes      # a .pt2's dynamic dims, kept where they can be
     with user_code("running forward() once"):
-        _check_runs(loaded.model, inputs, args.input_shape)
+        _check_runs(loaded.model, inputs, given)
     return loaded, inputs
 
 
@@ -61,6 +73,7 @@ def inspect(args: argparse.Namespace) -> int:
     progress("tracing")
     with user_code("tracing the model"):
         gm = trace_model(loaded.model, inputs, tracer=args.tracer)
+        progress("matching loops")
         sites = find_sites(gm, inputs, FuseConfig(min_rows=args.min_rows,
                                                   lowering=getattr(args, "lowering", "auto")))
     if args.json:
@@ -115,7 +128,7 @@ def _run_fuse(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple, o
               report_json: Path | None, outputs: OutputSet) -> int:
     if is_onnx_path(out):
         return _run_fuse_onnx(args, model, inputs, out, report_json, outputs)
-    progress("tracing, matching, rewriting and verifying")
+    progress("fusing")
     with user_code("fusing the model"):
         result = fuse(model, inputs, lowering=args.lowering, benchmark=not args.no_bench,
                       min_rows=args.min_rows, tracer=args.tracer,
@@ -126,10 +139,13 @@ def _run_fuse(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple, o
         warn(warning)
     if not result.changed:
         print("no loop was rewritten; writing the traced model unchanged")
-    progress(f"writing {out}")
+    progress(f"writing {shown(out)}")
     with user_code("saving the model"):
+        shapes = getattr(args, "program_shapes", None)
         saved, checked, pending = write_outputs(result, model, inputs, out, report_json,
-                                                outputs)
+                                                outputs, shapes.dynamic if shapes else ())
+        dims = confirm_kept_dims(model, saved, inputs)
+    warn_fixed_dims(shown(args.model), shapes, out, saved, inputs)
     decided = getattr(args, "decisions_out", None)
     if decided is not None:
         outputs.write(decided, dump_json(result.decisions).encode("utf-8"))
@@ -141,8 +157,8 @@ def _run_fuse(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple, o
         also += f", the decisions {shown(decided)}"
     elif getattr(args, "decisions_in", None) is not None:
         print(f"\nreused the decisions recorded in {shown(args.decisions)} (not timed again)")
-    print(f"\nwrote {shown(out)} ({describe_saved(saved, checked)}), its weight map "
-          f"{shown(weight_map_path(out))}{also}")
+    print(f"\nwrote {shown(out)} ({describe_saved(saved, checked)}{dims_text(dims)}), its "
+          f"weight map {shown(weight_map_path(out))}{also}")
     if signals:
         warn(f"interrupted while the outputs were being moved into place; the move was "
              f"finished: {shown(out)} and its weight map{also} are all the new files")
@@ -165,6 +181,7 @@ def _run_fuse_onnx(args: argparse.Namespace, model: torch.nn.Module, inputs: tup
         outputs.write(out, staged.read_bytes())
     print(result.report())
     print(onnx_report.summary().replace(str(staged), str(out)))
+    warn_fixed_dims(shown(args.model), getattr(args, "program_shapes", None), out, None, inputs)
     pending = None
     if report_json is not None:
         data = dict(result.to_dict(), output=str(out), fused=fused, onnx=onnx_report.to_dict())

@@ -6,15 +6,13 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
 import sys
 import time
 from typing import Iterator
 
 from ..errors import ConfigError, one_line
 from ..io.maps import MAP_NAME  # noqa: F401 - re-exported
-
-log = logging.getLogger("fxfuse")
+from ..progress import listening, stage
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports it
@@ -23,6 +21,7 @@ MAP_SUFFIX = ".map.json"
 
 _CLOCK = [time.monotonic()]
 _DATA_OUT: list = []          # where emit() writes while stdout is redirected
+PROGRESS_PREFIX = "fxfuse: ["   # a progress line: ``fxfuse: [12.3s] verifying the rewrite``
 
 
 def start_clock() -> None:
@@ -31,12 +30,27 @@ def start_clock() -> None:
 
 
 def progress(message: str) -> None:
-    """Say what is happening, on the real stderr and only when it is a terminal; logged
-    at INFO (``-v``) with the elapsed time."""
+    """Say what is happening (logged at INFO on the ``fxfuse`` logger, and printed by
+    :func:`printing_progress` while it is on)."""
+    stage(message)
+
+
+def _print_stage(message: str) -> None:
     console = sys.__stderr__
-    if console is not None and console.isatty():
-        print(f"fxfuse: {message}...", file=console, flush=True)
-    log.info("%s (%.1fs)", message, time.monotonic() - _CLOCK[0])
+    if console is not None:
+        print(f"{PROGRESS_PREFIX}{time.monotonic() - _CLOCK[0]:.1f}s] {message}",
+              file=console, flush=True)
+
+
+@contextlib.contextmanager
+def printing_progress(enabled: bool) -> Iterator[None]:
+    """Print every stage (the command's and the pass's) on the real stderr, with the time
+    since the command started, whether stderr is a terminal or a pipe."""
+    if not enabled:
+        yield
+        return
+    with listening(_print_stage):
+        yield
 
 
 @contextlib.contextmanager

@@ -3,7 +3,8 @@
 Exit codes: 0 success; 1 verification refused the rewrite; 2 bad input or usage;
 3 an unexpected internal error (141 when stdout is closed early, as in ``| head``).
 Errors are one line on stderr (``--debug`` shows the traceback; torch's own warnings and
-log lines show only with ``-v``); progress goes to stderr only when it is a terminal.
+log lines show only with ``-v``); one progress line per stage goes to stderr, terminal or
+pipe, unless ``-q``.
 Outputs are written atomically, never over an input, and none is left after a failure.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Iterator, Sequence
 from ..errors import ConfigError, FxFuseError, InternalError, VerificationError
 from .console import (EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_OK, EXIT_REFUSED,  # noqa: F401
                       EXIT_USAGE, MAP_NAME, MAP_SUFFIX, SHOWN, SIGNALLED, dump_json, progress,
-                      shown, start_clock, user_code, using_data_out, warn)
+                      printing_progress, shown, start_clock, user_code, using_data_out, warn)
 
 log = logging.getLogger("fxfuse")
 
@@ -136,8 +137,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL",
                    help="package.module:factory, path/file.py:factory, file.pt2, or a pickled "
                         "file.pt (with --allow-pickle)")
-    p.add_argument("--input-shape", action="append", required=True, metavar="SHAPE",
-                   help="shape of one model input, e.g. 32,15,10,100 (repeat per input)")
+    p.add_argument("--input-shape", action="append", metavar="SHAPE",
+                   help="shape of one model input, e.g. 32,15,10,100 (repeat per input; "
+                        "default for a .pt2: the example inputs it was exported with)")
     p.add_argument("--dtype", default=None,
                    help="float32, float16 or bfloat16, for the model and its inputs (default: "
                         "the model's own dtype, float32 inputs)")
@@ -146,7 +148,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="keyword arguments for the factory, as a JSON object, e.g. "
                         "'{\"rows\": 8}' (default: none)")
     p.add_argument("--weights", default=None, metavar="FILE",
-                   help="state_dict for a factory model (.pt/.pth loaded weights-only, .safetensors)")
+                   help="state_dict for a factory model (.pt/.pth/.bin loaded weights-only, "
+                        ".safetensors, a Lightning .ckpt, or a save_pretrained directory)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow unpickling a whole-module .pt (runs code from the file: trusted files only)")
     p.add_argument("--min-rows", type=_positive_int, default=2,
@@ -240,7 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                "demo": commands.demo, "weights": weights_cmd.convert_weights}[args.command]
     try:
         with _signals_interrupt(), _human_output(args), \
-                _quiet(not (args.debug or args.verbose)):
+                _quiet(not (args.debug or args.verbose)), \
+                printing_progress(not (args.quiet or args.verbose)):
             _absolute_paths(args)
             return handler(args)
     except VerificationError as exc:

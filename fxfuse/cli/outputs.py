@@ -103,7 +103,7 @@ def check_out(out: str | Path, inputs: tuple[Path, ...] = ()) -> Path:
 
 
 def _render_out(result: FuseResult, inputs: tuple, out: Path, map_text: str,
-                non_persistent: frozenset[str]) -> tuple[bytes, SavedModel]:
+                non_persistent: frozenset[str], keep_dims: tuple = ()) -> tuple[bytes, SavedModel]:
     """OUT's bytes, in the format its suffix names (the map rides inside where it can)."""
     extra = None
     if out.suffix.lower() == ".safetensors":
@@ -114,14 +114,15 @@ def _render_out(result: FuseResult, inputs: tuple, out: Path, map_text: str,
     elif out.suffix.lower() == ".pt2":
         extra = {MAP_NAME: map_text}
     return render_model(result.model, out, inputs, extra_files=extra,
-                        non_persistent=non_persistent)
+                        non_persistent=non_persistent, keep_dims=keep_dims)
 
 
 def write_outputs(result: FuseResult, model: torch.nn.Module, inputs: tuple, out: Path,
-                  report_json: Path | None, outputs: OutputSet
+                  report_json: Path | None, outputs: OutputSet, keep_dims: tuple = ()
                   ) -> tuple[SavedModel, list[int], str | None]:
     """Write OUT, OUT.map.json and the report to their temps (committed by the caller).
-    The map is bound to the fused weights (content hash, shapes, dtypes).
+    The map is bound to the fused weights (content hash, shapes, dtypes); a ``.pt2``
+    keeps the input program's dynamic dims ``keep_dims`` where the rewrite allows.
 
     Returns:
         What OUT holds, the batch sizes a dynamic ``.pt2`` was checked at, and the JSON
@@ -130,7 +131,7 @@ def write_outputs(result: FuseResult, model: torch.nn.Module, inputs: tuple, out
     non_persistent = non_persistent_keys(model)
     fused_state = {k: v for k, v in result.model.state_dict().items() if k not in non_persistent}
     text = result.weight_map.bind(fused_state).to_json()
-    data, saved = _render_out(result, inputs, out, text, non_persistent)
+    data, saved = _render_out(result, inputs, out, text, non_persistent, keep_dims)
     checked = (_batch_claim(model, saved, result, inputs) if saved.format == "export"
                else _checked_batches(result, inputs))
     outputs.write(out, data)

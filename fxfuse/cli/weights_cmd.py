@@ -74,7 +74,7 @@ def _read_checkpoint(source: Path, args: argparse.Namespace) -> dict:
     if source.suffix.lower() != ".pt2":
         return dict(read_weights(source, allow))
     from ..io.checkpoints import load_export
-    module, _ = load_export(source, allow, warn)
+    module, _, _ = load_export(source, allow, warn)
     return {k: v for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
 
 

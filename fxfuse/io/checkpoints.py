@@ -21,6 +21,8 @@ from ..compat import muted_logger
 from ..errors import ConfigError, first_line  # noqa: F401 - first_line: io helpers
 from ..running import torch_warnings_muted
 from ..trace.export import keep_input_checks
+from .pretrained import read_pretrained
+from .torchscript import refuse_torchscript
 
 log = logging.getLogger("fxfuse")
 
@@ -80,13 +82,17 @@ def _is_raw_pickle(path: Path) -> bool:
 
 
 def read_weights(path: Path, allow_pickle: bool) -> Mapping[str, Any]:
-    """The state_dict stored in ``path`` (``.safetensors`` or a torch.save pickle)."""
+    """The state_dict stored in ``path`` (``.safetensors`` or a torch.save pickle, or a
+    ``save_pretrained`` directory of them)."""
+    if path.is_dir():
+        return read_pretrained(path, lambda p: read_weights(p, allow_pickle))
     if path.suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
         return _read(path, "weights", lambda: load_file(str(path), device="cpu"))
     if path.suffix.lower() not in PICKLE_SUFFIXES:
         raise ConfigError(f"weights {str(path)!r}: unknown suffix; use .pt, .pth, .bin, "
                           ".ckpt or .safetensors")
+    refuse_torchscript(path, "weights")
     try:
         obj = _read(path, "weights", lambda: torch.load(
             path, weights_only=not allow_pickle, map_location="cpu"))
@@ -208,15 +214,16 @@ def apply_weights(model: nn.Module, path: Path, allow_pickle: bool) -> None:
 
 
 def load_export(path: Path, allow_pickle: bool = False,
-                announce: Callable[[str], None] | None = None) -> tuple[nn.Module, list[str]]:
+                announce: Callable[[str], None] | None = None
+                ) -> tuple[nn.Module, list[str], Any]:
     """The module of the ``torch.export`` archive ``path`` (``ExportedProgram.module()``).
 
     The archive is inspected first (:func:`~fxfuse.io.archive.inspect_archive`) and torch
     is handed the very bytes inspected, never the path.
 
     Returns:
-        The module, and one line per part that unpickled or ran code (only with
-        ``allow_pickle``; empty for a plain program).
+        The module, one line per part that unpickled or ran code (only with
+        ``allow_pickle``; empty for a plain program), and the ``ExportedProgram``.
 
     Raises:
         announce: called with one line before torch unpickles or runs anything (with
@@ -240,11 +247,12 @@ def load_export(path: Path, allow_pickle: bool = False,
 
     try:
         with torch_warnings_muted(), muted_logger("torch.export"):  # torch logs its legacy-layout path
-            module = torch.export.load(io.BytesIO(report.data)).module()
+            program = torch.export.load(io.BytesIO(report.data))
+            module = program.module()
     except Exception as exc:  # noqa: BLE001 - deserialisation errors have many types
         raise _load_failure(path, report, exc) from exc
     keep_input_checks(module)
-    return module, report.runs
+    return module, report.runs, program
 
 
 def _load_failure(path: Path, report: Any, exc: Exception) -> ConfigError:
@@ -272,6 +280,7 @@ def load_pickle(path: Path, allow_pickle: bool) -> nn.Module:
         ConfigError: unpickling not allowed, the file is a state_dict (with the hint to use
             a factory and ``--weights``), a TorchScript archive, truncated or corrupt.
     """
+    refuse_torchscript(path, "MODEL")
     hint = (f"{str(path)!r} is a state_dict; give the model as pkg.module:factory and this "
             "file as --weights")
     if path.suffix.lower() == ".safetensors":

@@ -30,6 +30,8 @@ from ..errors import ConfigError
 from .inputs import (_parse_device, parse_dtype, parse_input_shapes,  # noqa: F401
                      parse_model_kwargs)
 
+from .programs import ProgramShapes, program_shapes
+
 log = logging.getLogger("fxfuse")
 
 @dataclass(frozen=True)
@@ -44,12 +46,14 @@ class LoadedModel:
             output must be none of them.
         runs: with ``allow_pickle``, one line per part of a ``.pt2`` that unpickled or
             ran code (empty otherwise); the command line shows them as warnings.
+        shapes: for a ``.pt2``, its example inputs and dynamic dims (else ``None``).
     """
 
     model: nn.Module
     kind: Literal["factory", "export", "pickle"]
     paths: tuple[Path, ...]
     runs: tuple[str, ...] = ()
+    shapes: ProgramShapes | None = None
 
 
 @contextlib.contextmanager
@@ -154,22 +158,23 @@ def _build(spec: str, target: str, attr_path: str,
 def _open_model(spec: str, allow_pickle: bool,
                 announce: Callable[[str], None] | None = None,
                 kwargs: dict[str, Any] | None = None
-                ) -> tuple[nn.Module, str, list[Path], list[str]]:
-    """Build or read the model named by ``spec``: (model, kind, files read, what ran)."""
+                ) -> tuple[nn.Module, str, list[Path], list[str], ProgramShapes | None]:
+    """Build or read the model named by ``spec``: (model, kind, files read, what ran,
+    a program's shapes)."""
     suffix = Path(spec).suffix.lower()
     is_file = suffix in PICKLE_SUFFIXES + (".pt2", ".safetensors") and Path(spec).is_file()
     factory = None if is_file else _split_factory(spec)   # a file named a:b.pt2 is a file
     if factory is not None:
         model, source = _build(spec, *factory, kwargs)
-        return model, "factory", [source] if source is not None else [], []
+        return model, "factory", [source] if source is not None else [], [], None
     if suffix == ".pt2":
         path = existing_file(spec, "MODEL")
-        model, runs = load_export(path, allow_pickle, announce)
-        return model, "export", [path], runs
+        model, runs, program = load_export(path, allow_pickle, announce)
+        return model, "export", [path], runs, program_shapes(program)
     if suffix in PICKLE_SUFFIXES + (".safetensors",):
         path = existing_file(spec, "MODEL")
         with _on_sys_path(Path.cwd()):  # its classes' package, as for a factory
-            return load_pickle(path, allow_pickle), "pickle", [path], []
+            return load_pickle(path, allow_pickle), "pickle", [path], [], None
     if suffix == ".py":
         raise ConfigError(f"name the factory in {spec!r}: write {spec}:build_model")
     raise ConfigError(f"cannot tell what MODEL {spec!r} is; {MODEL_FORMS}")
@@ -206,9 +211,10 @@ def load_model(spec: str, *, weights: str | Path | None = None, allow_pickle: bo
     if model_kwargs and _split_factory(str(spec)) is None:
         raise ConfigError(f"--model-kwargs applies to a factory (pkg.module:factory), not to "
                           f"{str(spec)!r}; leave it out")
-    model, kind, paths, runs = _open_model(str(spec), allow_pickle, announce, model_kwargs)
+    model, kind, paths, runs, shapes = _open_model(str(spec), allow_pickle, announce, model_kwargs)
     if weights is not None:
-        wpath = existing_file(weights, "weights")
+        wpath = Path(weights).expanduser().resolve() if Path(weights).expanduser().is_dir() \
+            else existing_file(weights, "weights")
         apply_weights(model, wpath, allow_pickle)
         paths.append(wpath)
     try:
@@ -223,4 +229,4 @@ def load_model(spec: str, *, weights: str | Path | None = None, allow_pickle: bo
         model.eval()
     log.info("loaded %s model %s from %s", kind, type(model).__name__, spec)
     return LoadedModel(model=model, kind=kind, paths=tuple(dict.fromkeys(paths)),
-                       runs=tuple(runs))
+                       runs=tuple(runs), shapes=shapes)

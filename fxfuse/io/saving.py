@@ -41,12 +41,15 @@ class SavedModel:
         dynamic_batch: True when a ``.pt2`` accepts any batch size (dim 0 of every
             tensor input is symbolic); False for static archives and other formats.
         program: the ``ExportedProgram`` written to a ``.pt2`` (None otherwise).
+        kept_dims: the dims other than the batch that the ``.pt2`` accepts at more than
+            one size (the input program's :class:`~fxfuse.io.programs.DynamicDim` kept).
     """
 
     path: Path
     format: Literal["export", "pickle", "safetensors"]
     dynamic_batch: bool = False
     program: Any = field(default=None, repr=False, compare=False)
+    kept_dims: tuple[Any, ...] = ()
 
 
 def _batch_dims(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -107,6 +110,33 @@ def _export(gm: torch.nn.Module, inputs: tuple[Any, ...]) -> torch.export.Export
     except Exception as exc:  # noqa: BLE001
         raise TraceError(f"torch.export could not export the model ({first_line(exc)}); "
                          "save as .pt or .safetensors instead") from exc
+
+
+def _dim_spec(inputs: tuple[Any, ...], keep: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The batch dims of :func:`_batch_dims` plus each kept dim with its own range."""
+    specs = [dict(s) if s else {} for s in _batch_dims(inputs)]
+    for d in keep:
+        high = None if d.high is None or str(d.high) in ("oo", "int_oo") else int(d.high)
+        bounds = {"min": int(d.low)} if str(d.low).lstrip("-").isdigit() else {}
+        if high is not None:
+            bounds["max"] = high
+        specs[d.index][d.dim] = torch.export.Dim(f"input{d.index}_dim{d.dim}", **bounds)
+    return tuple(s or None for s in specs)
+
+
+def _export_keeping(gm: torch.nn.Module, inputs: tuple[Any, ...], keep: tuple[Any, ...]
+                    ) -> tuple[torch.export.ExportedProgram, tuple[Any, ...]]:
+    """Export with the batch and every dim of ``keep`` dynamic; when torch refuses (the
+    rewritten graph fixes one), as :func:`_export` does. Returns the dims kept."""
+    keep = tuple(d for d in keep if d.dim != 0 and d.index < len(inputs))
+    if keep and _widened(inputs) is None:
+        try:
+            return torch.export.export(gm, inputs, dynamic_shapes=_dim_spec(inputs, keep),
+                                       strict=False), keep
+        except Exception as exc:  # noqa: BLE001 - the other dims are a bonus; fall back
+            log.info("export keeping %s dynamic failed (%s)",
+                     ", ".join(d.describe() for d in keep), first_line(exc))
+    return _export(gm, inputs), ()
 
 
 def _without_provenance(program: torch.export.ExportedProgram) -> None:
@@ -183,11 +213,14 @@ def non_persistent_keys(model: torch.nn.Module) -> frozenset[str]:
 def render_model(gm: fx.GraphModule | torch.nn.Module, out: str | Path,
                  example_inputs: tuple[Any, ...], *,
                  extra_files: Mapping[str, bytes | str] | None = None,
-                 non_persistent: Iterable[str] = ()) -> tuple[bytes, SavedModel]:
+                 non_persistent: Iterable[str] = (),
+                 keep_dims: tuple[Any, ...] = ()) -> tuple[bytes, SavedModel]:
     """The bytes of ``gm`` saved in the format ``out``'s suffix names (nothing is written).
 
-    A ``.pt2`` holds no example inputs (the caller's data stays out of the file); a
-    ``.safetensors`` leaves out the ``non_persistent`` buffers.
+    A ``.pt2`` holds no example inputs (the caller's data stays out of the file), and
+    keeps dynamic the dims of ``keep_dims`` (an input program's, other than the batch)
+    where the rewritten graph allows; a ``.safetensors`` leaves out the
+    ``non_persistent`` buffers.
 
     Returns:
         The file's bytes and a :class:`SavedModel` describing them.
@@ -201,14 +234,15 @@ def render_model(gm: fx.GraphModule | torch.nn.Module, out: str | Path,
     texts = _as_text(extra_files)
     buffer = io.BytesIO()
     if fmt == "export":
-        program = _export(gm, tuple(example_inputs))
+        program, kept = _export_keeping(gm, tuple(example_inputs), tuple(keep_dims))
         try:
             program.example_inputs = None  # user data must not end up in the file
         except (AttributeError, TypeError, ValueError):  # older torch: no setter
             program._example_inputs = None
         _without_provenance(program)   # the same fuse writes the same bytes
         torch.export.save(program, buffer, extra_files=texts)
-        return buffer.getvalue(), SavedModel(out, fmt, _has_dynamic_batch(program), program)
+        return buffer.getvalue(), SavedModel(out, fmt, _has_dynamic_batch(program), program,
+                                             kept)
     if fmt == "safetensors":
         from safetensors.torch import save
         return save(_safetensors_dict(gm, non_persistent), metadata=texts), SavedModel(out, fmt)

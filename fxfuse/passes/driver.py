@@ -20,6 +20,7 @@ from torch import fx
 from ..check.decisions import Decisions
 from ..config import FuseConfig
 from ..match.sites import RowSite
+from ..progress import stage
 from ..rewrite.rewriter import finalize_graph
 from ..weightmap import WeightEntry, WeightMap
 from ..trace.export import fix_mode
@@ -67,6 +68,7 @@ def run_pass(gm: fx.GraphModule, inputs: tuple[Any, ...], config: FuseConfig, *,
         batched: which inputs carry the batch (``None``: every tensor input); a captured
             graph's lifted weights do not.
     """
+    stage("matching loops")
     wmap, before = WeightMap(), _state(gm)
     sites: list[tuple[RowSite, ...]] = []
     claimed: frozenset[fx.Node] = frozenset()

@@ -13,6 +13,7 @@ from ..check.decisions import Decisions, choose_recorded
 from ..config import FuseConfig
 from ..errors import CannotTime, one_line
 from ..match.sites import RowSite
+from ..progress import stage
 from ..weightmap import WeightMap
 from .fusion import Found, Fusion
 
@@ -46,9 +47,10 @@ def apply_found(gm: fx.GraphModule, fusion: Fusion, founds: Sequence[Found],
         choice = chosen[key]
         lowering = "loop"
         if choice.lowering != "loop":
+            lowering = fusion.label(found, choice.lowering)
+            stage(f"rewriting {site.name} ({lowering})")
             wmap = wmap + fusion.rewrite(gm, found, choice.lowering)
             modes.add(getattr(found.plan, "fixed_mode", ""))
-            lowering = fusion.label(found, choice.lowering)
         timings = tuple((k if k == "loop" else fusion.label(found, k), v)
                         for k, v in choice.timings)
         done.append(dataclasses.replace(
