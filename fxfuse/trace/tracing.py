@@ -23,6 +23,7 @@ from torch.utils import _pytree as pytree
 from ..running import PIPELINE, torch_warnings_muted
 from ..errors import TraceError
 from .export import export_model
+from .prepare import check_no_script_modules
 
 log = logging.getLogger("fxfuse")
 
@@ -148,6 +149,7 @@ def trace_model(model: torch.nn.Module, example_inputs: Sequence[Any], *,
         raise TraceError(f"unknown tracer {tracer!r}; use 'auto', 'symbolic' or 'export'")
     example_inputs = tuple(example_inputs)
     _check_arity(model, example_inputs)
+    check_no_script_modules(model)
     notes: list[str] = []
     example_inputs, aliased = distinct_inputs(example_inputs)
     if aliased:
