@@ -22,7 +22,7 @@ from .match.sites import RowSite
 from .passes.driver import run_pass
 from .passes.kinds import apply_sites
 from .trace.realtensor import RENAMES_KEY
-from .trace.prepare import copy_model, weight_norm_modules
+from .trace.prepare import copy_model, forward_copy, weight_norm_modules
 from .trace.tracing import NOTES_KEY, TRACER_KEY, alias_note, distinct_inputs, trace_model, trace_general
 from .check.fidelity import TraceCheck, check_trace, trace_table
 from .check.verify import VerifyReport, verify_models
@@ -238,9 +238,9 @@ def _fuse(model: torch.nn.Module, inputs: tuple[Any, ...], cfg: FuseConfig,
     if cfg.verify and any(s.fused for s in sites):
         gm, sites, wmap, verification = _verified(reference, work, gm, inputs, cfg,
                                                   decisions, sites, wmap, renames)
-    # Timing runs the models many times; copies keep their buffers (BatchNorm statistics
-    # in train mode) as they were.
-    timing = benchmark_models(copy.deepcopy(reference), copy.deepcopy(gm), inputs,
+    # Timing runs the models many times (under inference_mode); copies keep their buffers
+    # (BatchNorm statistics in train mode) as they were, and share the parameters.
+    timing = benchmark_models(forward_copy(reference), forward_copy(gm), inputs,
                               rounds=cfg.bench_rounds) if cfg.benchmark else None
     if any(s.fused for s in sites) and slower_warning(timing):
         log.warning("%s", slower_warning(timing))

@@ -25,6 +25,7 @@ from ..errors import FxFuseError, InternalError, RewriteError, one_line
 from ..rewrite.rewriter import LOWERINGS, lowerings_for, node_index, rewrite_site
 from ..rewrite.siblings import rewrite_siblings
 from ..match.sites import RowSite
+from ..trace.prepare import forward_copy
 from ..trace.tracing import VALUE_KEY
 
 log = logging.getLogger("fxfuse")
@@ -151,7 +152,7 @@ def _candidates(loop: fx.GraphModule, site: RowSite,
     """The loop and, per lowering, a copy of it rewritten (a rewrite's failure raises)."""
     fns = {"loop": loop}
     for lowering in lowerings_for(site, lowerings):
-        fused = copy.deepcopy(loop)
+        fused = forward_copy(loop)   # the rewrite only reads the weights
         _guarded(site, lowering, lambda: rewrite_site(fused, site, lowering))
         fns[lowering] = fused
     return fns
@@ -176,7 +177,7 @@ def _timed_loop(gm: fx.GraphModule, site: RowSite, extract: Callable
     after one run of it. Any failure up to here means the loop cannot be timed."""
     loop = extract(gm, site)
     try:
-        loop = copy.deepcopy(loop)
+        loop = forward_copy(loop)
         inputs = timing_inputs(loop, _device_of(loop))
         _call(loop, inputs)()
     except CannotTime:
@@ -283,6 +284,6 @@ def choose_siblings(gm: fx.GraphModule, site: RowSite, *, rounds: int = 9,
     if isinstance(cut, Choice):
         return cut
     loop, inputs = cut
-    fused = copy.deepcopy(loop)
+    fused = forward_copy(loop)   # the rewrite only reads the weights
     _guarded(site, "siblings", lambda: rewrite_siblings(fused, site))
     return _decided(site, {"loop": loop, "siblings": fused}, inputs, rounds, clock, budget_s)

@@ -51,14 +51,25 @@ def _holds_tensors(module: nn.Module) -> bool:
     return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
 
 
-def deepcopy_any(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy``, also for old-style weight norm (hooks kept on the copy)."""
-    memo: dict[int, object] = {}
+def deepcopy_any(model: nn.Module, *, share_parameters: bool = False) -> nn.Module:
+    """``copy.deepcopy``, also for old-style weight norm (hooks kept on the copy); with
+    ``share_parameters``, the copy holds the very parameters of ``model``."""
+    memo: dict[int, object] = {id(p): p for _, p in model.named_parameters(
+        remove_duplicate=False)} if share_parameters else {}
     for _, module, hook in weight_norm_modules(model):   # the computed weight: a plain copy
         computed = module.__dict__.get(hook.name)
         if isinstance(computed, torch.Tensor):
             memo[id(computed)] = computed.detach().clone()
     return copy.deepcopy(model, memo)
+
+
+def forward_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` for forward runs under ``torch.no_grad`` (or gradients taken with
+    ``torch.autograd.grad``): modules and buffers (BatchNorm statistics a train-mode
+    forward moves) are copied, parameters shared, so a check costs the model's buffers,
+    not another copy of its weights. Never call ``backward`` through it, never cast it
+    (``.to(dtype)`` would change the shared parameters in place)."""
+    return deepcopy_any(model, share_parameters=True)
 
 
 def copy_model(model: nn.Module) -> tuple[nn.Module, tuple[str, ...], WeightMap]:
