@@ -12,7 +12,6 @@ rewrite that fails is an error naming the site, never "kept as a loop".
 """
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
 from typing import Any, Callable
