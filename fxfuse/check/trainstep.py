@@ -137,13 +137,21 @@ def _step(model: torch.nn.Module, inputs: tuple[Any, ...], seed: int
         return None
     gen = torch.Generator().manual_seed(seed + 2)
     loss = sum((o * torch.randn(o.shape, generator=gen).to(o)).sum() for o in leaves)
+    input_grads, param_grads = _gradients(model, loss, xs)
+    return out, input_grads, param_grads
+
+
+def _gradients(model: torch.nn.Module, loss: torch.Tensor, xs: tuple[Any, ...]
+               ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """The gradients of ``loss`` for the inputs and the parameters that get one, taken
+    with ``torch.autograd.grad``, not ``backward``: no parameter's ``.grad`` is written
+    (the copies share their parameters with the caller's models)."""
     wanted = [x for x in xs if isinstance(x, torch.Tensor) and x.requires_grad]
     params = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
-    # autograd.grad, not backward: no parameter's .grad is written (they may be shared)
     grads = torch.autograd.grad(loss, [*wanted, *(p for _, p in params)], allow_unused=True)
     input_grads = [g for g in grads[:len(wanted)] if g is not None]
     param_grads = {k: g for (k, _), g in zip(params, grads[len(wanted):]) if g is not None}
-    return out, input_grads, param_grads
+    return input_grads, param_grads
 
 
 def _first_names(named: Any) -> dict[str, str]:
