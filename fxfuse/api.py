@@ -22,7 +22,7 @@ from .match.sites import RowSite
 from .passes.driver import run_pass
 from .progress import stage, timed_call
 from .passes.kinds import apply_sites
-from .trace.prepare import copy_model, weight_norm_modules
+from .trace.prepare import copy_model, forward_copy, weight_norm_modules
 from .trace.traced import Traced
 from .trace.tracing import alias_note, distinct_inputs, trace, trace_general
 from .check.fidelity import TraceCheck, check_trace, trace_table
@@ -240,8 +240,6 @@ def _fuse(model: torch.nn.Module, inputs: tuple[Any, ...], cfg: FuseConfig,
         traced, sites, wmap, verification = _verified(reference, work, traced, inputs, cfg,
                                                       decisions, sites, wmap, renames)
         gm = traced.gm
-    # Timing runs the models many times; copies keep their buffers (BatchNorm statistics
-    # in train mode) as they were.
     timing = _benchmark(reference, gm, inputs, cfg)
     if any(s.fused for s in sites) and slower_warning(timing):
         log.warning("%s", slower_warning(timing))
@@ -251,11 +249,13 @@ def _fuse(model: torch.nn.Module, inputs: tuple[Any, ...], cfg: FuseConfig,
 
 def _benchmark(reference: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],
                cfg: FuseConfig) -> BenchResult | None:
-    """Time the original against the rewritten model (on copies), when asked."""
+    """Time the original against the rewritten model, when asked. Timing runs the models
+    many times (under inference_mode); copies keep their buffers (BatchNorm statistics in
+    train mode) as they were, and share the parameters."""
     if not cfg.benchmark:
         return None
     stage("timing the original and the fused model")
-    return benchmark_models(copy.deepcopy(reference), copy.deepcopy(gm), inputs,
+    return benchmark_models(forward_copy(reference), forward_copy(gm), inputs,
                             rounds=cfg.bench_rounds)
 
 

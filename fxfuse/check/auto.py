@@ -12,7 +12,6 @@ rewrite that fails is an error naming the site, never "kept as a loop".
 """
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
 from typing import Any, Callable
@@ -25,6 +24,7 @@ from ..errors import CannotTime, FxFuseError, InternalError, RewriteError, one_l
 from ..rewrite.rewriter import LOWERINGS, lowerings_for, node_index, rewrite_site
 from ..rewrite.siblings import rewrite_siblings
 from ..match.sites import RowSite
+from ..trace.prepare import forward_copy
 from ..trace.tracing import VALUE_KEY
 
 log = logging.getLogger("fxfuse")
@@ -147,7 +147,7 @@ def _candidates(loop: fx.GraphModule, site: RowSite,
     """The loop and, per lowering, a copy of it rewritten (a rewrite's failure raises)."""
     fns = {"loop": loop}
     for lowering in lowerings_for(site, lowerings):
-        fused = copy.deepcopy(loop)
+        fused = forward_copy(loop)   # the rewrite only reads the weights
         _guarded(site, lowering, lambda: rewrite_site(fused, site, lowering))
         fns[lowering] = fused
     return fns
@@ -172,7 +172,7 @@ def _timed_loop(gm: fx.GraphModule, site: RowSite, extract: Callable
     after one run of it. Any failure up to here means the loop cannot be timed."""
     loop = extract(gm, site)
     try:
-        loop = copy.deepcopy(loop)
+        loop = forward_copy(loop)
         inputs = timing_inputs(loop, _device_of(loop))
         _call(loop, inputs)()
     except CannotTime:
@@ -199,7 +199,7 @@ def sibling_timing_calls(gm: fx.GraphModule, site: RowSite) -> dict[str, Callabl
     """:func:`timing_calls` for a sibling-Linear site: the separate Linears (``loop``)
     and the fused one (``siblings``)."""
     loop, inputs = _timed_loop(gm, site, extract_siblings)
-    fused = copy.deepcopy(loop)
+    fused = forward_copy(loop)   # the rewrite only reads the weights
     _guarded(site, "siblings", lambda: rewrite_siblings(fused, site))
     return _warmed(site, {"loop": loop, "siblings": fused}, inputs)
 

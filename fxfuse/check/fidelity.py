@@ -19,7 +19,7 @@ from torch.utils import _pytree as pytree
 from ..errors import TraceError, VerificationError, one_line
 from .runs import fresh_inputs, random_nodes, run
 from .verify import Check, compare
-from ..trace.prepare import deepcopy_any
+from ..trace.prepare import forward_copy
 
 log = logging.getLogger("fxfuse")
 
@@ -173,10 +173,11 @@ def _failed(name: str, exc: BaseException) -> TraceError:
 
 
 def _quiet_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy with every dropout module as identity (both models alike). A model that cannot be
-    copied runs as it is, gradients off."""
+    """A copy (its parameters shared: the checks run under no_grad) with every dropout
+    module as identity (both models alike). A model that cannot be copied runs as it is,
+    gradients off."""
     try:
-        model = deepcopy_any(model)
+        model = forward_copy(model)
     except Exception:  # noqa: BLE001
         return model
     for module in model.modules():

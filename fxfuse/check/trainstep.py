@@ -10,6 +10,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..errors import VerificationError, one_line
+from ..trace.prepare import forward_copy
 from ..weightmap import WeightMap
 from .compare import Check, compare, leaves as _leaves
 from .precision import PrecisionMode
@@ -30,7 +31,7 @@ def draws_hidden_random(model: torch.nn.Module, inputs: Sequence[Any], seed: int
     ``nn.MultiheadAttention(dropout=...)`` calls dropout inside its forward)."""
     if not getattr(model, "training", False):
         return False
-    quiet = copy.deepcopy(model)
+    quiet = forward_copy(model)
     quiet_dropout(quiet)
     try:
         with torch.no_grad():
@@ -73,8 +74,12 @@ def _train_copies(original: torch.nn.Module, fused: torch.nn.Module,
                   inputs: tuple[Any, ...], dtype: torch.dtype | None, quiet: bool = True
                   ) -> tuple[torch.nn.Module, torch.nn.Module, tuple[Any, ...], str]:
     """Copies of both models (and the floating inputs) cast to ``dtype`` when given, put in
-    train mode with dropout quiet (``quiet``); and the mode's name for the checks' labels."""
-    ref_model, new_model = copy.deepcopy(original), copy.deepcopy(fused)
+    train mode with dropout quiet (``quiet``); and the mode's name for the checks' labels.
+    In the models' own dtype the copies share their parameters (:func:`forward_copy`):
+    :func:`_step` takes gradients with ``torch.autograd.grad``, which leaves every
+    parameter's ``.grad`` alone; a cast needs parameters of its own."""
+    how = forward_copy if dtype is None else copy.deepcopy
+    ref_model, new_model = how(original), how(fused)
     if dtype is not None:
         ref_model, new_model = ref_model.to(dtype), new_model.to(dtype)
         inputs = tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point()
@@ -102,10 +107,21 @@ def _step(model: torch.nn.Module, inputs: tuple[Any, ...], seed: int
         return None
     gen = torch.Generator().manual_seed(seed + 2)
     loss = sum((o * torch.randn(o.shape, generator=gen).to(o)).sum() for o in leaves)
-    loss.backward()
-    input_grads = [x.grad for x in xs if isinstance(x, torch.Tensor) and x.grad is not None]
-    param_grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+    input_grads, param_grads = _gradients(model, loss, xs)
     return out, input_grads, param_grads
+
+
+def _gradients(model: torch.nn.Module, loss: torch.Tensor, xs: tuple[Any, ...]
+               ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """The gradients of ``loss`` for the inputs and the parameters that get one, taken
+    with ``torch.autograd.grad``, not ``backward``: no parameter's ``.grad`` is written
+    (the copies share their parameters with the caller's models)."""
+    wanted = [x for x in xs if isinstance(x, torch.Tensor) and x.requires_grad]
+    params = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [*wanted, *(p for _, p in params)], allow_unused=True)
+    input_grads = [g for g in grads[:len(wanted)] if g is not None]
+    param_grads = {k: g for (k, _), g in zip(params, grads[len(wanted):]) if g is not None}
+    return input_grads, param_grads
 
 
 def _first_names(named: Any) -> dict[str, str]:

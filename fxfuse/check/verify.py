@@ -26,7 +26,7 @@ from .compare import (FLOOR_ROUNDOFFS, MODE_FACTOR, Check, compare, judge_in_mod
                       leaves as _leaves, tolerances)
 from .precision import PrecisionMode
 from .runs import fresh_inputs, random_nodes, run as _run
-from .trainstep import draws_hidden_random, grad_checks, quiet_dropout
+from .trainstep import draws_hidden_random, forward_copy, grad_checks, quiet_dropout
 
 __all__ = ["Check", "VerifyReport", "compare", "permitted_error", "tolerances",
            "verify_models"]
@@ -186,10 +186,8 @@ def verify_models(original: torch.nn.Module, fused: torch.nn.Module, example_inp
     hidden = draws_hidden_random(original, inputs, seed)
     to_eval = fused.training and (bool(random_nodes(fused)) or hidden)
     exported = _is_exported(fused) if exported is None else exported
+    given = (original, fused)
     original, fused = _copy_for_checks(original, to_eval), _copy_for_checks(fused, to_eval)
-    # The train step starts from the state both models came in with: the forward checks
-    # below move train-mode BatchNorm statistics, each model by its own rounding.
-    step_models = (copy.deepcopy(original), copy.deepcopy(fused)) if check_grads else None
     if to_eval:
         skipped.append("outputs compared in eval mode: the model " + (
             "draws random numbers in train mode that cannot be switched off (its train "
@@ -211,6 +209,10 @@ def verify_models(original: torch.nn.Module, fused: torch.nn.Module, example_inp
                              skipped, batches, refused)
         modes = _mode_checks(original, fused, inputs, seed, judge, check_grads, checks, skipped)
     if check_grads:
+        # The train step starts from the state both models came in with (the forward
+        # checks above moved train-mode BatchNorm statistics, each model by its own
+        # rounding); it copies the models again, parameters included, for its backward.
+        step_models = tuple(_copy_for_checks(m, to_eval) for m in given)
         checks.extend(grad_checks(*step_models, inputs, weight_map or WeightMap(),
                                    seed, rtol, atol, skipped, mode))
     report = VerifyReport(tuple(checks), tuple(skipped), mode.describe(), tuple(judge.notes),
@@ -266,7 +268,7 @@ def _mode_checks(original: torch.nn.Module, fused: torch.nn.Module, inputs: tupl
     ``self.training`` branches in, so the rewrite can be right in one mode only."""
     given = "train" if original.training else "eval"
     other = "eval" if original.training else "train"
-    ref_model, new_model = copy.deepcopy(original), copy.deepcopy(fused)
+    ref_model, new_model = forward_copy(original), forward_copy(fused)
     try:
         ref_model.train(other == "train")
         new_model.train(other == "train")
@@ -295,7 +297,7 @@ def _mode_checks(original: torch.nn.Module, fused: torch.nn.Module, inputs: tupl
 
 
 def _copy_for_checks(model: torch.nn.Module, to_eval: bool) -> torch.nn.Module:
-    model = copy.deepcopy(model)
+    model = forward_copy(model)
     quiet_dropout(model)
     if to_eval:
         try:

@@ -45,7 +45,12 @@ def _load(module: nn.Module, gm: fx.GraphModule, ops: Sequence[Any], name: str,
                 entries.append(WeightEntry(f"{name}.{role}", parts, 0, None, "same"))
                 continue
             value = joined(gm, ops, role, how)
-            target.copy_(value if unsqueeze is None or role != "weight" else value.unsqueeze(unsqueeze))
+            value = value if unsqueeze is None or role != "weight" else value.unsqueeze(unsqueeze)
+            if value.shape == target.shape and value.dtype == target.dtype and \
+                    value.device == target.device:
+                target.set_(value)    # the joined tensor is fresh: hold it, copy nothing
+            else:
+                target.copy_(value)
             if isinstance(target, nn.Parameter):
                 target.requires_grad_(get_tensor(gm, parts[0]).requires_grad)
             entries.append(WeightEntry(f"{name}.{role}", parts, 0,

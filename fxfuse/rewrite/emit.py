@@ -6,8 +6,9 @@ from typing import Any, Sequence
 
 import torch
 from torch import fx, nn
+from torch.nn import functional as F
 
-from ..graphs.build import free_name, joined
+from ..graphs.build import free_name, fused_module, joined, stacked_holder
 from ..match.ops import reemit
 from ..match.params import get_tensor
 from ..match.rowdag import row_leaves
@@ -26,15 +27,43 @@ def batched_chain(graph: fx.Graph, rows: fx.Node, ops: Sequence[Any], count: int
 
 
 def dense_sum(gm: fx.GraphModule, rows: fx.Node, chains: list[list[Any]], prefix: str,
-              reduce: str) -> tuple[fx.Node, list[WeightEntry]]:
-    """Σ_h op_h(x_h) as one dense op over (N, H*C, L) (conv) or (N, H*L) (linear), with
-    weights concatenated on the input dim and the stacked biases summed."""
+              reduce: str, *, row_ndim: int = 2, one_input: bool = False
+              ) -> tuple[fx.Node, list[WeightEntry]]:
+    """Σ_h op_h(x_h) as one dense op over (N, H*C, L) (conv) or (N, ..., H*L) (linear),
+    with weights concatenated on the input dim and the stacked biases summed.
+
+    With ``one_input`` (Linear rows that all read the very same tensor, ``fc1(h) +
+    fc2(h)``; ``rows`` then holds that one row), Σ_h W_h x + b_h is one Linear of ``x``
+    whose weight and bias are the stacked rows' summed: the fused module keeps the
+    stacked tensors, so the weight map stays an exact ``stack``.
+    """
     graph = gm.graph
     cur = rows
     for step in list(zip(*chains))[:-1]:
         cur = reemit(graph, step[0].node, step[0].input, cur)
-    cur = graph.call_method("flatten", (cur, 1, 2))
     ops = [c[-1] for c in chains]
+    if one_input:
+        out, entries = _summed_linear(gm, graph.call_method("select", (cur, 1, 0)), ops, prefix)
+    else:
+        out, entries = _concatenated(gm, _joined_rows(graph, cur, ops, row_ndim), ops, prefix)
+    if reduce == "mean":
+        out = graph.call_function(torch.div, (out, len(ops)))
+    return out, entries
+
+
+def _joined_rows(graph: fx.Graph, rows: fx.Node, ops: list[Any], row_ndim: int) -> fx.Node:
+    """The rows side by side on the dim the dense op reads: (N, H, C, L) → (N, H*C, L) for
+    a conv, (N, H, ..., L) → (N, ..., H*L) for a Linear (its features are the last dim)."""
+    if ops[0].row_kind.name != "linear" or row_ndim <= 2:
+        return graph.call_method("flatten", (rows, 1, 2))
+    moved = graph.call_method("movedim", (rows, 1, -2))
+    return graph.call_method("flatten", (moved, -2, -1))
+
+
+def _concatenated(gm: fx.GraphModule, cur: fx.Node, ops: list[Any], prefix: str
+                  ) -> tuple[fx.Node, list[WeightEntry]]:
+    """One dense op over the joined rows: weights concatenated on dim 1, biases summed."""
+    graph = gm.graph
     weight = get_tensor(gm, ops[0].param("weight"))
     name = free_name(gm, prefix)
     module = ops[0].row_kind.dense(ops, weight)
@@ -57,6 +86,15 @@ def dense_sum(gm: fx.GraphModule, rows: fx.Node, chains: list[list[Any]], prefix
         if weight.dim() == 3:          # conv: the bias broadcasts over the length
             total = graph.call_method("unsqueeze", (total, -1))
         out = graph.call_function(torch.add, (out, total))
-    if reduce == "mean":
-        out = graph.call_function(torch.div, (out, len(ops)))
     return out, entries
+
+
+def _summed_linear(gm: fx.GraphModule, x: fx.Node, ops: list[Any], prefix: str
+                   ) -> tuple[fx.Node, list[WeightEntry]]:
+    """``F.linear(x, W.sum(0), b.sum(0))`` over the rows' stacked weights (and biases)."""
+    graph = gm.graph
+    roles = ("weight", "bias") if ops[0].param("bias") is not None else ("weight",)
+    name, entries = fused_module(gm, ops, "linear", prefix,
+                                 lambda: stacked_holder(gm, ops, roles), how="stack")
+    summed = [graph.call_method("sum", (graph.get_attr(f"{name}.{role}"), 0)) for role in roles]
+    return graph.call_function(F.linear, (x, *summed)), entries

@@ -19,6 +19,7 @@ with nothing but torch.
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
 
 import torch
@@ -61,7 +62,7 @@ def rewrite_site(gm: fx.GraphModule, site: RowSite, lowering: str = "grouped", *
     everything = [op.node for chain in chains for op in chain]
     before = set(graph.nodes)
     with graph.inserting_before(_first(everything)):
-        rows = make_rows_input(graph, nodes[site.source], site)
+        rows = make_rows_input(graph, nodes[site.source], site, one_row=_one_input(site))
         stacked, wmap = _fused_rows(gm, rows, chains, site, lowering)
         result = make_output(graph, stacked, site)
     leaves = [leaf for chain in chains for leaf in row_leaves(chain)]
@@ -109,9 +110,16 @@ def _fused_rows(gm: fx.GraphModule, rows: fx.Node, chains: list[list[RowOp]], si
     if site.shared_module:
         return batched_chain(gm.graph, rows, tuple(chains[0]), site.rows), WeightMap()
     if site.reduce:
-        out, entries = dense_sum(gm, rows, chains, _prefix(site.targets) + "_fused", site.reduce)
+        out, entries = dense_sum(gm, rows, chains, _prefix(site.targets) + "_fused", site.reduce,
+                                 row_ndim=site.input_plan.row_ndim, one_input=_one_input(site))
         return out, WeightMap(tuple(entries))
     return _make_groups(gm, rows, chains, site, lowering)
+
+
+def _one_input(site: RowSite) -> bool:
+    """Whether the site sums Linear rows that all read the very same tensor (``fc1(h) +
+    fc2(h)``): one Linear with the rows' weights summed, not the input repeated per row."""
+    return bool(site.reduce) and site.family == "linear" and len(set(site.input_plan.rows)) == 1
 
 
 def finalize_graph(gm: fx.GraphModule) -> None:
@@ -137,9 +145,13 @@ def _first(nodes: list[fx.Node]) -> fx.Node:
     return min(nodes, key=order.__getitem__)
 
 
-def make_rows_input(graph: fx.Graph, source: fx.Node, site: RowSite) -> fx.Node:
-    """Emit (N, H, C, L) rows of ``source`` in the site's row order (views when possible)."""
+def make_rows_input(graph: fx.Graph, source: fx.Node, site: RowSite, *,
+                    one_row: bool = False) -> fx.Node:
+    """Emit (N, H, C, L) rows of ``source`` in the site's row order (views when possible);
+    with ``one_row``, only the first row (N, 1, C, L)."""
     plan = site.input_plan
+    if one_row:
+        plan = dataclasses.replace(plan, rows=plan.rows[:1])
     node = source
     if tuple(plan.axes) != tuple(range(len(plan.axes))):
         node = graph.call_method("permute", (node, *plan.axes))

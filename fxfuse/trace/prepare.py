@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.utils import parametrizations
 from torch.nn.utils.weight_norm import WeightNorm
 
+from ..errors import TraceError
 from ..weightmap import WeightEntry, WeightMap
 
 
@@ -28,14 +29,47 @@ def weight_norm_modules(model: nn.Module) -> list[tuple[str, nn.Module, WeightNo
             for hook in module._forward_pre_hooks.values() if isinstance(hook, WeightNorm)]
 
 
-def deepcopy_any(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy``, also for old-style weight norm (hooks kept on the copy)."""
-    memo: dict[int, object] = {}
+def check_no_script_modules(model: nn.Module) -> None:
+    """A TorchScript module (``torch.jit.script`` / ``torch.jit.trace``) holding parameters
+    or buffers inside ``model`` is a TraceError: its tensors live inside TorchScript, where
+    torch.fx traces into ``_c.forward`` without them (the fused model's state_dict and
+    saved weights would lose them, and the gradient check could not see them), and
+    ``copy.deepcopy`` gives them back as non-leaf tensors that never get a gradient."""
+    found = next(((name, m) for name, m in model.named_modules()
+                  if isinstance(m, torch.jit.ScriptModule) and _holds_tensors(m)), None)
+    if found is None:
+        return
+    name, module = found
+    what = f"submodule `{name}`" if name else f"the {type(model).__name__}"
+    raise TraceError(f"{what} is a TorchScript module ({type(module).__name__}, from "
+                     "torch.jit.script or torch.jit.trace): fxfuse cannot trace, copy or save "
+                     "its parameters; pass the Python module it was made from (script the "
+                     "fused model afterwards if you need TorchScript)")
+
+
+def _holds_tensors(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+
+
+def deepcopy_any(model: nn.Module, *, share_parameters: bool = False) -> nn.Module:
+    """``copy.deepcopy``, also for old-style weight norm (hooks kept on the copy); with
+    ``share_parameters``, the copy holds the very parameters of ``model``."""
+    memo: dict[int, object] = {id(p): p for _, p in model.named_parameters(
+        remove_duplicate=False)} if share_parameters else {}
     for _, module, hook in weight_norm_modules(model):   # the computed weight: a plain copy
         computed = module.__dict__.get(hook.name)
         if isinstance(computed, torch.Tensor):
             memo[id(computed)] = computed.detach().clone()
     return copy.deepcopy(model, memo)
+
+
+def forward_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` for forward runs under ``torch.no_grad`` (or gradients taken with
+    ``torch.autograd.grad``): modules and buffers (BatchNorm statistics a train-mode
+    forward moves) are copied, parameters shared, so a check costs the model's buffers,
+    not another copy of its weights. Never call ``backward`` through it, never cast it
+    (``.to(dtype)`` would change the shared parameters in place)."""
+    return deepcopy_any(model, share_parameters=True)
 
 
 def copy_model(model: nn.Module) -> tuple[nn.Module, tuple[str, ...], WeightMap]:

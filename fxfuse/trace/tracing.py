@@ -24,6 +24,7 @@ from ..running import PIPELINE, torch_warnings_muted
 from ..errors import TraceError, one_line
 from ..weightmap import WeightMap
 from .export import MODE_KEY, export_model
+from .prepare import check_no_script_modules
 from .traced import TRACER_KEY, Traced
 
 log = logging.getLogger("fxfuse")
@@ -155,6 +156,7 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *,
         raise TraceError(f"unknown tracer {tracer!r}; use 'auto', 'symbolic' or 'export'")
     example_inputs = tuple(example_inputs)
     _check_arity(model, example_inputs)
+    check_no_script_modules(model)
     notes: list[str] = []
     example_inputs, aliased = distinct_inputs(example_inputs)
     if aliased:
