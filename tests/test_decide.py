@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from fxfuse.check.decide import MARGIN, Choice, choose_among
+from fxfuse.check.decide import EARLY_ROUNDS, MARGIN, Choice, choose_among
 
 
 class FakeClock:
@@ -86,11 +86,13 @@ def test_a_ranking_that_flips_grows_the_rounds():
 
 def test_a_spent_budget_stops_and_says_so():
     clock = FakeClock()
-    choice = _choose(clock, {"loop": lambda n: 1.0, "grouped": lambda n: 0.5}, budget_s=5.0)
-    assert choice.rounds == 9 and not choice.settled
+    # the rewrite's rounds are noisy (every other one 1.1 s): no clear winner to stop early
+    choice = _choose(clock, {"loop": lambda n: 1.0, "grouped": lambda n: 0.5 * (2.2 if n % 2 else 1)},
+                     budget_s=5.0)
+    assert choice.rounds == 9 and not choice.settled and not choice.early
     assert choice.lowering == "grouped"               # the decision on what was measured
     assert "budget spent" in choice.rule()
-    assert clock.now < 5.0 + 9 * 1.5                   # no round started past the budget
+    assert clock.now < 5.0 + 9 * 2.1                   # no round started past the budget
 
 
 def test_near_equal_rewrites_prefer_the_first_listed():
@@ -203,3 +205,50 @@ def test_a_near_best_rewrite_that_misses_the_margin_keeps_the_loop():
     choice = _choose(clock, {"loop": lambda n: 1.00e-3, "grouped": lambda n: 0.97e-3,
                              "grouped2d": lambda n: 0.95e-3})
     assert choice.lowering == "loop"
+
+
+# ------------------------------------------------------------------ early stop (pass time)
+
+def test_expensive_rounds_stop_early_once_one_candidate_is_clearly_fastest():
+    """A loop of thousands of calls (0.2 s a call) against a rewrite 20x faster: after
+    three rounds the rewrite's slowest round beats the loop's fastest by the margin, so
+    the timing stops there instead of growing to 18 rounds."""
+    clock = FakeClock()
+    choice = _choose(clock, {"loop": lambda n: 0.2, "grouped": lambda n: 0.01})
+    assert choice.lowering == "grouped" and choice.early and choice.settled
+    assert choice.rounds == EARLY_ROUNDS
+    assert clock.calls["loop"] == 2 + 1 + EARLY_ROUNDS        # warm-up, calibration, rounds
+    assert "stopped early" in choice.rule() and choice.to_dict()["early"] is True
+    assert Choice.from_dict(json.loads(json.dumps(choice.to_dict()))) == choice
+
+
+def test_a_clearly_fastest_loop_stops_early_too():
+    clock = FakeClock()
+    choice = _choose(clock, {"loop": lambda n: 0.2, "grouped": lambda n: 0.6})
+    assert choice.lowering == "loop" and choice.early and choice.rounds == EARLY_ROUNDS
+
+
+def test_cheap_rounds_are_never_cut_short():
+    """The same 20x, at a millisecond a call: rounds cost little, so they grow until the
+    decision settles (the stability rule), with no early stop."""
+    clock = FakeClock()
+    choice = _choose(clock, {"loop": lambda n: 2e-3, "grouped": lambda n: 1e-4})
+    assert choice.lowering == "grouped" and not choice.early and choice.rounds == 18
+    assert "stopped early" not in choice.rule()
+
+
+def test_rounds_that_overlap_by_the_margin_do_not_stop_early():
+    """An expensive rewrite only 1.1x faster, its rounds noisy: its slowest round is not
+    below the loop's fastest by the margin, so the rounds grow as usual."""
+    clock = FakeClock()
+    choice = _choose(clock, {"loop": lambda n: 0.22, "grouped": lambda n: 0.2 * (1.2 if n % 2 else 1)},
+                     budget_s=60.0)
+    assert not choice.early and choice.rounds >= 18
+    assert choice.lowering == "grouped"                 # 0.22 / 0.2 = 1.1 >= 1.05
+
+
+def test_a_winner_that_is_clear_only_by_less_than_the_margin_is_timed_on():
+    """Clear by 1.03x only (under the margin): no early stop, and the loop is kept."""
+    clock = FakeClock()
+    choice = _choose(clock, {"loop": lambda n: 0.206, "grouped": lambda n: 0.2}, budget_s=60.0)
+    assert not choice.early and choice.lowering == "loop"

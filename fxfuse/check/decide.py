@@ -7,7 +7,12 @@ rounds: another process can only ever add time to a round, so the minimum of man
 rounds is the figure least moved by contention (the median moves with the load).
 
 The rounds are doubled until the decision made on all rounds so far is the same as the
-one made on half of them (it has *settled*), or until the time budget is spent. The rule:
+one made on half of them (it has *settled*), or until the time budget is spent. Where
+rounds are expensive (``EARLY_AFTER_S`` of timing spent, a loop of thousands of calls),
+they stop early, after at least ``EARLY_ROUNDS`` rounds, when one candidate is *clearly*
+the fastest: its slowest round is faster, by the margin, than every other candidate's
+fastest round. Cheap rounds are never cut short (growing them costs little, and it is
+what keeps a decision from flipping on a few slow rounds). The rule:
 the rewrite put forward is the first in the order given unless a later one is faster by
 ``threshold`` (so two near-equal rewrites do not flip between runs), and it replaces the
 loop only when the loop's estimate is at least ``threshold`` times its own (a margin, so
@@ -34,6 +39,10 @@ BUDGET_S = 4.0
 # time slices other processes take.
 ROUND_S = 0.002
 MAX_ROUNDS = 512
+# Rounds, and seconds of timing, before a clear winner may stop the timing early (see
+# the module docstring).
+EARLY_ROUNDS = 3
+EARLY_AFTER_S = 0.5
 
 Clock = Callable[[], float]
 
@@ -87,8 +96,10 @@ class Choice:
             ``threshold`` of the fastest); 0.0 when not timed.
         threshold: the margin a rewrite needed to be chosen.
         rounds: interleaved rounds the decision was made on.
-        settled: the decision on all rounds equals the one on half of them (False: the
-            time budget ran out first).
+        settled: the decision on all rounds equals the one on half of them, or one
+            candidate was clearly the fastest (False: the time budget ran out first).
+        early: the rounds stopped early: one candidate's slowest round beat every other
+            candidate's fastest by the margin.
         reused: the decision was read from recorded decisions, not measured.
     """
 
@@ -101,6 +112,7 @@ class Choice:
     rounds: int = 0
     settled: bool = True
     reused: bool = False
+    early: bool = False
 
     @property
     def timed(self) -> bool:
@@ -116,7 +128,9 @@ class Choice:
                    f"{self.threshold:.2f}x" if self.lowering != LOOP else
                    f"loop: the best rewrite {self.margin:.2f}x < {self.threshold:.2f}x")
         how = f"min of {self.rounds} interleaved rounds" + \
-            ("" if self.settled else ", time budget spent before the decision settled")
+            ("" if self.settled else ", time budget spent before the decision settled") + \
+            (f", stopped early: {self.lowering}'s slowest round beat the others' fastest by "
+             f"{self.threshold:.2f}x" if self.early else "")
         return f"{verdict} ({how}; {parts})" + (" [recorded decision]" if self.reused else "")
 
     def to_dict(self) -> dict[str, Any]:
@@ -124,7 +138,8 @@ class Choice:
         return {"lowering": self.lowering, "timed": self.timed, "note": self.note,
                 "estimates": [e.to_dict() for e in self.estimates], "margin": self.margin,
                 "threshold": self.threshold, "rounds": self.rounds, "settled": self.settled,
-                "reused": self.reused, "statistic": "min of interleaved rounds",
+                "reused": self.reused, "early": self.early,
+                "statistic": "min of interleaved rounds",
                 "rule": self.rule()}
 
     @classmethod
@@ -133,7 +148,8 @@ class Choice:
         return cls(str(data["lowering"]), tuple((e.name, e.estimate_s) for e in estimates),
                    str(data.get("note", "")), estimates, float(data.get("margin", 0.0)),
                    float(data.get("threshold", MARGIN)), int(data.get("rounds", 0)),
-                   bool(data.get("settled", True)), bool(data.get("reused", False)))
+                   bool(data.get("settled", True)), bool(data.get("reused", False)),
+                   bool(data.get("early", False)))
 
 
 def choose_among(calls: Mapping[str, Callable[[], Any]], *, rounds: int = 9,
@@ -169,9 +185,10 @@ def choose_among(calls: Mapping[str, Callable[[], Any]], *, rounds: int = 9,
     while True:
         begun = now()
         done = len(samples[LOOP])
-        _run_rounds(calls, numbers, samples, target - done, now)
+        early = _run_rounds(calls, numbers, samples, target - done, now,
+                            (threshold, start + EARLY_AFTER_S))
         decision = _decide(samples, threshold)
-        if previous is not None and decision[0] == previous:
+        if early or previous is not None and decision[0] == previous:
             settled = True
             break
         previous = decision[0]
@@ -179,7 +196,7 @@ def choose_among(calls: Mapping[str, Callable[[], Any]], *, rounds: int = 9,
         if target >= MAX_ROUNDS or (now() - start) + per_round * target > budget_s:
             break
         target *= 2
-    return _choice(samples, decision, threshold, settled)
+    return _choice(samples, decision, threshold, settled, early)
 
 
 def _calls_per_round(fn: Callable[[], Any], now: Clock, round_s: float) -> int:
@@ -191,8 +208,12 @@ def _calls_per_round(fn: Callable[[], Any], now: Clock, round_s: float) -> int:
 
 
 def _run_rounds(calls: Mapping[str, Callable[[], Any]], numbers: Mapping[str, int],
-                samples: dict[str, list[float]], count: int, now: Clock) -> None:
-    """``count`` more rounds; each times every candidate once, in rotating order."""
+                samples: dict[str, list[float]], count: int, now: Clock,
+                early: tuple[float, float]) -> bool:
+    """``count`` more rounds; each times every candidate once, in rotating order.
+    Returns True when they stopped early: ``early`` is (threshold, the clock time from
+    which a clear winner may stop them) and one candidate was clearly the fastest."""
+    threshold, early_at = early
     names = list(calls)
     for _ in range(count):
         shift = len(samples[LOOP]) % len(names)
@@ -202,6 +223,21 @@ def _run_rounds(calls: Mapping[str, Callable[[], Any]], numbers: Mapping[str, in
             for _ in range(number):
                 fn()
             samples[name].append((now() - t0) / number)
+        if now() >= early_at and clear_winner(samples, threshold) is not None:
+            return True
+    return False
+
+
+def clear_winner(samples: Mapping[str, Sequence[float]], threshold: float) -> str | None:
+    """The candidate whose slowest round beats every other's fastest by ``threshold``,
+    once each has :data:`EARLY_ROUNDS` rounds; ``None`` while there is none."""
+    if len(samples) < 2 or min(len(v) for v in samples.values()) < EARLY_ROUNDS:
+        return None
+    for name, values in samples.items():
+        worst = max(values) * threshold
+        if all(worst <= min(v) for k, v in samples.items() if k != name):
+            return name
+    return None
 
 
 def _decide(samples: Mapping[str, Sequence[float]], threshold: float) -> tuple[str, float]:
@@ -222,10 +258,11 @@ def _decide(samples: Mapping[str, Sequence[float]], threshold: float) -> tuple[s
 
 
 def _choice(samples: Mapping[str, Sequence[float]], decision: tuple[str, float],
-            threshold: float, settled: bool) -> Choice:
+            threshold: float, settled: bool, early: bool = False) -> Choice:
     estimates = tuple(_estimate(k, v) for k, v in samples.items())
     choice = Choice(decision[0], tuple((e.name, e.estimate_s) for e in estimates), "",
-                    estimates, decision[1], threshold, len(samples[LOOP]), settled)
+                    estimates, decision[1], threshold, len(samples[LOOP]), settled,
+                    early=early)
     log.info("auto: %s", choice.rule())
     return choice
 
@@ -248,5 +285,5 @@ def reused(choice: Choice, note: str = "reused a recorded decision (not timed ag
     return replace(choice, note=note, reused=True)
 
 
-__all__ = ["BUDGET_S", "Choice", "Estimate", "LOOP", "MARGIN", "choose_among", "real_clock",
-           "untimed", "reused"]
+__all__ = ["BUDGET_S", "Choice", "EARLY_AFTER_S", "EARLY_ROUNDS", "Estimate", "LOOP", "MARGIN", "choose_among",
+           "clear_winner", "real_clock", "untimed", "reused"]
