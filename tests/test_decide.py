@@ -211,30 +211,45 @@ def test_a_near_best_rewrite_that_misses_the_margin_keeps_the_loop():
 
 def test_expensive_rounds_stop_early_once_one_candidate_is_clearly_fastest():
     """A loop of thousands of calls (0.2 s a call) against a rewrite 20x faster: after
-    three rounds the rewrite's slowest round beats the loop's fastest by the margin, so
-    the timing stops there instead of growing to 18 rounds."""
+    three rounds the loop's fastest round is slower than the rewrite's slowest by the
+    margin, so the timing stops there instead of growing to 18 rounds."""
     clock = FakeClock()
     choice = _choose(clock, {"loop": lambda n: 0.2, "grouped": lambda n: 0.01})
     assert choice.lowering == "grouped" and choice.early and choice.settled
-    assert choice.rounds == EARLY_ROUNDS
+    assert choice.rounds == EARLY_ROUNDS and choice.retired == ("loop",)
     assert clock.calls["loop"] == 2 + 1 + EARLY_ROUNDS        # warm-up, calibration, rounds
-    assert "stopped early" in choice.rule() and choice.to_dict()["early"] is True
+    assert "stopped timing loop early" in choice.rule()
+    assert choice.to_dict()["retired"] == ["loop"]
     assert Choice.from_dict(json.loads(json.dumps(choice.to_dict()))) == choice
 
 
 def test_a_clearly_fastest_loop_stops_early_too():
     clock = FakeClock()
     choice = _choose(clock, {"loop": lambda n: 0.2, "grouped": lambda n: 0.6})
-    assert choice.lowering == "loop" and choice.early and choice.rounds == EARLY_ROUNDS
+    assert choice.lowering == "loop" and choice.retired == ("grouped",)
+    assert choice.rounds == EARLY_ROUNDS
+
+
+def test_a_beaten_loop_stops_while_near_equal_rewrites_settle():
+    """The expensive loop is retired after three rounds; the two near-equal rewrites go on
+    being timed until their decision settles (the first listed, within the margin)."""
+    clock = FakeClock()
+    choice = _choose(clock, {"loop": lambda n: 0.2, "grouped": lambda n: 0.01,
+                             "grouped2d": lambda n: 0.0099 * (1.3 if n % 2 else 1)})
+    assert choice.lowering == "grouped" and choice.retired == ("loop",)
+    assert clock.calls["loop"] == 2 + 1 + EARLY_ROUNDS
+    est = {e.name: e for e in choice.estimates}
+    assert est["loop"].rounds == EARLY_ROUNDS and est["grouped"].rounds == 18
+    assert choice.margin == pytest.approx(20.0)
 
 
 def test_cheap_rounds_are_never_cut_short():
     """The same 20x, at a millisecond a call: rounds cost little, so they grow until the
-    decision settles (the stability rule), with no early stop."""
+    decision settles (the stability rule), with nothing retired."""
     clock = FakeClock()
     choice = _choose(clock, {"loop": lambda n: 2e-3, "grouped": lambda n: 1e-4})
     assert choice.lowering == "grouped" and not choice.early and choice.rounds == 18
-    assert "stopped early" not in choice.rule()
+    assert "stopped timing" not in choice.rule()
 
 
 def test_rounds_that_overlap_by_the_margin_do_not_stop_early():
