@@ -242,10 +242,9 @@ def _fuse(model: torch.nn.Module, inputs: tuple[Any, ...], cfg: FuseConfig,
     # in train mode) as they were.
     timing = benchmark_models(copy.deepcopy(reference), copy.deepcopy(gm), inputs,
                               rounds=cfg.bench_rounds) if cfg.benchmark else None
-    if cfg.lowering == "auto" and any(s.fused for s in sites) and slower_warning(timing):
-        gm, sites, wmap, verification, timing, decisions = _slow_sites_reverted(
-            reference, work, inputs, cfg, decisions, renames,
-            (gm, sites, wmap, verification, timing, decisions))
+    gm, sites, wmap, verification, timing, decisions = _slow_sites_reverted(
+        reference, work, inputs, cfg, decisions, renames,
+        (gm, sites, wmap, verification, timing, decisions))
     if any(s.fused for s in sites) and slower_warning(timing):
         log.warning("%s", slower_warning(timing))
     return FuseResult(gm, sites, wmap, verification, timing, code_before,
@@ -302,19 +301,18 @@ def _slow_sites_reverted(reference: torch.nn.Module, work: torch.nn.Module,
     fused site again (its decision set aside; the loops kept stay kept), run the pass
     again, so a site whose rewrite does not hold up gets its loop back, verify and time
     that, and return the better of the two (gm, sites, wmap, verification, timing,
-    decisions)."""
+    decisions); ``first`` as it is unless ``auto`` fused a model measured slower."""
     timing = first[4]
+    if cfg.lowering != "auto" or not any(s.fused for s in first[1]) \
+            or not slower_warning(timing):
+        return first
     log.warning("the fused model measured slower than the original (%.2fx); timing each "
                 "fused site again", timing.speedup)
     again = Decisions({**decisions.to_dict(), "entries": {
         k: e for k, e in decisions.to_dict()["entries"].items() if e["lowering"] == "loop"}})
     gm = trace_model(work, inputs, concrete_args=cfg.concrete_args, tracer=cfg.tracer)
     result = run_pass(gm, inputs, cfg, decisions=again)
-    fused_before = {s.combine for s in first[1] if s.fused}
-    note = (f"reverted to the loop: the fused model measured {timing.speedup:.2f}x the "
-            "original end to end, and timed again this site's rewrite did not hold up")
-    sites = tuple(dataclasses.replace(s, notes=s.notes + (note,))
-                  if s.combine in fused_before and not s.fused else s for s in result.sites)
+    sites = _noted_reverts(first[1], result.sites, timing.speedup)
     wmap = renames + getattr(gm, RENAMES_KEY, WeightMap()) + result.weight_map
     verification = _verify(reference, gm, inputs, wmap, cfg) \
         if cfg.verify and any(s.fused for s in sites) else None
@@ -323,6 +321,16 @@ def _slow_sites_reverted(reference: torch.nn.Module, work: torch.nn.Module,
     if retimed.speedup < timing.speedup:
         return first
     return gm, sites, wmap, verification, retimed, again
+
+
+def _noted_reverts(before: tuple[RowSite, ...], after: tuple[RowSite, ...],
+                   speedup: float) -> tuple[RowSite, ...]:
+    """``after``, each site fused in ``before`` but not now noted as reverted."""
+    fused_before = {s.combine for s in before if s.fused}
+    note = (f"reverted to the loop: the fused model measured {speedup:.2f}x the original "
+            "end to end, and timed again this site's rewrite did not hold up")
+    return tuple(dataclasses.replace(s, notes=s.notes + (note,))
+                 if s.combine in fused_before and not s.fused else s for s in after)
 
 
 def _check_trace(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],
