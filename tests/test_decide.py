@@ -152,7 +152,8 @@ def _fake_auto(monkeypatch, costs):
 def test_decisions_are_recorded_and_reused_without_timing(monkeypatch):
     import fxfuse
     import fxfuse.check.auto as auto
-    _fake_auto(monkeypatch, {"loop": 1e-3, "grouped": 0.5e-3, "grouped2d": 0.9e-3})
+    _fake_auto(monkeypatch, {"loop": 1e-3, "grouped": 0.5e-3, "grouped2d": 0.9e-3,
+                             "im2col": 0.9e-3})
     model, x = _seed()
     first = fxfuse.fuse(model, x, verify=False, benchmark=False)
     assert first.sites[0].lowering == "grouped"
@@ -176,10 +177,11 @@ def test_decisions_are_recorded_and_reused_without_timing(monkeypatch):
 
 def test_a_decision_for_other_shapes_is_not_reused(monkeypatch):
     import fxfuse
-    _fake_auto(monkeypatch, {"loop": 1e-3, "grouped": 0.5e-3, "grouped2d": 0.9e-3})
+    _fake_auto(monkeypatch, {"loop": 1e-3, "grouped": 0.5e-3, "grouped2d": 0.9e-3,
+                             "im2col": 0.9e-3})
     model, x = _seed()
     first = fxfuse.fuse(model, x, verify=False, benchmark=False)
-    _fake_auto(monkeypatch, {"loop": 1e-3, "grouped": 2e-3, "grouped2d": 2e-3})
+    _fake_auto(monkeypatch, {"loop": 1e-3, "grouped": 2e-3, "grouped2d": 2e-3, "im2col": 2e-3})
     other = fxfuse.fuse(model, torch.randn(2, 15, 4, 20), verify=False, benchmark=False,
                         decisions=first.decisions)
     assert other.sites[0].lowering == "loop" and not other.sites[0].decision["reused"]

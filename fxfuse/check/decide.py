@@ -8,7 +8,8 @@ rounds is the figure least moved by contention (the median moves with the load).
 
 The rounds are doubled until the decision made on all rounds so far is the same as the
 one made on half of them (it has *settled*), or until the time budget is spent. Where
-rounds are expensive (``EARLY_AFTER_S`` of timing spent: a loop of thousands of calls),
+rounds are expensive (the slowest candidate's estimate at least ``EARLY_CALL_S`` a call: a
+loop of thousands of calls),
 a candidate *clearly beaten* stops being timed, after at least ``EARLY_ROUNDS`` rounds:
 its fastest round is slower, by the margin, than another candidate's slowest round. The
 rounds go on among the others (a 4096-call loop beaten 5x is not timed again while two
@@ -41,10 +42,11 @@ BUDGET_S = 4.0
 # time slices other processes take.
 ROUND_S = 0.002
 MAX_ROUNDS = 512
-# Rounds, and seconds of timing, before a clearly beaten candidate stops being timed
-# (see the module docstring).
+# Rounds before a clearly beaten candidate stops being timed, and the estimated seconds
+# per call of the slowest candidate from which rounds count as costly (see the module
+# docstring). The minimum, unlike elapsed time, is not inflated by a busy machine.
 EARLY_ROUNDS = 3
-EARLY_AFTER_S = 0.5
+EARLY_CALL_S = 0.02
 
 Clock = Callable[[], float]
 
@@ -188,7 +190,7 @@ def choose_among(calls: Mapping[str, Callable[[], Any]], *, rounds: int = 9,
         for _ in range(warmup):
             fn()
     numbers = {k: _calls_per_round(fn, now, round_s) for k, fn in calls.items()}
-    state = _Rounds(calls, numbers, now, threshold, start + EARLY_AFTER_S)
+    state = _Rounds(calls, numbers, now, threshold)
     previous, settled, target = None, False, max(1, rounds)
     while True:
         begun, done = now(), state.count
@@ -215,13 +217,13 @@ def _calls_per_round(fn: Callable[[], Any], now: Clock, round_s: float) -> int:
 
 class _Rounds:
     """The interleaved rounds so far: each round times every active candidate once, in
-    rotating order. From ``early_at`` on (clock time), a candidate clearly beaten stops
-    being timed (it is *retired*, its estimate kept)."""
+    rotating order. Where rounds are costly (see :data:`EARLY_CALL_S`), a candidate
+    clearly beaten stops being timed (it is *retired*, its estimate kept)."""
 
     def __init__(self, calls: Mapping[str, Callable[[], Any]], numbers: Mapping[str, int],
-                 now: Clock, threshold: float, early_at: float) -> None:
+                 now: Clock, threshold: float) -> None:
         self.calls, self.numbers, self.now = calls, numbers, now
-        self.threshold, self.early_at = threshold, early_at
+        self.threshold = threshold
         self.samples: dict[str, list[float]] = {k: [] for k in calls}
         self.active = list(calls)
         self.retired: tuple[str, ...] = ()
@@ -240,7 +242,7 @@ class _Rounds:
                     fn()
                 self.samples[name].append((self.now() - t0) / number)
             self.count += 1
-            if self.now() >= self.early_at:
+            if max(min(v) for v in self.samples.values() if v) >= EARLY_CALL_S:
                 self._retire()
 
     def _retire(self) -> None:
@@ -308,5 +310,5 @@ def reused(choice: Choice, note: str = "reused a recorded decision (not timed ag
     return replace(choice, note=note, reused=True)
 
 
-__all__ = ["BUDGET_S", "Choice", "EARLY_AFTER_S", "EARLY_ROUNDS", "Estimate", "LOOP", "MARGIN", "choose_among",
+__all__ = ["BUDGET_S", "Choice", "EARLY_CALL_S", "EARLY_ROUNDS", "Estimate", "LOOP", "MARGIN", "choose_among",
            "clearly_beaten", "real_clock", "untimed", "reused"]
