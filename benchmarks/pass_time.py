@@ -239,7 +239,11 @@ if __name__ == "__main__":
     parser.add_argument("--default", action="store_true",
                         help="time the default path on the three models instead")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's own)")
     cli = parser.parse_args()
+    if cli.threads:
+        torch.set_num_threads(cli.threads)
     if cli.default:
         _warm_up()
         found = time_default_path()
