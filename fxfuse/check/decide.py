@@ -8,18 +8,18 @@ rounds is the figure least moved by contention (the median moves with the load).
 
 The rounds are doubled until the decision made on all rounds so far is the same as the
 one made on half of them (it has *settled*), or until the time budget is spent. Where
-rounds are expensive (the slowest candidate's estimate at least ``EARLY_CALL_S`` a call: a
-loop of thousands of calls),
-a candidate *clearly beaten* stops being timed, after at least ``EARLY_ROUNDS`` rounds:
-its fastest round is slower, by the margin, than another candidate's slowest round. The
-rounds go on among the others (a 4096-call loop beaten 5x is not timed again while two
-near-equal rewrites settle), and end when one is left. Cheap rounds are never cut short
-(growing them costs little, and it is what keeps a decision from flipping on a few slow
-rounds). The rule:
-the rewrite put forward is the first in the order given unless a later one is faster by
-``threshold`` (so two near-equal rewrites do not flip between runs), and it replaces the
-loop only when the loop's estimate is at least ``threshold`` times its own (a margin, so
-ties go to the loop).
+rounds are expensive (the slowest candidate's estimate at least ``EARLY_CALL_S`` a call:
+a loop of thousands of calls), a candidate *clearly beaten* stops being timed, after at
+least ``EARLY_ROUNDS`` rounds: its fastest round is slower, by the margin, than another
+candidate's slowest round. The rounds go on among the others (a 4096-call loop beaten 5x
+is not timed again while two near-equal rewrites settle), and end when one is left.
+Cheap rounds are never cut short (growing them costs little, and it is what keeps a
+decision from flipping on a few slow rounds).
+
+The rule: the rewrite put forward is the first in the order given unless a later one is
+faster by ``threshold`` (so two near-equal rewrites do not flip between runs), and it
+replaces the loop only when the loop's estimate is at least ``threshold`` times its own
+(a margin, so ties go to the loop).
 """
 from __future__ import annotations
 
