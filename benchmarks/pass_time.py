@@ -5,7 +5,10 @@ Usage::
     python benchmarks/pass_time.py [--quick] [--out DIR]
 
 Two families, both cheap to run so that the pass dominates (CPU, B=2, C=2, W=8, k=3):
-one loop site with H rows, and N chained loop sites of H=4 rows each. When the
+one loop site with H rows, and N chained loop sites of H=4 rows each. ``--default``
+times the default path instead (``fxfuse.fuse(model, (x,))``: auto's timing,
+verification and the benchmark included) on 4096 rows of ``Conv1d(1, 1, 1)``, 256 rows
+of Linear -> GELU -> LayerNorm and the seed model (the demo's fuse step). When the
 package exposes ``trace_model``, ``find_row_sites`` and ``apply_sites``, the time is
 also split into trace / find / rewrite. Appends a table to ``bench.md`` and writes
 ``pass_time.json`` and ``pass_time.png`` (also adds ``pass_time`` to ``bench.json``).
@@ -26,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
+from torch import nn  # noqa: E402
 
 from models import ChainedRowConvLoops, RowConvLoop  # noqa: E402
 
@@ -92,6 +96,44 @@ def time_config(family: str, size: int, repeats: int) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001
             row["note"] = f"split failed: {type(exc).__name__}: {exc}"[:200]
     return row
+
+
+class LinearGeluNormRows(nn.Module):
+    """One Linear -> GELU -> LayerNorm per row of a (B, H, F) input, stacked on dim 1."""
+
+    def __init__(self, rows: int, features: int = 8) -> None:
+        super().__init__()
+        self.rows = nn.ModuleList(nn.Sequential(nn.Linear(features, features), nn.GELU(),
+                                                nn.LayerNorm(features)) for _ in range(rows))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([row(x[:, h]) for h, row in enumerate(self.rows)], 1)
+
+
+def default_path_models() -> list[tuple[str, nn.Module, torch.Tensor]]:
+    """The models of ``--default``: (label, model, input)."""
+    from fxfuse.examples import RowConv1d
+    torch.manual_seed(0)
+    return [("4096 rows Conv1d(1,1,1)", RowConvLoop(1, 4096, 1, 1).eval(),
+             torch.randn(2, 1, 4096, 8)),
+            ("256 rows Linear-GELU-LayerNorm", LinearGeluNormRows(256).eval(),
+             torch.randn(2, 256, 8)),
+            ("seed (demo fuse step)", RowConv1d().eval(), torch.randn(32, 15, 10, 100))]
+
+
+def time_default_path() -> list[dict[str, Any]]:
+    """Seconds of ``fxfuse.fuse(model, (x,))`` (default options) per model, once each."""
+    import fxfuse
+    results = []
+    for label, model, x in default_path_models():
+        start = time.perf_counter()
+        result = fxfuse.fuse(model, (x,))
+        seconds = time.perf_counter() - start
+        picks = ", ".join(s.lowering or "-" for s in result.sites)
+        results.append({"model": label, "total_s": seconds, "lowerings": picks,
+                        "threads": torch.get_num_threads()})
+        print(f"default path {label:<32} {seconds:7.2f} s  ({picks})", flush=True)
+    return results
 
 
 def _warm_up() -> None:
@@ -194,6 +236,18 @@ def run_and_report(out: Path, quick: bool = False) -> list[dict[str, Any]]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Time the fxfuse pass itself.")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--default", action="store_true",
+                        help="time the default path on the three models instead")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's own)")
     cli = parser.parse_args()
-    run_and_report(cli.out, cli.quick)
+    if cli.threads:
+        torch.set_num_threads(cli.threads)
+    if cli.default:
+        _warm_up()
+        found = time_default_path()
+        cli.out.mkdir(parents=True, exist_ok=True)
+        (cli.out / "pass_time_default.json").write_text(json.dumps(found, indent=1))
+    else:
+        run_and_report(cli.out, cli.quick)

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 
-LOWERING_CHOICES = ("auto", "grouped", "grouped2d", "vmap")
+LOWERING_CHOICES = ("auto", "grouped", "grouped2d", "im2col", "vmap")
 TRACER_CHOICES = ("auto", "symbolic", "export")
 
 
@@ -17,8 +17,9 @@ class FuseConfig:
 
     Attributes:
         lowering: ``"grouped"`` (one grouped ``Conv1d`` per site), ``"grouped2d"`` (a
-            grouped ``Conv2d`` (1, k) on a channels-last view) or ``"auto"`` (time the
-            candidates per site, keep the loop when nothing beats it).
+            grouped ``Conv2d`` (1, k) on a channels-last view), ``"im2col"`` (unfold +
+            batched matmul) or ``"auto"`` (time the candidates per site, keep the loop
+            when nothing beats it).
         verify: compare the rewritten model with the original; refuse on mismatch.
         benchmark: time the original and the rewritten model.
         inplace: reuse the given model's modules instead of deep-copying it first.

@@ -114,11 +114,14 @@ def check_counts(result: fxfuse.FuseResult, expect_fused: int, expect_left: int,
 
 
 def new_conv_modules(gm: fx.GraphModule, original: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Conv modules called by ``gm`` that the original model does not have."""
+    """Conv modules called by ``gm`` (or whose weight it reads: ``im2col``) that the
+    original model does not have."""
     old = dict(original.named_modules())
-    return [(str(n.target), gm.get_submodule(str(n.target))) for n in gm.graph.nodes
-            if n.op == "call_module" and str(n.target) not in old
-            and isinstance(gm.get_submodule(str(n.target)), (nn.Conv1d, nn.Conv2d))]
+    used = [str(n.target) for n in gm.graph.nodes if n.op == "call_module"] + \
+        [str(n.target).rpartition(".")[0] for n in gm.graph.nodes
+         if n.op == "get_attr" and str(n.target).endswith(".weight")]
+    return [(t, gm.get_submodule(t)) for t in used if t not in old
+            and isinstance(gm.get_submodule(t), (nn.Conv1d, nn.Conv2d))]
 
 
 def _calls(gm: fx.GraphModule, target: str) -> int:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from fxfuse.check.decide import MARGIN, Choice, choose_among
+from fxfuse.check.decide import EARLY_ROUNDS, MARGIN, Choice, choose_among
 from helpers import time_kinds_with
 
 
@@ -87,11 +87,13 @@ def test_a_ranking_that_flips_grows_the_rounds():
 
 def test_a_spent_budget_stops_and_says_so():
     clock = FakeClock()
-    choice = _choose(clock, {"loop": lambda n: 1.0, "grouped": lambda n: 0.5}, budget_s=5.0)
-    assert choice.rounds == 9 and not choice.settled
+    # the rewrite's rounds are noisy (every other one 1.1 s): no clear winner to stop early
+    choice = _choose(clock, {"loop": lambda n: 1.0, "grouped": lambda n: 0.5 * (2.2 if n % 2 else 1)},
+                     budget_s=5.0)
+    assert choice.rounds == 9 and not choice.settled and not choice.early
     assert choice.lowering == "grouped"               # the decision on what was measured
     assert "budget spent" in choice.rule()
-    assert clock.now < 5.0 + 9 * 1.5                   # no round started past the budget
+    assert clock.now < 5.0 + 9 * 2.1                   # no round started past the budget
 
 
 def test_near_equal_rewrites_prefer_the_first_listed():
@@ -151,7 +153,8 @@ def _fake_auto(monkeypatch, costs):
 def test_decisions_are_recorded_and_reused_without_timing(monkeypatch):
     import fxfuse
     import fxfuse.check.auto as auto
-    _fake_auto(monkeypatch, {"loop": 1e-3, "grouped": 0.5e-3, "grouped2d": 0.9e-3})
+    _fake_auto(monkeypatch, {"loop": 1e-3, "grouped": 0.5e-3, "grouped2d": 0.9e-3,
+                             "im2col": 0.9e-3})
     model, x = _seed()
     first = fxfuse.fuse(model, x, verify=False, benchmark=False)
     assert first.sites[0].lowering == "grouped"
@@ -175,10 +178,11 @@ def test_decisions_are_recorded_and_reused_without_timing(monkeypatch):
 
 def test_a_decision_for_other_shapes_is_not_reused(monkeypatch):
     import fxfuse
-    _fake_auto(monkeypatch, {"loop": 1e-3, "grouped": 0.5e-3, "grouped2d": 0.9e-3})
+    _fake_auto(monkeypatch, {"loop": 1e-3, "grouped": 0.5e-3, "grouped2d": 0.9e-3,
+                             "im2col": 0.9e-3})
     model, x = _seed()
     first = fxfuse.fuse(model, x, verify=False, benchmark=False)
-    _fake_auto(monkeypatch, {"loop": 1e-3, "grouped": 2e-3, "grouped2d": 2e-3})
+    _fake_auto(monkeypatch, {"loop": 1e-3, "grouped": 2e-3, "grouped2d": 2e-3, "im2col": 2e-3})
     other = fxfuse.fuse(model, torch.randn(2, 15, 4, 20), verify=False, benchmark=False,
                         decisions=first.decisions)
     assert other.sites[0].lowering == "loop" and not other.sites[0].decision["reused"]
@@ -204,3 +208,65 @@ def test_a_near_best_rewrite_that_misses_the_margin_keeps_the_loop():
     choice = _choose(clock, {"loop": lambda n: 1.00e-3, "grouped": lambda n: 0.97e-3,
                              "grouped2d": lambda n: 0.95e-3})
     assert choice.lowering == "loop"
+
+
+# ------------------------------------------------------------------ early stop (pass time)
+
+def test_expensive_rounds_stop_early_once_one_candidate_is_clearly_fastest():
+    """A loop of thousands of calls (0.2 s a call) against a rewrite 20x faster: after
+    three rounds the loop's fastest round is slower than the rewrite's slowest by the
+    margin, so the timing stops there instead of growing to 18 rounds."""
+    clock = FakeClock()
+    choice = _choose(clock, {"loop": lambda n: 0.2, "grouped": lambda n: 0.01})
+    assert choice.lowering == "grouped" and choice.early and choice.settled
+    assert choice.rounds == EARLY_ROUNDS and choice.retired == ("loop",)
+    assert clock.calls["loop"] == 2 + 1 + EARLY_ROUNDS        # warm-up, calibration, rounds
+    assert "stopped timing loop early" in choice.rule()
+    assert choice.to_dict()["retired"] == ["loop"]
+    assert Choice.from_dict(json.loads(json.dumps(choice.to_dict()))) == choice
+
+
+def test_a_clearly_fastest_loop_stops_early_too():
+    clock = FakeClock()
+    choice = _choose(clock, {"loop": lambda n: 0.2, "grouped": lambda n: 0.6})
+    assert choice.lowering == "loop" and choice.retired == ("grouped",)
+    assert choice.rounds == EARLY_ROUNDS
+
+
+def test_a_beaten_loop_stops_while_near_equal_rewrites_settle():
+    """The expensive loop is retired after three rounds; the two near-equal rewrites go on
+    being timed until their decision settles (the first listed, within the margin)."""
+    clock = FakeClock()
+    choice = _choose(clock, {"loop": lambda n: 0.2, "grouped": lambda n: 0.01,
+                             "grouped2d": lambda n: 0.0099 * (1.3 if n % 2 else 1)})
+    assert choice.lowering == "grouped" and choice.retired == ("loop",)
+    assert clock.calls["loop"] == 2 + 1 + EARLY_ROUNDS
+    est = {e.name: e for e in choice.estimates}
+    assert est["loop"].rounds == EARLY_ROUNDS and est["grouped"].rounds == 18
+    assert choice.margin == pytest.approx(20.0)
+
+
+def test_cheap_rounds_are_never_cut_short():
+    """The same 20x, at a millisecond a call: rounds cost little, so they grow until the
+    decision settles (the stability rule), with nothing retired."""
+    clock = FakeClock()
+    choice = _choose(clock, {"loop": lambda n: 2e-3, "grouped": lambda n: 1e-4})
+    assert choice.lowering == "grouped" and not choice.early and choice.rounds == 18
+    assert "stopped timing" not in choice.rule()
+
+
+def test_rounds_that_overlap_by_the_margin_do_not_stop_early():
+    """An expensive rewrite only 1.1x faster, its rounds noisy: its slowest round is not
+    below the loop's fastest by the margin, so the rounds grow as usual."""
+    clock = FakeClock()
+    choice = _choose(clock, {"loop": lambda n: 0.22, "grouped": lambda n: 0.2 * (1.2 if n % 2 else 1)},
+                     budget_s=60.0)
+    assert not choice.early and choice.rounds >= 18
+    assert choice.lowering == "grouped"                 # 0.22 / 0.2 = 1.1 >= 1.05
+
+
+def test_a_winner_that_is_clear_only_by_less_than_the_margin_is_timed_on():
+    """Clear by 1.03x only (under the margin): no early stop, and the loop is kept."""
+    clock = FakeClock()
+    choice = _choose(clock, {"loop": lambda n: 0.206, "grouped": lambda n: 0.2}, budget_s=60.0)
+    assert not choice.early and choice.lowering == "loop"

@@ -117,3 +117,19 @@ def test_cli_writes_onnx_with_default_options(project, user_code):
         want = reference(user_code)(x)
     np.testing.assert_allclose(_run(out, x).numpy(), want.numpy(), rtol=1e-4, atol=1e-5)
     assert not [f for f in files(project) if f.startswith(".fused.onnx")]
+
+
+@pytest.mark.parametrize("winner", ["original", "grouped"])
+def test_an_onnx_file_holding_the_original_says_so(winner, monkeypatch, tmp_path):
+    """``-o x.onnx`` under auto writes the original's export when no fused export runs
+    faster in ONNX Runtime: the summary's first line and the JSON say what the file holds
+    (the choice is forced here, not measured)."""
+    from fxfuse.deploy import onnx_choice
+    monkeypatch.setattr(onnx_choice, "_faster", lambda samples: winner)
+    torch.manual_seed(0)
+    model, x = RowConv1d(channels=3, rows=4).eval(), torch.randn(2, 3, 4, 12)
+    _, fused, report = onnx_choice.write_onnx(model, tmp_path / "m.onnx", (x,), rounds=2)
+    first = report.summary().splitlines()[0]
+    assert fused is (winner != "original")
+    assert report.to_dict()["holds"] == ("original" if winner == "original" else "fused")
+    assert ("holds the original model, not fused" in first) is (winner == "original")

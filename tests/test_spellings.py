@@ -239,7 +239,7 @@ def test_auto_lowering(make):
     model = make()
     result = check(model, (model.example(),), 1, lowering="auto")
     site = result.sites[0]
-    assert site.lowering in ("grouped", "grouped2d", "batched", "loop")
+    assert site.lowering in ("grouped", "grouped2d", "im2col", "batched", "loop")
     assert site.timings and dict(site.timings)["loop"] > 0
 
 

@@ -7,11 +7,19 @@ rounds: another process can only ever add time to a round, so the minimum of man
 rounds is the figure least moved by contention (the median moves with the load).
 
 The rounds are doubled until the decision made on all rounds so far is the same as the
-one made on half of them (it has *settled*), or until the time budget is spent. The rule:
-the rewrite put forward is the first in the order given unless a later one is faster by
-``threshold`` (so two near-equal rewrites do not flip between runs), and it replaces the
-loop only when the loop's estimate is at least ``threshold`` times its own (a margin, so
-ties go to the loop).
+one made on half of them (it has *settled*), or until the time budget is spent. Where
+rounds are expensive (the slowest candidate's estimate at least ``EARLY_CALL_S`` a call:
+a loop of thousands of calls), a candidate *clearly beaten* stops being timed, after at
+least ``EARLY_ROUNDS`` rounds: its fastest round is slower, by the margin, than another
+candidate's slowest round. The rounds go on among the others (a 4096-call loop beaten 5x
+is not timed again while two near-equal rewrites settle), and end when one is left.
+Cheap rounds are never cut short (growing them costs little, and it is what keeps a
+decision from flipping on a few slow rounds).
+
+The rule: the rewrite put forward is the first in the order given unless a later one is
+faster by ``threshold`` (so two near-equal rewrites do not flip between runs), and it
+replaces the loop only when the loop's estimate is at least ``threshold`` times its own
+(a margin, so ties go to the loop).
 """
 from __future__ import annotations
 
@@ -34,6 +42,11 @@ BUDGET_S = 4.0
 # time slices other processes take.
 ROUND_S = 0.002
 MAX_ROUNDS = 512
+# Rounds before a clearly beaten candidate stops being timed, and the estimated seconds
+# per call of the slowest candidate from which rounds count as costly (see the module
+# docstring). The minimum, unlike elapsed time, is not inflated by a busy machine.
+EARLY_ROUNDS = 3
+EARLY_CALL_S = 0.02
 
 Clock = Callable[[], float]
 
@@ -87,8 +100,10 @@ class Choice:
             ``threshold`` of the fastest); 0.0 when not timed.
         threshold: the margin a rewrite needed to be chosen.
         rounds: interleaved rounds the decision was made on.
-        settled: the decision on all rounds equals the one on half of them (False: the
-            time budget ran out first).
+        settled: the decision on all rounds equals the one on half of them, or every
+            other candidate was clearly beaten (False: the time budget ran out first).
+        retired: the candidates no longer timed once clearly beaten (their fastest round
+            slower, by the margin, than another's slowest; only where rounds are costly).
         reused: the decision was read from recorded decisions, not measured.
     """
 
@@ -101,6 +116,12 @@ class Choice:
     rounds: int = 0
     settled: bool = True
     reused: bool = False
+    retired: tuple[str, ...] = ()
+
+    @property
+    def early(self) -> bool:
+        """Some candidates stopped being timed early, clearly beaten."""
+        return bool(self.retired)
 
     @property
     def timed(self) -> bool:
@@ -116,7 +137,9 @@ class Choice:
                    f"{self.threshold:.2f}x" if self.lowering != LOOP else
                    f"loop: the best rewrite {self.margin:.2f}x < {self.threshold:.2f}x")
         how = f"min of {self.rounds} interleaved rounds" + \
-            ("" if self.settled else ", time budget spent before the decision settled")
+            ("" if self.settled else ", time budget spent before the decision settled") + \
+            (f", stopped timing {', '.join(self.retired)} early: its fastest round slower "
+             f"than another's slowest by {self.threshold:.2f}x" if self.early else "")
         return f"{verdict} ({how}; {parts})" + (" [recorded decision]" if self.reused else "")
 
     def to_dict(self) -> dict[str, Any]:
@@ -124,7 +147,8 @@ class Choice:
         return {"lowering": self.lowering, "timed": self.timed, "note": self.note,
                 "estimates": [e.to_dict() for e in self.estimates], "margin": self.margin,
                 "threshold": self.threshold, "rounds": self.rounds, "settled": self.settled,
-                "reused": self.reused, "statistic": "min of interleaved rounds",
+                "reused": self.reused, "retired": list(self.retired),
+                "statistic": "min of interleaved rounds",
                 "rule": self.rule()}
 
     @classmethod
@@ -133,7 +157,8 @@ class Choice:
         return cls(str(data["lowering"]), tuple((e.name, e.estimate_s) for e in estimates),
                    str(data.get("note", "")), estimates, float(data.get("margin", 0.0)),
                    float(data.get("threshold", MARGIN)), int(data.get("rounds", 0)),
-                   bool(data.get("settled", True)), bool(data.get("reused", False)))
+                   bool(data.get("settled", True)), bool(data.get("reused", False)),
+                   tuple(str(r) for r in data.get("retired", ())))
 
 
 def choose_among(calls: Mapping[str, Callable[[], Any]], *, rounds: int = 9,
@@ -154,7 +179,8 @@ def choose_among(calls: Mapping[str, Callable[[], Any]], *, rounds: int = 9,
 
     Returns:
         A :class:`Choice` with every candidate's estimate and spread, the margin, the
-        threshold, the rounds and whether the decision settled.
+        threshold, the rounds, whether the decision settled and which candidates
+        stopped being timed early.
     """
     if LOOP not in calls:
         raise ValueError(f"choose_among needs a {LOOP!r} candidate, got {sorted(calls)}")
@@ -164,14 +190,13 @@ def choose_among(calls: Mapping[str, Callable[[], Any]], *, rounds: int = 9,
         for _ in range(warmup):
             fn()
     numbers = {k: _calls_per_round(fn, now, round_s) for k, fn in calls.items()}
-    samples: dict[str, list[float]] = {k: [] for k in calls}
+    state = _Rounds(calls, numbers, now, threshold)
     previous, settled, target = None, False, max(1, rounds)
     while True:
-        begun = now()
-        done = len(samples[LOOP])
-        _run_rounds(calls, numbers, samples, target - done, now)
-        decision = _decide(samples, threshold)
-        if previous is not None and decision[0] == previous:
+        begun, done = now(), state.count
+        state.run(target - done)
+        decision = _decide(state.samples, threshold)
+        if len(state.active) == 1 or previous is not None and decision[0] == previous:
             settled = True
             break
         previous = decision[0]
@@ -179,7 +204,7 @@ def choose_among(calls: Mapping[str, Callable[[], Any]], *, rounds: int = 9,
         if target >= MAX_ROUNDS or (now() - start) + per_round * target > budget_s:
             break
         target *= 2
-    return _choice(samples, decision, threshold, settled)
+    return _choice(state.samples, decision, threshold, settled, state.retired)
 
 
 def _calls_per_round(fn: Callable[[], Any], now: Clock, round_s: float) -> int:
@@ -190,18 +215,54 @@ def _calls_per_round(fn: Callable[[], Any], now: Clock, round_s: float) -> int:
     return max(1, min(10_000, int(round_s / once))) if once > 0 else 1
 
 
-def _run_rounds(calls: Mapping[str, Callable[[], Any]], numbers: Mapping[str, int],
-                samples: dict[str, list[float]], count: int, now: Clock) -> None:
-    """``count`` more rounds; each times every candidate once, in rotating order."""
-    names = list(calls)
-    for _ in range(count):
-        shift = len(samples[LOOP]) % len(names)
-        for name in names[shift:] + names[:shift]:
-            fn, number = calls[name], numbers[name]
-            t0 = now()
-            for _ in range(number):
-                fn()
-            samples[name].append((now() - t0) / number)
+class _Rounds:
+    """The interleaved rounds so far: each round times every active candidate once, in
+    rotating order. Where rounds are costly (see :data:`EARLY_CALL_S`), a candidate
+    clearly beaten stops being timed (it is *retired*, its estimate kept)."""
+
+    def __init__(self, calls: Mapping[str, Callable[[], Any]], numbers: Mapping[str, int],
+                 now: Clock, threshold: float) -> None:
+        self.calls, self.numbers, self.now = calls, numbers, now
+        self.threshold = threshold
+        self.samples: dict[str, list[float]] = {k: [] for k in calls}
+        self.active = list(calls)
+        self.retired: tuple[str, ...] = ()
+        self.count = 0
+
+    def run(self, count: int) -> None:
+        """``count`` more rounds (fewer when all but one candidate are retired)."""
+        for _ in range(count):
+            if len(self.active) == 1:
+                return
+            shift = self.count % len(self.active)
+            for name in self.active[shift:] + self.active[:shift]:
+                fn, number = self.calls[name], self.numbers[name]
+                t0 = self.now()
+                for _ in range(number):
+                    fn()
+                self.samples[name].append((self.now() - t0) / number)
+            self.count += 1
+            if max(min(v) for v in self.samples.values() if v) >= EARLY_CALL_S:
+                self._retire()
+
+    def _retire(self) -> None:
+        beaten = clearly_beaten({k: self.samples[k] for k in self.active}, self.threshold)
+        if beaten:
+            self.active = [k for k in self.active if k not in beaten]
+            self.retired += beaten
+
+
+def clearly_beaten(samples: Mapping[str, Sequence[float]], threshold: float
+                   ) -> tuple[str, ...]:
+    """The candidates whose fastest round is slower, by ``threshold``, than another
+    candidate's slowest round, once each has :data:`EARLY_ROUNDS` rounds. More rounds
+    can only lower that other candidate's estimate, so such a candidate cannot become
+    the choice (a loop beaten so stays beaten; a rewrite so slow is never put forward)."""
+    if len(samples) < 2 or min(len(v) for v in samples.values()) < EARLY_ROUNDS:
+        return ()
+    slowest = {k: max(v) * threshold for k, v in samples.items()}
+    return tuple(k for k, v in samples.items()
+                 if any(slowest[o] <= min(v) for o in samples if o != k))
 
 
 def _decide(samples: Mapping[str, Sequence[float]], threshold: float) -> tuple[str, float]:
@@ -222,10 +283,11 @@ def _decide(samples: Mapping[str, Sequence[float]], threshold: float) -> tuple[s
 
 
 def _choice(samples: Mapping[str, Sequence[float]], decision: tuple[str, float],
-            threshold: float, settled: bool) -> Choice:
+            threshold: float, settled: bool, retired: tuple[str, ...] = ()) -> Choice:
     estimates = tuple(_estimate(k, v) for k, v in samples.items())
     choice = Choice(decision[0], tuple((e.name, e.estimate_s) for e in estimates), "",
-                    estimates, decision[1], threshold, len(samples[LOOP]), settled)
+                    estimates, decision[1], threshold, max(map(len, samples.values())),
+                    settled, retired=retired)
     log.info("auto: %s", choice.rule())
     return choice
 
@@ -248,5 +310,5 @@ def reused(choice: Choice, note: str = "reused a recorded decision (not timed ag
     return replace(choice, note=note, reused=True)
 
 
-__all__ = ["BUDGET_S", "Choice", "Estimate", "LOOP", "MARGIN", "choose_among", "real_clock",
-           "untimed", "reused"]
+__all__ = ["BUDGET_S", "Choice", "EARLY_CALL_S", "EARLY_ROUNDS", "Estimate", "LOOP", "MARGIN", "choose_among",
+           "clearly_beaten", "real_clock", "untimed", "reused"]

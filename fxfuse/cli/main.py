@@ -161,9 +161,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _fuse_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lowering", default="auto", choices=["auto", "grouped", "grouped2d", "vmap"],
+    p.add_argument("--lowering", default="auto",
+                   choices=["auto", "grouped", "grouped2d", "im2col", "vmap"],
                    help="auto: time the candidates per site and keep the loop unless one is "
-                        "faster; grouped/grouped2d: force that rewrite where it applies; "
+                        "faster; grouped/grouped2d/im2col: force that rewrite where it applies; "
                         "vmap: vectorise every loop of identical rows (default: auto)")
     p.add_argument("--no-bench", action="store_true", help="skip timing original vs fused")
     p.add_argument("--no-grad-check", action="store_true", help="skip the train-mode gradient check")

@@ -62,6 +62,8 @@ class OnnxReport:
         timing: ONNX Runtime time of the original model's export vs the fused one's
             (``None`` when not timed).
         notes: what was skipped, and why.
+        holds: what the file computes with: ``"fused"``, or ``"original"`` when the
+            original model's export was written (no fused export ran faster).
     """
 
     path: Path
@@ -71,11 +73,15 @@ class OnnxReport:
     checks: tuple[Check, ...]
     timing: BenchResult | None
     notes: tuple[str, ...] = ()
+    holds: str = "fused"
 
     def summary(self) -> str:
         """A few lines for a terminal."""
         batch = "any batch size" if self.dynamic_batch else "the traced shapes only"
         lines = [f"ONNX opset {self.opset}, runs with {batch}"]
+        if self.holds == "original":
+            lines[0] += ("; the file holds the original model, not fused (no fused export "
+                         "ran faster in ONNX Runtime)")
         for c in self.checks:
             lines.append(f"ONNX Runtime vs {self.reference} PyTorch model, {c.name}: max abs "
                          f"error {c.max_abs:.3g}, max rel {c.max_rel:.3g}")

@@ -69,8 +69,9 @@ def write_onnx(original: torch.nn.Module, out: Path, inputs: tuple[Any, ...], *,
     if not dynamic:
         notes.append("exported with static shapes: the model did not allow a dynamic batch")
     timing = _bench(samples["original"], samples[chosen])
-    return result, chosen != "original", OnnxReport(Path(out), opset, dynamic, "original",
-                                                    tuple(checks), timing, tuple(notes))
+    return result, chosen != "original", OnnxReport(
+        Path(out), opset, dynamic, "original", tuple(checks), timing, tuple(notes),
+        holds="original" if chosen == "original" else "fused")
 
 
 def _candidate(result: Any, model: torch.nn.Module, inputs: tuple[Any, ...],

@@ -88,6 +88,14 @@ def mixed_kernels(chains: list) -> list[KernelPlan | None] | str | None:
     return plans
 
 
+PADDED = "zero-padded to"
+
+
+def has_padded_kernels(notes: tuple[str, ...]) -> bool:
+    """A site's notes say some rows' kernels were zero-padded (:func:`padded_note`)."""
+    return any(PADDED in n for n in notes)
+
+
 def padded_note(chains: list) -> tuple[str, ...]:
     """The report line saying which rows' kernels were zero-padded, or nothing."""
     plans = mixed_kernels(chains)
@@ -97,5 +105,5 @@ def padded_note(chains: list) -> tuple[str, ...]:
     for j, plan in enumerate(plans):
         if plan is not None:
             rows = ", ".join(f"{i} (k{plan.windows[i][1]})" for i in plan.padded)
-            notes.append(f"step {j + 1}: kernels of rows {rows} zero-padded to k{plan.width}")
+            notes.append(f"step {j + 1}: kernels of rows {rows} {PADDED} k{plan.width}")
     return tuple(notes)

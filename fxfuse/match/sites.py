@@ -16,7 +16,7 @@ import torch
 SliceKind = Literal["select", "block"]
 Family = Literal["conv", "linear"]
 Reduce = Literal["", "sum", "mean"]
-Lowering = Literal["", "loop", "grouped", "grouped2d", "batched", "bmm", "dense"]
+Lowering = Literal["", "loop", "grouped", "grouped2d", "im2col", "batched", "bmm", "dense"]
 
 
 @dataclass(frozen=True)

@@ -28,12 +28,13 @@ from torch import fx
 from ..errors import RewriteError
 from .emit import batched_chain, dense_sum
 from ..match.kinds import Lane, RowOp, row_op
+from ..match.kernels import has_padded_kernels
 from ..match.rowdag import row_leaves
 from ..match.ops import SIZE_QUERY, is_index_op
 from ..match.sites import RowSite
 from ..weightmap import WeightMap
 
-LOWERINGS = ("grouped", "grouped2d")
+LOWERINGS = ("grouped", "grouped2d", "im2col")
 REPLACES_KEY = "fxfuse_replaces"   # node.meta key: name of the site result this node replaced
 INSERTED_KEY = "fxfuse_site"       # node.meta key: the site whose rewrite inserted this node
 
@@ -45,8 +46,9 @@ def rewrite_site(gm: fx.GraphModule, site: RowSite, lowering: str = "grouped", *
     Args:
         gm: the traced module; changed in place (``lint`` + ``recompile`` done).
         site: a fusable site found in ``gm`` by :func:`fxfuse.find_row_sites`.
-        lowering: ``"grouped"`` (one grouped ``Conv1d``) or ``"grouped2d"`` (a grouped
-            ``Conv2d`` with a (1, k) kernel on a channels-last view). Sites whose rows
+        lowering: ``"grouped"`` (one grouped ``Conv1d``), ``"grouped2d"`` (a grouped
+            ``Conv2d`` with a (1, k) kernel on a channels-last view) or ``"im2col"``
+            (unfold + batched matmul; rows with one kernel size per step). Sites whose rows
             share one module are always folded into the batch instead.
         finalize: lint, recompile and drop unused submodules now; pass False when
             rewriting many sites and call :func:`finalize_graph` once at the end.
@@ -82,7 +84,11 @@ def lowerings_for(site: RowSite, candidates: tuple[str, ...] = LOWERINGS) -> tup
     """The lowerings worth trying for ``site`` among ``candidates`` (rows folded into the
     batch, summed rows and Linear heads have one rewrite each, whatever the lowering)."""
     single = site.shared_module or site.reduce or site.family == "linear"
-    return ("grouped",) if single else candidates
+    if single:
+        return ("grouped",)
+    if has_padded_kernels(site.notes):    # im2col needs one kernel size per step
+        return tuple(c for c in candidates if c != "im2col")
+    return candidates
 
 
 def _resolve(gm: fx.GraphModule, site: RowSite, lowering: str

@@ -1,7 +1,8 @@
 """Conv1d rows: ``nn.Conv1d``, ``F.conv1d`` with attribute weights, ``aten.convolution``.
 
 Fused as one grouped ``Conv1d`` (or a grouped ``Conv2d`` with a (1, k) kernel on a
-channels-last view, ``lowering="grouped2d"``); summed rows as one dense ``Conv1d``.
+channels-last view, ``lowering="grouped2d"``, or unfold + batched matmul,
+``lowering="im2col"``); summed rows as one dense ``Conv1d``.
 """
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from ...graphs.build import fused_module
 from ..ops import CONV1D, aten, packet
 from ..params import get_tensor
 from ..sites import ConvSpec
+from ...errors import RewriteError
 from .base import Lane, RowKind, RowOp, register, roles
+from .im2col import LOWERING as IM2COL, emit_im2col
 
 _ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
@@ -118,8 +121,13 @@ class ConvKind(RowKind):
 
     def emit(self, lane: Lane, ops: list[RowOp]) -> None:
         if len({op.key for op in ops}) > 1:      # kernel sizes differ (checked to line up)
+            if lane.lowering == IM2COL:
+                raise RewriteError("lowering='im2col' does not apply to conv rows whose "
+                                   "kernel sizes differ; use lowering='grouped' or 'auto'")
             from .padded_conv import emit_padded
             return emit_padded(lane, ops)
+        if lane.lowering == IM2COL:
+            return emit_im2col(lane, ops)
         spec, g, graph = ops[0].key, len(ops), lane.graph
         kw = dict(groups=g * spec.groups, bias=spec.bias, padding_mode=spec.padding_mode,
                   dtype=spec.dtype, device=spec.device)
