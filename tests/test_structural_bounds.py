@@ -81,3 +81,39 @@ def test_equal_tables_save_as_pt2_and_still_raise(tmp_path):
         cat[0, 1] = bad
         with pytest.raises((IndexError, RuntimeError)):
             program(cat, cont)
+
+
+class Indexed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(CARD, 4))
+
+    def forward(self, index):
+        return self.table[index]
+
+
+class IndexedColumns(nn.Module):
+    """Rows that read ``table[index]``: ``-1`` is the row's last entry, ``CARD`` raises."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = nn.ModuleList(Indexed() for _ in range(COLUMNS))
+
+    def forward(self, cat):
+        return torch.cat([r(cat[:, i]) for i, r in enumerate(self.rows)], 1)
+
+
+@pytest.mark.parametrize("tracer", ["symbolic", "export"])
+def test_rows_that_wrap_negative_indices_still_fuse_and_keep_their_bound(tracer):
+    torch.manual_seed(0)
+    model = IndexedColumns().eval()
+    cat = _inputs(6)[0]
+    result = fxfuse.fuse(model, (cat,), lowering="vmap", tracer=tracer, benchmark=False)
+    assert [s for s in result.sites if s.fused and s.rows == COLUMNS]
+    cat[1, 1], cat[2, 2] = -1, -CARD
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(cat), model(cat))
+    for bad in (CARD, -CARD - 1):
+        cat[1, 1] = bad
+        assert _raised(model, cat) is IndexError
+        assert _raised(result.model, cat) is not None

@@ -23,10 +23,12 @@ from .plan import Refused
 
 @dataclass(frozen=True)
 class Bound:
-    """Input ``slot``'s indices must lie in ``[0, limits[r])`` for row ``r``."""
+    """Input ``slot``'s indices must lie in ``[0, limits[r])`` for row ``r`` (``wraps``:
+    in ``[-limits[r], limits[r])``, rows that read ``-1`` as their table's last entry)."""
 
     slot: int
     limits: tuple[int, ...]
+    wraps: bool = False
 
     def outside(self, dtype: torch.dtype) -> int:
         """An index past every table, with room to be offset by vmap."""
@@ -47,7 +49,8 @@ def _raises(row: RowFunction, r: int, weights: dict[str, torch.Tensor], args: li
     return False
 
 
-def _limit(row: RowFunction, r: int, weights, args: list[Any], slot: int) -> int | None:
+def _limit(row: RowFunction, r: int, weights, args: list[Any], slot: int
+           ) -> tuple[int, bool] | None:
     """The row's bound on input ``slot``: one of the sizes of its own stacked tensors that
     it raises at and runs one below. Fused, any such index would read elsewhere (the
     padding, or the next row's table once vmap offsets the rows into one table)."""
@@ -55,10 +58,11 @@ def _limit(row: RowFunction, r: int, weights, args: list[Any], slot: int) -> int
     for size in sizes:
         if _raises(row, r, weights, args, slot, size, True) and \
                 not _raises(row, r, weights, args, slot, size - 1, True):
-            if not _raises(row, r, weights, args, slot, -1, True):
-                raise Refused("a row reads its table with negative indices, which the "
-                              "fused table would read elsewhere")
-            return size
+            wraps = not _raises(row, r, weights, args, slot, -1, True)
+            if wraps and any(s.pad_dim is not None for s in row.stacked):
+                raise Refused("a row reads its table with negative indices, which a padded "
+                              "table would read elsewhere")
+            return size, wraps
     return None
 
 
@@ -74,5 +78,6 @@ def find_bounds(row: RowFunction, args: list[list[Any]], weights: dict[str, torc
         limits = [_limit(row, r, weights, args[r], slot) for r in range(len(args))]
         if any(x is not None for x in limits):
             top = torch.iinfo(values[0].dtype).max
-            bounds.append(Bound(slot, tuple(top if x is None else x for x in limits)))
+            bounds.append(Bound(slot, tuple(top if x is None else x[0] for x in limits),
+                                any(x is not None and x[1] for x in limits)))
     return tuple(bounds)
