@@ -47,7 +47,7 @@ class Loop:
     values: dict[fx.Node, Any] = field(default_factory=dict)
     fixed_mode: str = ""     # "train"/"eval": the rows depend on the mode; the body fixes it
     cuts: tuple = ()         # padded rows: per row, per leak, the (dim, size) narrows
-    bounds: tuple = ()       # padded rows: the index inputs guarded to each row's bound
+    bounds: tuple = ()       # the index inputs guarded to each row's bound (bounds.py)
 
 
 def find_loops(gm: fx.GraphModule, inputs: tuple[Any, ...], claimed: set[fx.Node],
@@ -237,14 +237,13 @@ def _vectorise(gm: fx.GraphModule, lp: Loop, values: Probe, placeholders) -> Non
 
 
 def _check_padded(lp: Loop, row: RowFunction, values: Probe, weights) -> None:
-    """Padded rows: padding must be exact (the cuts that slice each row back), and the
-    index inputs that must keep each row's bound (run on the values the rows read)."""
+    """Padded rows: padding must be exact (the cuts that slice each row back); all rows:
+    the index inputs that must keep each row's bound (run on the values the rows read)."""
     plan = lp.plan
-    if not plan.padded:
-        return
     args = [[values.kept.get(n, values.first.get(n)) for n in (s[r] for s in plan.inputs)]
             for r in range(plan.size)]
-    lp.cuts = check_padding(row, plan, args, weights)
+    if plan.padded:
+        lp.cuts = check_padding(row, plan, args, weights)
     lp.bounds = find_bounds(row, args, weights)
 
 

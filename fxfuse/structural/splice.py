@@ -120,7 +120,8 @@ def _guard(gm: fx.GraphModule, emit, index: fx.Node, ph: fx.Node, operand: Opera
     name = attr_name(f"bound_in{operand.slot}")
     gm.get_submodule(holder).register_buffer(name, limits, persistent=False)
     limit = emit("get_attr", f"{holder}.{name}", ())
-    low = emit("call_function", torch.ge, (index, 0))
+    low = emit("call_function", torch.ge,
+               (index, emit("call_function", torch.neg, (limit,)) if bound.wraps else 0))
     high = emit("call_function", torch.lt, (index, limit))
     inside = emit("call_function", torch.logical_and, (low, high))
     return emit("call_function", torch.where, (inside, index, bound.outside(like.dtype)))

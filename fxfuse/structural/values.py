@@ -22,7 +22,7 @@ from ..check.runs import fresh_inputs
 class Probe:
     """The recorded values: ``first`` at the example batch, ``second`` at ``batch2``
     (empty when the model does not run at another batch); ``kept``: the values
-    themselves at the example batch, for the nodes asked to keep."""
+    themselves at the example batch, for the nodes asked to keep and the integer tensors."""
 
     batch1: int | None
     batch2: int | None
@@ -53,6 +53,12 @@ def _like(value: Any) -> Any:
     return value
 
 
+def _index(value: Any) -> bool:
+    """An integer tensor (the index inputs are kept, for :mod:`bounds`)."""
+    return isinstance(value, torch.Tensor) and not value.is_floating_point() \
+        and not value.is_complex() and value.dtype != torch.bool
+
+
 class _Recorder(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, wanted: set[fx.Node],
                  keep: frozenset[fx.Node] = frozenset()) -> None:
@@ -65,7 +71,7 @@ class _Recorder(fx.Interpreter):
         result = super().run_node(n)
         if n in self.wanted:
             self.seen[n] = pytree.tree_map(_like, result)
-        if n in self.keep:
+        if n in self.keep or (n in self.wanted and _index(result)):
             self.kept[n] = pytree.tree_map(
                 lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, result)
         return result
