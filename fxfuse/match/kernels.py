@@ -30,7 +30,7 @@ class KernelPlan:
         return tuple(i for i, (_, k) in enumerate(self.windows) if k != self.width)
 
 
-def _sides(spec: ConvSpec) -> tuple[int, int]:
+def input_sides(spec: ConvSpec) -> tuple[int, int]:
     """The zeros added on the left and right of the input, as torch pads them."""
     if spec.padding == "valid":
         return 0, 0
@@ -55,10 +55,10 @@ def kernel_plan(specs: list[ConvSpec]) -> KernelPlan | str:
         return (f"the kernel sizes differ and the convs pad with {big.padding_mode!r}; only "
                 "zero padding (padding_mode='zeros') lets a kernel padded to the largest "
                 "compute a smaller one")
-    left, right = _sides(big)
+    left, right = input_sides(big)
     windows = []
     for i, s in enumerate(specs):
-        l_i, r_i = _sides(s)
+        l_i, r_i = input_sides(s)
         offset, rem = divmod(left - l_i, s.dilation)
         if rem or offset < 0 or right - r_i != s.dilation * (big.kernel_size - s.kernel_size - offset):
             return (f"the kernel sizes differ and row {i} (k{s.kernel_size}, padding "

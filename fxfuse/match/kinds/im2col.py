@@ -20,22 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...graphs.build import fused_module
+from ..kernels import input_sides
 from ..sites import ConvSpec
 from .base import Lane, RowOp
 
 LOWERING = "im2col"
 PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate",
              "circular": "circular"}
-
-
-def _pads(spec: ConvSpec) -> tuple[int, int]:
-    """(left, right) padding of the input, as ``nn.Conv1d`` applies it."""
-    if spec.padding == "valid":
-        return 0, 0
-    if spec.padding == "same":
-        total = spec.dilation * (spec.kernel_size - 1)
-        return total // 2, total - total // 2
-    return int(spec.padding), int(spec.padding)
 
 
 def emit_im2col(lane: Lane, ops: list[RowOp]) -> None:
@@ -49,7 +40,7 @@ def emit_im2col(lane: Lane, ops: list[RowOp]) -> None:
     groups = g * spec.groups
     c_in, c_out = spec.in_channels // spec.groups, spec.out_channels // spec.groups
     x = lane.flat()
-    left, right = _pads(spec)
+    left, right = input_sides(spec)
     pad = 0
     if left == right and spec.padding_mode == "zeros":
         pad = left
