@@ -69,6 +69,12 @@ def test_random_towers(rows, c, widths, kernel, bn, act, combine, train, batch):
     assert len(result.sites) == 1
     site = result.sites[0]
     sums_a_tower = combine == "sum" and len(site.steps) > 1
+    if sums_a_tower and bn and train and not site.fused:
+        # train-mode batch norm over a handful of values (batch 2, one channel) puts the
+        # vectorised gradient just past the tolerance: refused by verification, kept
+        assert any("verification refused" in n for n in site.notes), site
+        _same(model, result.model, torch.randn(batch + 3, c, rows, 9), train)
+        return
     # a sum over towers is no row-op kind; by structure it is one vmap and a sum(0)
     assert site.fused and (site.lowering == "vmap") == sums_a_tower, site.reason
     _same(model, result.model, torch.randn(batch + 3, c, rows, 9), train)
