@@ -255,7 +255,7 @@ def test_truncated_files(models, tmp_path, kind, name, as_weights, allow):
 ])
 def test_missing_files(models, tmp_path, spec, weights):
     fill = {"tmp": tmp_path, "mod": models[0]}
-    _raises("does not exist|is not a file", lambda: load_model(
+    _raises("does not exist|is not a file|holds none of", lambda: load_model(
         spec.format(**fill), weights=weights.format(**fill) if weights else None))
 
 
