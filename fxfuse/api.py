@@ -237,12 +237,12 @@ def _fuse(model: torch.nn.Module, inputs: tuple[Any, ...], cfg: FuseConfig,
         trace_check = _check_trace(model, gm, inputs, notes, cfg)
     verification = None
     if cfg.verify and any(s.fused for s in sites):
-        traced, sites, wmap, verification = _verified(reference, work, traced, inputs, cfg,
+        traced, sites, wmap, verification = _verified(reference, traced, inputs, cfg,
                                                       decisions, sites, wmap, renames)
         gm = traced.gm
     timing = _benchmark(reference, gm, inputs, cfg)
     gm, sites, wmap, verification, timing, decisions = _slow_sites_reverted(
-        reference, work, inputs, cfg, decisions, renames,
+        reference, inputs, cfg, decisions, renames,
         (gm, sites, wmap, verification, timing, decisions))
     if any(s.fused for s in sites) and slower_warning(timing):
         log.warning("%s", slower_warning(timing))
@@ -262,7 +262,7 @@ def _benchmark(reference: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any
                             rounds=cfg.bench_rounds)
 
 
-def _verified(reference: torch.nn.Module, work: torch.nn.Module, traced: Traced,
+def _verified(reference: torch.nn.Module, traced: Traced,
               inputs: tuple[Any, ...], cfg: FuseConfig, decisions: Decisions,
               sites: tuple[RowSite, ...], wmap: WeightMap, renames: WeightMap):
     """Verify; when the vectorised loops are what verification refuses, fuse without
@@ -272,7 +272,8 @@ def _verified(reference: torch.nn.Module, work: torch.nn.Module, traced: Traced,
     except VerificationError as exc:
         if not any(s.fused and s.loop_kind == "rows" for s in sites):
             raise
-        traced, sites, wmap = _without_vectorised(work, inputs, cfg, decisions, sites, exc)
+        traced, sites, wmap = _without_vectorised(reference, inputs, cfg, decisions, sites,
+                                                  exc)
     wmap = renames + traced.renames + wmap
     verification = _verify(reference, traced, inputs, wmap, cfg) \
         if any(s.fused for s in sites) else None
@@ -287,14 +288,15 @@ def _verify(reference: torch.nn.Module, traced: Traced, inputs: tuple[Any, ...],
                          exported=traced.exported)
 
 
-def _without_vectorised(work: torch.nn.Module, inputs: tuple[Any, ...], cfg: FuseConfig,
+def _without_vectorised(reference: torch.nn.Module, inputs: tuple[Any, ...], cfg: FuseConfig,
                         decisions: Decisions, sites: tuple[RowSite, ...],
                         exc: VerificationError):
     """The pass again without the vectorised loops, whose numbers verification refused
     (a float64 buffer fed by float32 rows, say): the kinds' rewrites are kept, and each
     vectorised loop is reported kept, with the reason."""
     log.warning("verification refused the vectorised loops (%s); fusing without them", exc)
-    traced = trace(work, inputs, concrete_args=cfg.concrete_args, tracer=cfg.tracer)
+    traced = trace(_copy(reference), inputs, concrete_args=cfg.concrete_args,
+                   tracer=cfg.tracer)      # a fresh copy: the first rewrite changed its modules
     result = run_pass(traced.gm, inputs, cfg, decisions=decisions, structural=False)
     note = f"vectorised, but verification refused the result ({exc}); kept as a loop"
     reverted = {s.combine: s for s in sites if s.fused and s.loop_kind == "rows"}
@@ -306,7 +308,7 @@ def _without_vectorised(work: torch.nn.Module, inputs: tuple[Any, ...], cfg: Fus
     return traced, again + kept, result.weight_map
 
 
-def _slow_sites_reverted(reference: torch.nn.Module, work: torch.nn.Module,
+def _slow_sites_reverted(reference: torch.nn.Module,
                          inputs: tuple[Any, ...], cfg: FuseConfig, decisions: Decisions,
                          renames: WeightMap, first: tuple):
     """The fused model measured slower than the original beyond the spread: time each
@@ -315,14 +317,15 @@ def _slow_sites_reverted(reference: torch.nn.Module, work: torch.nn.Module,
     that, and return the better of the two (gm, sites, wmap, verification, timing,
     decisions); ``first`` as it is unless ``auto`` fused a model measured slower."""
     timing = first[4]
-    if cfg.lowering != "auto" or not any(s.fused for s in first[1]) \
+    if cfg.lowering != "auto" or cfg.inplace or not any(s.fused for s in first[1]) \
             or not slower_warning(timing):
         return first
     log.warning("the fused model measured slower than the original (%.2fx); timing each "
                 "fused site again", timing.speedup)
     again = Decisions({**decisions.to_dict(), "entries": {
         k: e for k, e in decisions.to_dict()["entries"].items() if e["lowering"] == "loop"}})
-    traced = trace(work, inputs, concrete_args=cfg.concrete_args, tracer=cfg.tracer)
+    traced = trace(_copy(reference), inputs, concrete_args=cfg.concrete_args,
+                   tracer=cfg.tracer)      # a fresh copy: the first rewrite changed its modules
     result = run_pass(traced.gm, inputs, cfg, decisions=again)
     sites = _noted_reverts(first[1], result.sites, timing.speedup)
     wmap = renames + traced.renames + result.weight_map

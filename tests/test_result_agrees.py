@@ -115,3 +115,18 @@ def test_a_forced_lowering_is_not_second_guessed(monkeypatch):
     result = fxfuse.fuse(model, x, lowering="grouped", verify=False)
     assert timings.bench_calls == 1 and result.sites[0].lowering == "grouped"
     assert result.warnings
+
+
+def test_a_reverted_pass_starts_from_a_fresh_copy_of_the_model(monkeypatch):
+    """The first rewrite drops the summed Linears' own weights from the working modules;
+    the second pass (after the end-to-end benchmark found the model slower) must trace a
+    fresh copy, not the modules the first rewrite changed."""
+    from test_trust_sums import SharedSum
+    _Timings(monkeypatch, [0.8, 1.0], holds=False)
+    model, x = SharedSum(n=2).eval(), torch.randn(6, 4, 12)
+    result = fxfuse.fuse(model, x)
+    assert not result.changed and not any(s.fused for s in result.sites)
+    assert any("reverted" in n for s in result.sites for n in s.notes), result.sites
+    other = torch.randn(7, 4, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(other), model(other), rtol=0, atol=0)
