@@ -37,6 +37,22 @@ def assert_same(model: nn.Module, result: fxfuse.FuseResult, x: torch.Tensor, tr
         torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6)
 
 
+def assert_map_round_trip(model: nn.Module, result: fxfuse.FuseResult) -> None:
+    """The weight map carries the original state_dict to the fused one and back, bit for
+    bit, and survives JSON (the map read back from JSON holds the same entries)."""
+    from fxfuse.weightmap import WeightMap
+    again = WeightMap.from_json(result.weight_map.to_json())
+    assert again.entries == result.weight_map.entries
+    for wm in (result.weight_map, again):
+        original, fused = model.state_dict(), result.model.state_dict()
+        there = wm.to_fused(original)
+        assert sorted(there) == sorted(fused)
+        assert all(torch.equal(there[k], fused[k]) for k in fused)
+        back = wm.to_original(fused)
+        assert sorted(back) == sorted(original)
+        assert all(torch.equal(back[k], original[k]) for k in original)
+
+
 def module_types(gm: fx.GraphModule) -> list[str]:
     """The types of the modules ``gm`` calls, in graph order."""
     return [type(gm.get_submodule(str(n.target))).__name__ for n in gm.graph.nodes

@@ -16,7 +16,7 @@ import fxfuse
 from fxfuse.weightmap import WeightMap
 from fxfuse.errors import ConfigError
 from fxfuse.match.kinds.rawparam import attr_row
-from helpers import rewrites_win
+from helpers import assert_map_round_trip, rewrites_win
 from conftest import assert_left_alone, check, check_counts, check_grads, check_outputs, \
     fresh_inputs, set_mode
 from zoo.realcode import InceptionBranches, MultiScaleRows, PooledTowers, RawParamHeads
@@ -50,20 +50,6 @@ def check_rows(model: nn.Module, x: tuple, lowering: str | None) -> fxfuse.FuseR
     check_outputs(model, result.model, other)
     check_grads(model, result.model, other, result.weight_map)
     return result
-
-
-def round_trip(model: nn.Module, result: fxfuse.FuseResult) -> None:
-    """The weight map carries the original state_dict to the fused one and back, bit for
-    bit, and survives JSON."""
-    wm = WeightMap.from_json(result.weight_map.to_json())
-    assert wm.entries == result.weight_map.entries
-    original, fused = model.state_dict(), result.model.state_dict()
-    there = wm.to_fused(original)
-    assert sorted(there) == sorted(fused)
-    assert all(torch.equal(there[k], fused[k]) for k in fused)
-    back = wm.to_original(fused)
-    assert sorted(back) == sorted(original)
-    assert all(torch.equal(back[k], original[k]) for k in original)
 
 
 # ------------------------------------------------------------------ kernel sizes
@@ -125,7 +111,7 @@ def test_kernel_sizes_pad_to_largest(factory, shape, train):
         site = result.sites[0]
         assert any("zero-padded" in note for note in site.notes), site.notes
         assert heavy_calls(result.model) == 1 < before
-        round_trip(model, result)
+        assert_map_round_trip(model, result)
     assert any(e.op == "pad" for e in result.weight_map.entries)
 
 
@@ -241,7 +227,7 @@ def test_pools_apply_once_on_the_grouped_layout(factory, shape, train):
         result = check(model, x, 1, lowering=lowering)
         assert heavy_calls(result.model) == 2 < before
         assert any("pool" in step for step in result.sites[0].steps), result.sites[0].steps
-        round_trip(model, result)
+        assert_map_round_trip(model, result)
 
 
 def test_pool_returning_indices_is_not_a_row_op():
@@ -301,7 +287,7 @@ def test_raw_parameter_rows_one_batched_matmul(factory, shape, train, monkeypatc
         # the fused graph reads the model's own stacked parameters: nothing copied
         assert sorted(result.model.state_dict()) == sorted(model.state_dict())
         assert not result.weight_map.entries
-        round_trip(model, result)
+        assert_map_round_trip(model, result)
         assert not any(n.op == "call_function" and n.target is operator.getitem and n.args[0].op == "get_attr" and isinstance(n.args[1], int)
                        for n in result.model.graph.nodes), result.model.code
 
@@ -337,4 +323,4 @@ def test_shared_input_branches_one_conv(factory, shape, train):
         result = check_rows(model, x, lowering)
         assert any("zero-padded" in note for note in result.sites[0].notes)
         assert heavy_calls(result.model) == before - branches + 1, result.model.code
-        round_trip(model, result)
+        assert_map_round_trip(model, result)

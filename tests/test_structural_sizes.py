@@ -12,7 +12,7 @@ from torch import nn
 import fxfuse
 from fxfuse.errors import ConfigError
 from fxfuse.weightmap import WeightMap
-from helpers import vmap_wins
+from helpers import assert_map_round_trip, vmap_wins
 
 CARDS = (3, 7, 12)
 WIDTHS = (3, 5, 2, 8)
@@ -100,18 +100,6 @@ def _grads(model, result, inputs):
         torch.testing.assert_close(grads[key], p.grad, msg=key)
 
 
-def _round_trip(model, result):
-    """The weight map moves the checkpoint both ways bit for bit, also after JSON."""
-    for wm in (result.weight_map, WeightMap.from_json(result.weight_map.to_json())):
-        fused_sd, original = result.model.state_dict(), model.state_dict()
-        there = wm.to_fused(original)
-        assert sorted(there) == sorted(fused_sd)
-        assert all(torch.equal(there[k], fused_sd[k]) for k in fused_sd)
-        back = wm.to_original(fused_sd)
-        assert sorted(back) == sorted(original)
-        assert all(torch.equal(back[k], original[k]) for k in original)
-
-
 def test_embedding_columns_of_different_cardinalities_are_one_loop():
     torch.manual_seed(0)
     model = TabColumns().eval()
@@ -126,7 +114,7 @@ def test_embedding_columns_of_different_cardinalities_are_one_loop():
     with torch.no_grad():
         torch.testing.assert_close(result.model(*other), model(*other))
     _grads(model, result, other)
-    _round_trip(model, result)
+    assert_map_round_trip(model, result)
     entry = next(e for e in result.weight_map.entries if e.window)
     assert entry.op == "stack" and entry.pad_dim == 0
     assert entry.window == tuple((0, c) for c in CARDS)
@@ -146,7 +134,7 @@ def test_embedding_columns_on_the_default_path(monkeypatch):
     assert [(s.rows, s.lowering) for s in _fused(result)] == [(3, "vmap")]
     with torch.no_grad():
         torch.testing.assert_close(result.model(*other), model(*other))
-    _round_trip(model, result)
+    assert_map_round_trip(model, result)
 
 
 @pytest.mark.parametrize("bad", [3, 5, 11, -1])
@@ -186,7 +174,7 @@ def test_heads_of_different_widths_are_one_loop(tail, mode):
     assert got.shape == (9, sum(WIDTHS))
     torch.testing.assert_close(got, want)
     _grads(model, result, (other,))
-    _round_trip(model, result)
+    assert_map_round_trip(model, result)
     default = fxfuse.fuse(model, (torch.randn(6, 4, 16),), benchmark=False, auto_rounds=2)
     with torch.no_grad():
         torch.testing.assert_close(copy.deepcopy(default.model)(other),
@@ -240,7 +228,7 @@ def test_the_export_route_pads_alike(make, inputs):
     other = inputs(9)
     with torch.no_grad():
         torch.testing.assert_close(result.model(*other), model(*other))
-    _round_trip(model, result)
+    assert_map_round_trip(model, result)
     if make is TabColumns:
         cat, cont = inputs(4)
         cat[0, 0] = 5
